@@ -3,6 +3,42 @@
 The public API is re-exported here; see README.md for a tour.
 """
 
+from .packing import (
+    PackedSequence,
+    as_lengths,
+    batch_sizes_from_lengths,
+    check_packed_sequence,
+    invert_permutation,
+    lengths_from_batch_sizes,
+    pack_padded_sequence,
+    pack_sequence,
+    packed_batch_size,
+    packed_lengths,
+    pad_packed_sequence,
+    pad_sequence,
+    sort_lengths,
+    unpack_sequence,
+    unpad_sequence,
+)
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    # packing
+    "PackedSequence",
+    "pad_sequence",
+    "pack_padded_sequence",
+    "pad_packed_sequence",
+    "pack_sequence",
+    "unpack_sequence",
+    "unpad_sequence",
+    "as_lengths",
+    "sort_lengths",
+    "batch_sizes_from_lengths",
+    "lengths_from_batch_sizes",
+    "invert_permutation",
+    "check_packed_sequence",
+    "packed_batch_size",
+    "packed_lengths",
+]
