@@ -1,0 +1,310 @@
+"""The pure-PyTorch "lean" recurrence backend: the time loop of one layer in one direction.
+
+This module implements the backend contract (``recurrence_forward`` / ``recurrence_backward``,
+see NOTE [Backend contract] below) with plain tensor operations. It is the default where the
+native kernel is not available and the fast path that the per-step reference in
+``_reference.py`` checks.
+
+What makes it lean:
+
+* the input projection is not here: the caller did it for all rows in one GEMM (``gates_x``);
+* step ``t`` touches only the active prefix ``[0, batch_sizes[t])`` of the state, never padding;
+* every buffer is allocated once before the loop; the loop writes into slices of it
+  (``out=`` / in-place ops), so a step allocates only small temporaries of the active rows;
+* what backward needs is saved per real row: ``O(N * G * H)``, never ``O(B * T)``;
+* backward runs only the recurrent part per step; the weight gradient ``grad_w_hh`` is one GEMM
+  over all rows after the loop.
+
+NOTE [Backend contract]
+    Letters: T steps, B batch, N packed rows (= sum(batch_sizes)), E input size, H hidden size,
+    P proj_size, H_out = P if P > 0 else H, G gates (rnn 1, lstm 4, gru 3).
+    Rows of step t are ``[off_t, off_t + batch_sizes[t])`` with ``off_t = sum(batch_sizes[:t])``;
+    sequences are sorted longest first, so the active sequences of step t are state rows
+    ``[0, batch_sizes[t])``. The state buffer has B >= batch_sizes[0] rows; rows past
+    batch_sizes[0] are zero-length sequences and keep h0. The forward direction runs
+    t = 0..T-1; the reverse direction runs t = T-1..0, and a sequence joins (from its h0) at
+    its own last step. Either way, after the loop the state buffer is h_n.
+    ``gates_x`` holds ``x @ w_ih^T + b_ih`` (+ ``b_hh`` folded in for rnn/lstm; gru passes
+    ``b_hh`` separately because ``r`` multiplies ``h @ w_hn^T + b_hn``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["recurrence_forward", "recurrence_backward"]
+
+_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+
+
+def _steps(batch_sizes: Tensor, reverse: bool) -> list[tuple[int, int]]:
+    """(row offset, active rows) for each step, in the order the forward loop visits them."""
+    sizes = batch_sizes.tolist()
+    offsets = [0] * len(sizes)
+    total = 0
+    for t, size in enumerate(sizes):
+        offsets[t] = total
+        total += size
+    steps = list(zip(offsets, sizes))
+    return steps[::-1] if reverse else steps
+
+
+def _prev_row_index(batch_sizes: Tensor, reverse: bool, batch: int) -> Tensor:
+    """For each packed row, where its previous state lives in ``cat([init (B), rows (N)])``.
+
+    Forward direction: row (t, b) follows row (t-1, b), or the initial state at t = 0.
+    Reverse direction: row (t, b) follows row (t+1, b) if sequence b is still active at t+1,
+    else the initial state (b's own last step).
+    """
+    sizes = batch_sizes.to(torch.int64)
+    steps = sizes.numel()
+    offsets = torch.cumsum(sizes, 0) - sizes  # (T,)
+    step_of_row = torch.repeat_interleave(torch.arange(steps), sizes)  # (N,)
+    col_of_row = torch.arange(step_of_row.numel()) - offsets[step_of_row]  # (N,)
+    if reverse:
+        nxt = (step_of_row + 1).clamp(max=max(steps - 1, 0))
+        has_prev = (step_of_row + 1 < steps) & (col_of_row < sizes[nxt])
+        prev = batch + offsets[nxt] + col_of_row
+    else:
+        before = (step_of_row - 1).clamp(min=0)
+        has_prev = step_of_row > 0
+        prev = batch + offsets[before] + col_of_row
+    return torch.where(has_prev, prev, col_of_row)  # (N,)
+
+
+def _gather_prev(init: Tensor, rows: Tensor, index: Tensor) -> Tensor:
+    """Each row's previous state, (N, X), from the initial states (B, X) and all rows (N, X)."""
+    return torch.cat([init, rows], 0).index_select(0, index)  # (N, X)
+
+
+def recurrence_forward(
+    *,
+    mode: str,
+    gates_x: Tensor,
+    batch_sizes: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],
+    w_hr: Optional[Tensor],
+    reverse: bool,
+    need_backward: bool,
+) -> tuple[Tensor, Tensor, Optional[Tensor], tuple[Tensor, ...]]:
+    """Run the time loop of one layer in one direction (see NOTE [Backend contract]).
+
+    Args:
+        mode: "rnn_tanh", "rnn_relu", "lstm" or "gru".
+        gates_x: (N, G*H) input projections of every packed row, biases folded in.
+        batch_sizes: (T,) int64 on CPU, non-increasing.
+        h0: (B, H_out) initial hidden state in sorted order, B >= batch_sizes[0].
+        c0: (B, H) initial cell state (lstm), else None.
+        w_hh: (G*H, H_out) recurrent weight.
+        b_hh: (G*H,) recurrent bias for gru, else None.
+        w_hr: (P, H) projection weight (lstm with proj_size > 0), else None.
+        reverse: run t = T-1..0 instead of 0..T-1.
+        need_backward: if False, save nothing and use one small scratch buffer.
+
+    Returns:
+        output (N, H_out), h_n (B, H_out), c_n (B, H) or None, and ``saved``: the activations
+        ``recurrence_backward`` needs (lstm: gates (N, 4H) and c (N, H); gru: gates (N, 3H)
+        and the hidden n-term (N, H); rnn: nothing beyond ``output``).
+    """
+    gate_count = _GATES[mode]
+    rows_total = gates_x.shape[0]
+    hidden = w_hh.shape[0] // gate_count
+    steps = _steps(batch_sizes, reverse)
+    max_active = steps[-1][1] if reverse and steps else (steps[0][1] if steps else 0)
+    opts = dict(dtype=gates_x.dtype, device=gates_x.device)
+
+    h = h0.clone()  # (B, H_out) the running state; after the loop it is h_n
+    output = torch.empty(rows_total, h0.shape[1], **opts)  # (N, H_out)
+    w_hh_t = w_hh.t()  # (H_out, G*H)
+
+    if mode in ("rnn_tanh", "rnn_relu"):
+        for off, size in steps:
+            out_t = output[off : off + size]  # (b, H)
+            torch.addmm(gates_x[off : off + size], h[:size], w_hh_t, out=out_t)
+            if mode == "rnn_tanh":
+                out_t.tanh_()
+            else:
+                out_t.relu_()
+            h[:size].copy_(out_t)
+        return output, h, None, ()
+
+    if mode == "lstm":
+        c = c0.clone()  # (B, H)
+        if need_backward:
+            gates = torch.empty(rows_total, 4 * hidden, **opts)  # (N, 4H) post-activation
+            cells = torch.empty(rows_total, hidden, **opts)  # (N, H) c after each row's step
+        else:
+            gates = torch.empty(max_active, 4 * hidden, **opts)  # (b0, 4H) scratch
+            cells = torch.empty(max_active, hidden, **opts)  # (b0, H) scratch
+        hpre = torch.empty(max_active, hidden, **opts) if w_hr is not None else None
+        tanh_c = torch.empty(max_active, hidden, **opts)  # (b0, H) scratch
+        for off, size in steps:
+            rows = slice(off, off + size) if need_backward else slice(0, size)
+            g_t = gates[rows]  # (b, 4H)
+            torch.addmm(gates_x[off : off + size], h[:size], w_hh_t, out=g_t)
+            g_t[:, : 2 * hidden].sigmoid_()  # i, f
+            g_t[:, 2 * hidden : 3 * hidden].tanh_()  # g
+            g_t[:, 3 * hidden :].sigmoid_()  # o
+            i, f, g, o = g_t.chunk(4, 1)
+            c_t = cells[rows]  # (b, H)
+            torch.mul(f, c[:size], out=c_t)
+            c_t.addcmul_(i, g)
+            c[:size].copy_(c_t)
+            tc = torch.tanh(c_t, out=tanh_c[:size])  # (b, H)
+            out_t = output[off : off + size]  # (b, H_out)
+            if w_hr is None:
+                torch.mul(o, tc, out=out_t)
+            else:
+                torch.mul(o, tc, out=hpre[:size])
+                torch.mm(hpre[:size], w_hr.t(), out=out_t)
+            h[:size].copy_(out_t)
+        saved = (gates, cells) if need_backward else ()
+        return output, h, c, saved
+
+    if mode == "gru":
+        if need_backward:
+            gates = torch.empty(rows_total, 3 * hidden, **opts)  # (N, 3H) r, z, n
+            hidden_n = torch.empty(rows_total, hidden, **opts)  # (N, H) h @ w_hn^T + b_hn
+        else:
+            gates = torch.empty(max_active, 3 * hidden, **opts)
+            hidden_n = torch.empty(max_active, hidden, **opts)
+        gh = torch.empty(max_active, 3 * hidden, **opts)  # (b0, 3H) scratch
+        bias = b_hh if b_hh is not None else torch.zeros(3 * hidden, **opts)
+        for off, size in steps:
+            rows = slice(off, off + size) if need_backward else slice(0, size)
+            gh_t = torch.addmm(bias, h[:size], w_hh_t, out=gh[:size])  # (b, 3H)
+            g_t = gates[rows]  # (b, 3H)
+            gx_t = gates_x[off : off + size]  # (b, 3H)
+            torch.add(gx_t[:, : 2 * hidden], gh_t[:, : 2 * hidden], out=g_t[:, : 2 * hidden])
+            g_t[:, : 2 * hidden].sigmoid_()  # r, z
+            r, z, n = g_t.chunk(3, 1)
+            hidden_n[rows].copy_(gh_t[:, 2 * hidden :])
+            torch.addcmul(gx_t[:, 2 * hidden :], r, gh_t[:, 2 * hidden :], out=n)
+            n.tanh_()
+            out_t = output[off : off + size]  # (b, H)
+            # h' = (1 - z) * n + z * h = n + z * (h - n)
+            torch.sub(h[:size], n, out=out_t)
+            out_t.mul_(z).add_(n)
+            h[:size].copy_(out_t)
+        saved = (gates, hidden_n) if need_backward else ()
+        return output, h, None, saved
+
+    raise ValueError(f"mode: expected one of {sorted(_GATES)}, got {mode!r}")
+
+
+def recurrence_backward(
+    *,
+    mode: str,
+    grad_output: Tensor,
+    grad_h_n: Tensor,
+    grad_c_n: Optional[Tensor],
+    batch_sizes: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],
+    w_hr: Optional[Tensor],
+    reverse: bool,
+    output: Tensor,
+    saved: tuple[Tensor, ...],
+) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Backward through time of ``recurrence_forward`` (same arguments, see NOTE [Backend contract]).
+
+    Args:
+        grad_output: (N, H_out) gradient of ``output``.
+        grad_h_n: (B, H_out) gradient of ``h_n``.
+        grad_c_n: (B, H) gradient of ``c_n`` (lstm), else None.
+        output, saved: what ``recurrence_forward(need_backward=True)`` returned.
+
+    Returns:
+        grad_gates_x (N, G*H), grad_h0 (B, H_out), grad_c0 (B, H) or None,
+        grad_w_hh (G*H, H_out), grad_b_hh (G*H,) for gru else None, grad_w_hr (P, H) or None.
+    """
+    gate_count = _GATES[mode]
+    hidden = w_hh.shape[0] // gate_count
+    # Backward visits the steps in the opposite order of forward.
+    steps = _steps(batch_sizes, not reverse)
+    prev_index = _prev_row_index(batch_sizes, reverse, h0.shape[0])  # (N,)
+    h_prev = _gather_prev(h0, output, prev_index)  # (N, H_out) state each row started from
+    grad_gates_x = torch.empty(output.shape[0], w_hh.shape[0], dtype=output.dtype,
+                               device=output.device)  # (N, G*H)
+    dh = grad_h_n.clone()  # (B, H_out) gradient of the running state
+
+    if mode in ("rnn_tanh", "rnn_relu"):
+        for off, size in steps:
+            rows = slice(off, off + size)
+            dh_t = dh[:size].add_(grad_output[rows])  # (b, H)
+            d_pre = grad_gates_x[rows]  # (b, H)
+            if mode == "rnn_tanh":
+                torch.mul(output[rows], output[rows], out=d_pre)
+                d_pre.neg_().add_(1.0).mul_(dh_t)  # (1 - h'^2) * dh
+            else:
+                torch.mul(dh_t, output[rows] > 0, out=d_pre)
+            torch.mm(d_pre, w_hh, out=dh[:size])
+        grad_w_hh = grad_gates_x.t().mm(h_prev)  # (H, H_out)
+        return grad_gates_x, dh, None, grad_w_hh, None, None
+
+    if mode == "lstm":
+        gates, cells = saved  # (N, 4H), (N, H)
+        c_prev = _gather_prev(c0, cells, prev_index)  # (N, H)
+        dc = grad_c_n.clone()  # (B, H)
+        d_proj = torch.empty_like(output) if w_hr is not None else None  # (N, P) grad of h'
+        for off, size in steps:
+            rows = slice(off, off + size)
+            dh_t = dh[:size].add_(grad_output[rows])  # (b, H_out)
+            if w_hr is not None:
+                d_proj[rows].copy_(dh_t)
+                dh_t = dh_t.mm(w_hr)  # (b, H) grad of o * tanh(c)
+            i, f, g, o = gates[rows].chunk(4, 1)
+            tc = torch.tanh(cells[rows])  # (b, H)
+            dc_t = dc[:size]
+            # dc = dc_next + dh * o * (1 - tanh(c)^2)
+            dc_t.addcmul_(dh_t * o, 1.0 - tc * tc)
+            dg_t = grad_gates_x[rows]  # (b, 4H) grads of the pre-activations
+            di, df, dgg, do = dg_t.chunk(4, 1)
+            torch.mul(dc_t, g, out=di).mul_(i * (1.0 - i))
+            torch.mul(dc_t, c_prev[rows], out=df).mul_(f * (1.0 - f))
+            torch.mul(dc_t, i, out=dgg).mul_(1.0 - g * g)
+            torch.mul(dh_t, tc, out=do).mul_(o * (1.0 - o))
+            dc_t.mul_(f)
+            torch.mm(dg_t, w_hh, out=dh[:size])
+        grad_w_hh = grad_gates_x.t().mm(h_prev)  # (4H, H_out)
+        grad_w_hr = None
+        if w_hr is not None:
+            o_all = gates[:, 3 * hidden :]  # (N, H)
+            grad_w_hr = d_proj.t().mm(o_all * torch.tanh(cells))  # (P, H)
+        return grad_gates_x, dh, dc, grad_w_hh, None, grad_w_hr
+
+    if mode == "gru":
+        gates, hidden_n = saved  # (N, 3H), (N, H)
+        # grad of the hidden pre-activation h @ w_hh^T + b_hh; equals grad_gates_x except
+        # for the n block, which is r times it.
+        grad_gh = torch.empty_like(grad_gates_x)  # (N, 3H)
+        for off, size in steps:
+            rows = slice(off, off + size)
+            dh_t = dh[:size].add_(grad_output[rows])  # (b, H)
+            r, z, n = gates[rows].chunk(3, 1)
+            dgx = grad_gates_x[rows]  # (b, 3H)
+            dgh = grad_gh[rows]  # (b, 3H)
+            dr, dz, dn = dgx.chunk(3, 1)
+            # dn_pre = dh * (1 - z) * (1 - n^2)
+            torch.mul(dh_t, 1.0 - z, out=dn).mul_(1.0 - n * n)
+            # dz_pre = dh * (h - n) * z * (1 - z)
+            torch.sub(h_prev[rows], n, out=dz).mul_(dh_t).mul_(z * (1.0 - z))
+            # dr_pre = dn_pre * (h @ w_hn^T + b_hn) * r * (1 - r)
+            torch.mul(dn, hidden_n[rows], out=dr).mul_(r * (1.0 - r))
+            dgh[:, : 2 * hidden].copy_(dgx[:, : 2 * hidden])
+            torch.mul(dn, r, out=dgh[:, 2 * hidden :])
+            dh_t.mul_(z)
+            dh[:size].addmm_(dgh, w_hh)
+        grad_w_hh = grad_gh.t().mm(h_prev)  # (3H, H)
+        grad_b_hh = grad_gh.sum(0)  # (3H,)
+        return grad_gates_x, dh, None, grad_w_hh, grad_b_hh, None
+
+    raise ValueError(f"mode: expected one of {sorted(_GATES)}, got {mode!r}")

@@ -1,0 +1,437 @@
+"""Stateless multi-layer RNN / LSTM / GRU over packed rows.
+
+``rnn``, ``lstm`` and ``gru`` take the packed data and ``batch_sizes`` of a PackedSequence (sorted
+order), the initial state and the weights in torch's flat order, and return the packed output
+and the final states. They do the work that is one big matrix multiply over all real rows
+(input projections, input and input-weight gradients) and hand the time loop of each layer and
+direction to a backend (see NOTE [Backend contract] in ``_lean.py``):
+
+* ``backend=None`` (default): the selected backend (``packrnn.backend`` when present, which
+  honours ``PACKRNN_BACKEND``; otherwise the pure-PyTorch lean backend);
+* ``backend="python"`` / ``"native"``: force one;
+* ``backend="reference"``: the readable per-step recurrence of ``_reference.py`` with autograd.
+
+On CUDA (and ``backend=None``) the call is delegated to torch's cuDNN implementation with the
+same parameters.
+
+Letters: T steps, B batch, N packed rows, E input size, H hidden size, P proj_size,
+H_out = P or H, G gates, L layers, D directions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from types import ModuleType
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from packrnn import _lean, _reference
+
+__all__ = ["rnn", "lstm", "gru"]
+
+_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+_BACKENDS = ("python", "native", "reference")
+
+
+def _get_backend(name: Optional[str] = None):
+    """The recurrence backend for ``name``; the ONE place that decides which backend runs.
+
+    Returns the module ``_lean`` or ``packrnn._native`` (both expose ``recurrence_forward`` and
+    ``recurrence_backward``), or the string ``"reference"`` for the per-step autograd path.
+    """
+    if name is None:
+        # packrnn.backend (PACKRNN_BACKEND, backend_name()) decides when it exists; an error
+        # inside it must surface, so only its absence falls back to the lean backend.
+        if importlib.util.find_spec("packrnn.backend") is None:
+            return _lean
+        from packrnn import backend as selection
+
+        name = selection.backend_name()
+    if name == "python":
+        return _lean
+    if name == "native":
+        from packrnn import _native
+
+        return _native
+    if name == "reference":
+        return "reference"
+    raise ValueError(f"backend: expected None or one of {_BACKENDS}, got {name!r}")
+
+
+class _Direction(NamedTuple):
+    """The tensors of one layer in one direction; None where absent."""
+
+    h0: Tensor  # (B, H_out)
+    c0: Optional[Tensor]  # (B, H) lstm
+    w_ih: Tensor  # (G*H, E_layer)
+    w_hh: Tensor  # (G*H, H_out)
+    b_ih: Optional[Tensor]  # (G*H,)
+    b_hh: Optional[Tensor]  # (G*H,)
+    w_hr: Optional[Tensor]  # (P, H) lstm with proj_size > 0
+
+
+# NOTE [Autograd argument order]
+# torch.autograd.Function.apply takes positional tensors only. The order is decided here and
+# nowhere else: x, then for each direction the fields of _Direction in declaration order.
+# _flatten builds the row, _unflatten reads it back, and backward returns gradients in the
+# same order via _flatten; every call site goes through _layer(), which is keyword-only.
+_FIELDS = _Direction._fields
+
+
+def _flatten(directions: Sequence[_Direction]) -> list[Optional[Tensor]]:
+    return [getattr(d, name) for d in directions for name in _FIELDS]
+
+
+def _unflatten(flat: Sequence[Optional[Tensor]]) -> list[_Direction]:
+    n = len(_FIELDS)
+    return [_Direction(*flat[k : k + n]) for k in range(0, len(flat), n)]
+
+
+@dataclass(frozen=True)
+class _LayerSpec:
+    """The non-tensor arguments of one layer."""
+
+    mode: str  # "rnn_tanh" | "rnn_relu" | "lstm" | "gru"
+    batch_sizes: Tensor  # (T,) int64 CPU
+    backend: ModuleType  # _lean or _native
+
+
+def _folded_bias(mode: str, d: _Direction) -> Optional[Tensor]:
+    """The bias added to the input projection: b_ih + b_hh, except gru keeps b_hh apart."""
+    if d.b_ih is None:
+        return None
+    return d.b_ih if mode == "gru" else d.b_ih + d.b_hh  # (G*H,)
+
+
+def _project(mode: str, x: Tensor, directions: Sequence[_Direction]) -> list[Tensor]:
+    """Input projections of every row for every direction in one (batched) GEMM."""
+    biases = [_folded_bias(mode, d) for d in directions]
+    if len(directions) == 1:
+        w_ih, b = directions[0].w_ih, biases[0]
+        return [x.mm(w_ih.t()) if b is None else torch.addmm(b, x, w_ih.t())]  # [(N, G*H)]
+    w_t = torch.stack([d.w_ih for d in directions]).transpose(1, 2)  # (D, E, G*H)
+    xs = x.unsqueeze(0).expand(len(directions), -1, -1)  # (D, N, E)
+    if biases[0] is None:
+        gates = torch.bmm(xs, w_t)  # (D, N, G*H)
+    else:
+        gates = torch.baddbmm(torch.stack(biases).unsqueeze(1), xs, w_t)  # (D, N, G*H)
+    return list(gates.unbind(0))  # D x (N, G*H), each contiguous
+
+
+def _run_directions(spec: _LayerSpec, x: Tensor, directions: Sequence[_Direction],
+                    need_backward: bool):
+    """Forward of one layer: projections, then the backend's time loop per direction."""
+    gates = _project(spec.mode, x, directions)
+    results = []
+    for k, (d, gates_x) in enumerate(zip(directions, gates)):
+        results.append(spec.backend.recurrence_forward(
+            mode=spec.mode,
+            gates_x=gates_x,
+            batch_sizes=spec.batch_sizes,
+            h0=d.h0,
+            c0=d.c0,
+            w_hh=d.w_hh,
+            b_hh=d.b_hh if spec.mode == "gru" else None,
+            w_hr=d.w_hr,
+            reverse=k == 1,
+            need_backward=need_backward,
+        ))
+    outputs = [r[0] for r in results]
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)  # (N, D*H_out)
+    h_n = torch.stack([r[1] for r in results])  # (D, B, H_out)
+    c_n = torch.stack([r[2] for r in results]) if spec.mode == "lstm" else None  # (D, B, H)
+    return output, h_n, c_n, outputs, [r[3] for r in results]
+
+
+class _LayerFunction(torch.autograd.Function):
+    """One layer (one or two directions) with a hand-written backward through time.
+
+    Positional inputs after ``spec``: see NOTE [Autograd argument order].
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _LayerSpec, x: Tensor, *flat: Optional[Tensor]):
+        directions = _unflatten(flat)
+        output, h_n, c_n, outputs, saved = _run_directions(spec, x, directions, True)
+        ctx.spec = spec
+        ctx.num_flat = len(flat)
+        ctx.saved_counts = [len(s) for s in saved]
+        ctx.save_for_backward(x, *flat, *outputs, *[t for s in saved for t in s])
+        if spec.mode == "lstm":
+            return output, h_n, c_n
+        return output, h_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor] = None):
+        spec: _LayerSpec = ctx.spec
+        stored = ctx.saved_tensors
+        x = stored[0]
+        flat = stored[1 : 1 + ctx.num_flat]
+        directions = _unflatten(flat)
+        num_dirs = len(directions)
+        outputs = stored[1 + ctx.num_flat : 1 + ctx.num_flat + num_dirs]
+        rest = stored[1 + ctx.num_flat + num_dirs :]
+        saved, start = [], 0
+        for count in ctx.saved_counts:
+            saved.append(tuple(rest[start : start + count]))
+            start += count
+
+        grads_gx, per_dir = [], []
+        for k, d in enumerate(directions):
+            width = outputs[k].shape[1]
+            (grad_gx, grad_h0, grad_c0, grad_w_hh, grad_b_hh_gru,
+             grad_w_hr) = spec.backend.recurrence_backward(
+                mode=spec.mode,
+                grad_output=grad_output[:, k * width : (k + 1) * width].contiguous(),
+                grad_h_n=grad_h_n[k].contiguous(),
+                grad_c_n=grad_c_n[k].contiguous() if spec.mode == "lstm" else None,
+                batch_sizes=spec.batch_sizes,
+                h0=d.h0,
+                c0=d.c0,
+                w_hh=d.w_hh,
+                b_hh=d.b_hh if spec.mode == "gru" else None,
+                w_hr=d.w_hr,
+                reverse=k == 1,
+                output=outputs[k],
+                saved=saved[k],
+            )
+            grads_gx.append(grad_gx)  # (N, G*H)
+            per_dir.append((grad_h0, grad_c0, grad_w_hh, grad_b_hh_gru, grad_w_hr))
+
+        # Everything that is linear in the input rows: one GEMM each over all N rows and both
+        # directions (their gate blocks side by side).
+        grad_gates = grads_gx[0] if num_dirs == 1 else torch.cat(grads_gx, 1)  # (N, D*G*H)
+        w_ih_all = torch.cat([d.w_ih for d in directions], 0)  # (D*G*H, E)
+        grad_x = grad_gates.mm(w_ih_all) if ctx.needs_input_grad[1] else None  # (N, E)
+        grad_w_ih = grad_gates.t().mm(x).chunk(num_dirs, 0)  # D x (G*H, E)
+        has_bias = directions[0].b_ih is not None
+        grad_b_ih = grad_gates.sum(0).chunk(num_dirs, 0) if has_bias else [None] * num_dirs
+
+        grads = []
+        for k, d in enumerate(directions):
+            grad_h0, grad_c0, grad_w_hh, grad_b_hh_gru, grad_w_hr = per_dir[k]
+            if not has_bias:
+                grad_b_hh = None
+            elif spec.mode == "gru":
+                grad_b_hh = grad_b_hh_gru
+            else:
+                grad_b_hh = grad_b_ih[k]  # b_hh was folded into the projection
+            grads.append(_Direction(h0=grad_h0, c0=grad_c0, w_ih=grad_w_ih[k], w_hh=grad_w_hh,
+                                    b_ih=grad_b_ih[k], b_hh=grad_b_hh, w_hr=grad_w_hr))
+        return (None, grad_x, *_flatten(grads))
+
+
+def _layer(*, mode: str, x: Tensor, batch_sizes: Tensor, directions: Sequence[_Direction],
+           backend) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer through ``backend``: (output (N, D*H_out), h_n (D, B, H_out), c_n or None)."""
+    if backend == "reference":
+        results = [
+            _reference.recurrence(mode=mode, x=x, batch_sizes=batch_sizes, h0=d.h0, c0=d.c0,
+                                  w_ih=d.w_ih, w_hh=d.w_hh, b_ih=d.b_ih, b_hh=d.b_hh,
+                                  w_hr=d.w_hr, reverse=k == 1)
+            for k, d in enumerate(directions)
+        ]
+        output = torch.cat([r[0] for r in results], 1)  # (N, D*H_out)
+        h_n = torch.stack([r[1] for r in results])  # (D, B, H_out)
+        c_n = torch.stack([r[2] for r in results]) if mode == "lstm" else None
+        return output, h_n, c_n
+
+    spec = _LayerSpec(mode=mode, batch_sizes=batch_sizes, backend=backend)
+    flat = _flatten(directions)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(t is not None and t.requires_grad for t in flat))
+    if not needs_grad:
+        output, h_n, c_n, _, _ = _run_directions(spec, x, directions, False)
+        return output, h_n, c_n
+    result = _LayerFunction.apply(spec, x, *flat)
+    if mode == "lstm":
+        return result
+    return result[0], result[1], None
+
+
+def _check(data: Tensor, batch_sizes: Tensor, weights: Sequence[Tensor], num_layers: int,
+           num_directions: int, bias: bool, mode: str) -> int:
+    """Validate the functional arguments; return the number of weights per layer-direction."""
+    if not isinstance(data, Tensor) or data.dim() != 2:
+        raise ValueError(f"data: expected a 2-D tensor (N, E), got "
+                         f"{tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__}")
+    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.is_cuda:
+        raise ValueError(f"batch_sizes: expected a 1-D int64 CPU tensor, got "
+                         f"{batch_sizes.dim()}-D {batch_sizes.dtype} on {batch_sizes.device}")
+    if int(batch_sizes.sum()) != data.shape[0]:
+        raise ValueError(f"batch_sizes: expected to sum to data.shape[0] = {data.shape[0]}, "
+                         f"got {int(batch_sizes.sum())}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
+    per_dir, extra = divmod(len(weights), num_layers * num_directions)
+    base = 4 if bias else 2
+    allowed = (base, base + 1) if mode == "lstm" else (base,)
+    if extra or per_dir not in allowed:
+        raise ValueError(f"weights: expected {' or '.join(str(a * num_layers * num_directions) for a in allowed)} "
+                         f"tensors for num_layers={num_layers}, bidirectional="
+                         f"{num_directions == 2}, bias={bias}, got {len(weights)}")
+    return per_dir
+
+
+def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
+         c0: Optional[Tensor], weights: Sequence[Tensor], bias: bool, num_layers: int,
+         dropout: float, training: bool, bidirectional: bool, backend: Optional[str]):
+    num_dirs = 2 if bidirectional else 1
+    per_dir = _check(data, batch_sizes, weights, num_layers, num_dirs, bias, mode)
+    has_proj = per_dir in (3, 5)
+    hidden = weights[1].shape[0] // _GATES[mode]
+    width = weights[per_dir - 1].shape[0] if has_proj else hidden  # H_out
+    batch = int(batch_sizes[0]) if batch_sizes.numel() else 0
+    opts = dict(dtype=data.dtype, device=data.device)
+    if h0 is None:
+        h0 = torch.zeros(num_layers * num_dirs, batch, width, **opts)  # (L*D, B, H_out)
+    if mode == "lstm" and c0 is None:
+        c0 = torch.zeros(num_layers * num_dirs, h0.shape[1], hidden, **opts)  # (L*D, B, H)
+
+    if data.is_cuda and backend is None:
+        return _run_cuda(mode=mode, data=data, batch_sizes=batch_sizes, h0=h0, c0=c0,
+                         weights=weights, bias=bias, num_layers=num_layers, dropout=dropout,
+                         training=training, bidirectional=bidirectional)
+
+    impl = _get_backend(backend)
+    x = data  # (N, E)
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        directions = []
+        for k in range(num_dirs):
+            idx = layer * num_dirs + k
+            w = weights[idx * per_dir : (idx + 1) * per_dir]
+            directions.append(_Direction(
+                h0=h0[idx].contiguous(),
+                c0=c0[idx].contiguous() if mode == "lstm" else None,
+                w_ih=w[0].contiguous(),
+                w_hh=w[1].contiguous(),
+                b_ih=w[2].contiguous() if bias else None,
+                b_hh=w[3].contiguous() if bias else None,
+                w_hr=w[-1].contiguous() if has_proj else None,
+            ))
+        x, layer_h, layer_c = _layer(mode=mode, x=x, batch_sizes=batch_sizes,
+                                     directions=directions, backend=impl)
+        h_n.append(layer_h)
+        if mode == "lstm":
+            c_n.append(layer_c)
+        if training and dropout > 0 and layer < num_layers - 1:
+            x = F.dropout(x, p=dropout, training=True)  # (N, D*H_out), between layers only
+    h_out = torch.cat(h_n, 0)  # (L*D, B, H_out)
+    c_out = torch.cat(c_n, 0) if mode == "lstm" else None  # (L*D, B, H)
+    return x, h_out, c_out
+
+
+def _run_cuda(*, mode, data, batch_sizes, h0, c0, weights, bias, num_layers, dropout, training,
+              bidirectional):
+    """Delegate to torch's cuDNN recurrence; zero-length sequences (rows past batch_sizes[0])
+    keep their initial state, as on CPU."""
+    active = int(batch_sizes[0]) if batch_sizes.numel() else 0
+    fn = getattr(torch._VF, mode)
+    args = (bias, num_layers, dropout, training, bidirectional)
+    if mode == "lstm":
+        out, h, c = fn(data, batch_sizes, (h0[:, :active].contiguous(), c0[:, :active].contiguous()),
+                       list(weights), *args)
+        return out, torch.cat([h, h0[:, active:]], 1), torch.cat([c, c0[:, active:]], 1)
+    out, h = fn(data, batch_sizes, h0[:, :active].contiguous(), list(weights), *args)
+    return out, torch.cat([h, h0[:, active:]], 1), None
+
+
+_COMMON_DOC = """
+    Args:
+        data: (N, E) packed input rows (``PackedSequence.data``), sequences sorted longest first.
+        batch_sizes: (T,) int64 CPU tensor, non-increasing, summing to N.
+        hx: initial state (L*D, B, H_out) in sorted order, or None for zeros with
+            B = batch_sizes[0]. B may exceed batch_sizes[0]: the extra rows are zero-length
+            sequences whose final state is their initial state.
+        weights: the flat weight list in torch's order (``module._flat_weights``): per layer,
+            per direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``.
+        bias: whether the weights include biases. Default True.
+        num_layers: number of stacked layers. Default 1.
+        dropout: dropout probability on the output of every layer but the last, applied only
+            when ``training``. Default 0.
+        training: training mode (enables dropout). Default False.
+        bidirectional: run a reverse direction too and concatenate the outputs. Default False.
+        backend: None (the selected backend), "python", "native" or "reference".
+
+    The output has a row for every real step only: there is no padding to hold anything.
+"""
+
+
+def rnn(data: Tensor, batch_sizes: Tensor, hx: Optional[Tensor], weights: Sequence[Tensor], *,
+        nonlinearity: str = "tanh", bias: bool = True, num_layers: int = 1,
+        dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
+        backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Elman RNN over packed rows: h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh).
+
+    ``nonlinearity`` is "tanh" (default) or "relu". Returns (output (N, D*H), h_n (L*D, B, H)).
+
+    >>> import torch, packrnn
+    >>> m = torch.nn.RNN(2, 3)
+    >>> out, h_n = packrnn.functional.rnn(torch.randn(3, 2), torch.tensor([2, 1]), None,
+    ...                                   m._flat_weights)
+    >>> out.shape, h_n.shape
+    (torch.Size([3, 3]), torch.Size([1, 2, 3]))
+    """
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+    output, h_n, _ = _run(mode=f"rnn_{nonlinearity}", data=data, batch_sizes=batch_sizes, h0=hx,
+                          c0=None, weights=weights, bias=bias, num_layers=num_layers,
+                          dropout=dropout, training=training, bidirectional=bidirectional,
+                          backend=backend)
+    return output, h_n
+
+
+def lstm(data: Tensor, batch_sizes: Tensor, hx: Optional[tuple[Tensor, Tensor]],
+         weights: Sequence[Tensor], *, bias: bool = True, num_layers: int = 1,
+         dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
+         backend: Optional[str] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """LSTM over packed rows (torch's gate order i, f, g, o; projection if weights hold w_hr).
+
+    c_t = f * c_{t-1} + i * g,  h_t = o * tanh(c_t)  (then h_t W_hr^T with proj_size > 0).
+    ``hx`` is (h0 (L*D, B, H_out), c0 (L*D, B, H)) or None. Returns
+    (output (N, D*H_out), (h_n (L*D, B, H_out), c_n (L*D, B, H))).
+
+    >>> import torch, packrnn
+    >>> m = torch.nn.LSTM(2, 3)
+    >>> out, (h_n, c_n) = packrnn.functional.lstm(torch.randn(3, 2), torch.tensor([2, 1]),
+    ...                                           None, m._flat_weights)
+    >>> out.shape, c_n.shape
+    (torch.Size([3, 3]), torch.Size([1, 2, 3]))
+    """
+    h0, c0 = (None, None) if hx is None else hx
+    output, h_n, c_n = _run(mode="lstm", data=data, batch_sizes=batch_sizes, h0=h0, c0=c0,
+                            weights=weights, bias=bias, num_layers=num_layers, dropout=dropout,
+                            training=training, bidirectional=bidirectional, backend=backend)
+    return output, (h_n, c_n)
+
+
+def gru(data: Tensor, batch_sizes: Tensor, hx: Optional[Tensor], weights: Sequence[Tensor], *,
+        bias: bool = True, num_layers: int = 1, dropout: float = 0.0, training: bool = False,
+        bidirectional: bool = False, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """GRU over packed rows (torch's gate order r, z, n).
+
+    n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn)),  h_t = (1 - z) * n + z * h_{t-1}.
+    Returns (output (N, D*H), h_n (L*D, B, H)).
+
+    >>> import torch, packrnn
+    >>> m = torch.nn.GRU(2, 3)
+    >>> out, h_n = packrnn.functional.gru(torch.randn(3, 2), torch.tensor([2, 1]), None,
+    ...                                   m._flat_weights)
+    >>> out.shape
+    torch.Size([3, 3])
+    """
+    output, h_n, _ = _run(mode="gru", data=data, batch_sizes=batch_sizes, h0=hx, c0=None,
+                          weights=weights, bias=bias, num_layers=num_layers, dropout=dropout,
+                          training=training, bidirectional=bidirectional, backend=backend)
+    return output, h_n
+
+
+for _fn in (rnn, lstm, gru):
+    _fn.__doc__ = _fn.__doc__.replace("\n    >>>", _COMMON_DOC + "\n    >>>", 1)
+del _fn
