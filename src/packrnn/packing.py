@@ -560,7 +560,7 @@ def pad_packed_sequence(
     trailing = data.shape[1:]
     shape = (batch, steps) if batch_first else (steps, batch)
     padded = data.new_full((batch * steps,) + trailing, padding_value)  # (B*T, *) or (T*B, *)
-    padded = padded.index_copy(0, flat.to(data.device), data)  # one scatter of the N real rows
+    padded.index_copy_(0, flat.to(data.device), data)  # one scatter of the N real rows
     return padded.view(shape + trailing), lengths
 
 
@@ -610,7 +610,7 @@ def pad_sequence(
         t_idx = t_idx + (steps - lengths)[b_idx]
     flat = b_idx * steps + t_idx if batch_first else t_idx * batch + b_idx  # (N,)
     data = torch.cat(seqs, 0)  # (N, *)
-    padded = padded.index_copy(0, flat.to(data.device), data)
+    padded.index_copy_(0, flat.to(data.device), data)  # one scatter of the N real rows
     return padded.view(shape + trailing)
 
 
