@@ -450,3 +450,92 @@ def test_error_bool_flags():
         P.pack_padded_sequence(torch.ones(2, 2), [2, 2], batch_first="yes")
     with pytest.raises(TypeError, match=r"enforce_sorted: expected a bool, got 1"):
         P.pack_padded_sequence(torch.ones(2, 2), [2, 2], enforce_sorted=1)
+
+
+# --------------------------------------------------------------------------------------------
+# more coverage: large batches with ties, unsorted zeros, unpack/unpad gradients, devices, docs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_large_batch_with_many_ties_matches_torch(batch_first):
+    gen = torch.Generator().manual_seed(5)
+    batch, steps = 300, 9
+    lengths = torch.randint(1, steps + 1, (batch,), generator=gen)  # ~33 ties per length
+    x = torch.randn((batch, steps, 2) if batch_first else (steps, batch, 2), generator=gen)
+    ours = P.pack_padded_sequence(x, lengths, batch_first, enforce_sorted=False)
+    theirs = R.pack_padded_sequence(x, lengths, batch_first, enforce_sorted=False)
+    assert_packed_equal(ours, theirs)
+    for a, b in zip(P.pad_packed_sequence(ours, batch_first), R.pad_packed_sequence(theirs, batch_first)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unsorted_zero_lengths_with_explicit_enforce_sorted_false():
+    seqs = [torch.arange(2.0), torch.zeros(0), torch.arange(3.0), torch.zeros(0)]
+    packed = P.pack_sequence(seqs, enforce_sorted=False)
+    assert packed.batch_sizes.tolist() == [2, 2, 1]
+    assert packed.sorted_indices.tolist()[:2] == [2, 0]
+    assert sorted(packed.sorted_indices.tolist()[2:]) == [1, 3]
+    out = P.unpack_sequence(packed)
+    for a, b in zip(out, seqs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    padded, lengths = P.pad_packed_sequence(packed, batch_first=True, padding_value=-1)
+    assert lengths.tolist() == [2, 0, 3, 0]
+    assert padded.tolist() == [[0, 1, -1], [-1, -1, -1], [0, 1, 2], [-1, -1, -1]]
+
+
+def test_gradients_unpack_and_unpad_match_torch():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 2, generator=gen, dtype=torch.float64)
+    lengths = [2, 4, 1]
+    grads = []
+    for lib in (P, R):
+        leaf = x.clone().requires_grad_(True)
+        packed = lib.pack_padded_sequence(leaf * 1.0, lengths, enforce_sorted=False)
+        total = sum((i + 1) * s.sum() for i, s in enumerate(lib.unpack_sequence(packed)))
+        total = total + sum((i + 3) * s.sum() for i, s in enumerate(lib.unpad_sequence(leaf * 1.0, torch.tensor(lengths))))
+        total.backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_data_and_cuda_lengths():
+    x = torch.randn(5, 3, 2, device="cuda")
+    lengths = torch.tensor([2, 5, 3], device="cuda", dtype=torch.int32)
+    ours = P.pack_padded_sequence(x, lengths)
+    theirs = R.pack_padded_sequence(x, lengths.cpu().long(), enforce_sorted=False)
+    assert_packed_equal(ours, theirs)
+    padded, got_lengths = P.pad_packed_sequence(ours)
+    torch.testing.assert_close(padded, R.pad_packed_sequence(theirs)[0], rtol=0, atol=0)
+    assert got_lengths.device.type == "cpu"
+    seqs = [x[:2, 0], x[:, 1]]
+    torch.testing.assert_close(P.pad_sequence(seqs), R.pad_sequence(seqs), rtol=0, atol=0)
+    assert_packed_equal(P.pack_sequence(seqs), R.pack_sequence(seqs))
+
+
+def test_helpers():
+    assert P.batch_sizes_from_lengths(torch.tensor([3, 0, 2, 2])).tolist() == [3, 3, 1]
+    assert P.batch_sizes_from_lengths(torch.tensor([0, 0])).tolist() == []
+    assert P.lengths_from_batch_sizes(torch.tensor([3, 3, 1]), batch_size=4).tolist() == [3, 2, 2, 0]
+    sorted_lengths, sorted_indices, unsorted_indices = P.sort_lengths(torch.tensor([1, 3, 2]))
+    assert sorted_lengths.tolist() == [3, 2, 1] and sorted_indices.tolist() == [1, 2, 0]
+    assert unsorted_indices.tolist() == [2, 0, 1]
+    assert P.invert_permutation(None) is None
+
+
+def test_docstring_examples():
+    import doctest
+
+    results = doctest.testmod(P, extraglobs={"torch": torch, "packrnn": packrnn}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert results.attempted > 10 and results.failed == 0
+
+
+def test_error_pad_sequence_tensor_with_too_few_dims():
+    with pytest.raises(ValueError, match=r"sequences: expected a list of tensors or a tensor with at least 2 dimensions, got a tensor of shape \(3,\)"):
+        P.pad_sequence(torch.ones(3))
+
+
+def test_error_empty_batch():
+    with pytest.raises(ValueError, match=r"input: expected at least one sequence, got batch size 0"):
+        P.pack_padded_sequence(torch.ones(3, 0), [])
