@@ -539,3 +539,21 @@ def test_error_pad_sequence_tensor_with_too_few_dims():
 def test_error_empty_batch():
     with pytest.raises(ValueError, match=r"input: expected at least one sequence, got batch size 0"):
         P.pack_padded_sequence(torch.ones(3, 0), [])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_strided_input_matches_torch(batch_first):
+    base = torch.randn(3, 4, 5, dtype=torch.float64)  # a transposed view is non-contiguous
+    x = base.transpose(0, 1)
+    assert not x.is_contiguous()
+    batch = x.shape[0 if batch_first else 1]
+    lengths = torch.randint(1, x.shape[1 if batch_first else 0] + 1, (batch,), generator=torch.Generator().manual_seed(7))
+    assert_packed_equal(
+        P.pack_padded_sequence(x, lengths, batch_first, False), R.pack_padded_sequence(x, lengths, batch_first, False)
+    )
+    for a, b in zip(P.unpad_sequence(x, lengths, batch_first), R.unpad_sequence(x.clone(), lengths, batch_first)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lengths_as_range():
+    assert P.as_lengths(range(3, 0, -1)).tolist() == [3, 2, 1]

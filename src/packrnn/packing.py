@@ -132,7 +132,7 @@ def as_lengths(
     """Validate sequence lengths and return them as a 1-D CPU int64 tensor.
 
     Args:
-        lengths: a list or tuple of ints, a 1-D numpy integer array, or a 1-D tensor of any
+        lengths: a list, tuple (or other sequence) of ints, a 1-D numpy integer array, or a 1-D tensor of any
             integer dtype on any device.
         batch_size (int, optional): if given, the number of lengths must equal it.
         max_length (int, optional): if given, every length must be <= it (the padded time
@@ -166,7 +166,7 @@ def as_lengths(
                 f"{name}: expected a 1-D sequence of lengths, got a numpy array of shape {lengths.shape}"
             )
         out = torch.from_numpy(lengths.astype(_np.int64))
-    elif isinstance(lengths, (list, tuple)):
+    elif isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
         values = []
         for i, v in enumerate(lengths):
             if isinstance(v, Tensor) and v.dim() == 0 and _is_integer_dtype(v.dtype):
@@ -402,6 +402,24 @@ def _packed_positions(sorted_lengths: Tensor) -> tuple[Tensor, Tensor]:
     return t_idx, j_idx
 
 
+def _gather_steps(padded: Tensor, b_idx: Tensor, t_idx: Tensor, batch_first: bool) -> Tensor:
+    """Rows ``padded[t_idx[n], b_idx[n]]`` (``[b, t]`` if ``batch_first``) as one ``(N, *)`` tensor.
+
+    ``b_idx`` / ``t_idx`` are ``(N,)`` CPU int64. A contiguous input is gathered by one
+    ``index_select`` on its flat ``(T*B, *)`` view; a strided one by advanced indexing, which
+    reads only the N rows instead of first copying all ``T*B``.
+    """
+    if batch_first:
+        batch, steps = padded.shape[:2]
+    else:
+        steps, batch = padded.shape[:2]
+    if padded.is_contiguous():
+        flat = b_idx * steps + t_idx if batch_first else t_idx * batch + b_idx  # (N,)
+        return padded.view((batch * steps,) + padded.shape[2:]).index_select(0, flat.to(padded.device))
+    b_idx, t_idx = b_idx.to(padded.device), t_idx.to(padded.device)
+    return padded[b_idx, t_idx] if batch_first else padded[t_idx, b_idx]
+
+
 def _check_sequences(sequences, name: str = "sequences") -> tuple[Tensor, ...]:
     """Validate a list of ``(L_b, *)`` tensors with equal trailing shape, dtype and device."""
     if isinstance(sequences, Tensor):
@@ -498,8 +516,7 @@ def pack_padded_sequence(
     batch_sizes = batch_sizes_from_lengths(sorted_lengths)  # (T',)
     t_idx, j_idx = _packed_positions(sorted_lengths)  # (N,), (N,)
     b_idx = j_idx if sorted_indices is None else sorted_indices[j_idx]  # (N,) original column
-    flat = b_idx * steps + t_idx if batch_first else t_idx * batch + b_idx  # (N,) into (B*T) / (T*B)
-    data = input.reshape((batch * steps,) + input.shape[2:]).index_select(0, flat.to(input.device))  # (N, *)
+    data = _gather_steps(input, b_idx, t_idx, batch_first)  # (N, *)
 
     if sorted_indices is not None:
         sorted_indices = sorted_indices.to(input.device)
@@ -638,10 +655,7 @@ def unpad_sequence(padded_sequences: Tensor, lengths, batch_first: bool = False)
     lengths = as_lengths(lengths, batch, max_length=steps)
     mask = lengths.unsqueeze(1) > torch.arange(steps).unsqueeze(0)  # (B, T)
     b_idx, t_idx = mask.nonzero(as_tuple=True)  # (N,), (N,) sequence-major
-    flat = b_idx * steps + t_idx if batch_first else t_idx * batch + b_idx  # (N,)
-    trailing = padded_sequences.shape[2:]
-    flat_input = padded_sequences.reshape((batch * steps,) + trailing)
-    rows = flat_input.index_select(0, flat.to(padded_sequences.device))  # (N, *)
+    rows = _gather_steps(padded_sequences, b_idx, t_idx, batch_first)  # (N, *)
     return list(rows.split(lengths.tolist(), 0))
 
 
