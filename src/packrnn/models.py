@@ -1,0 +1,328 @@
+"""The sequence classifier: embedding -> recurrent layers -> pooling -> linear.
+
+``SequenceClassifier(ModelConfig(...))`` covers the three classifiers of the classic AG News
+lesson by configuration, plus the correct variants of the lesson's shortcuts:
+
+=============================================  =============================================
+lesson's classifier                            configuration
+=============================================  =============================================
+RNN, mean over the padded outputs              ``cell="rnn", execution="padded",
+                                               pooling="mean_padded"``
+LSTM, last hidden state of the padded batch    ``cell="lstm", execution="padded",
+                                               pooling="last"``
+LSTM on packed input, last hidden state        ``cell="lstm", execution="packed",
+                                               pooling="last"`` (the default)
+=============================================  =============================================
+
+NOTE [padding in the lesson's classifiers]
+With ``execution="padded"`` the recurrence runs over every position of the padded batch, as
+the lesson's first two classifiers do: a short sequence's state keeps being updated by the
+padding tokens after its end, so ``h_n`` (``pooling="last"``) is *not* its state at its last
+real step, and ``pooling="mean_padded"`` averages padding positions into the mean. Both make
+the prediction for a sequence depend on how long the other sequences of its batch are.
+``execution="packed"`` computes only the real steps: ``last`` is the state at each sequence's
+own last step (and, for the reverse direction, after its first step), and ``mean``/``max``
+pool over real steps only; the prediction for a sequence does not depend on its batch.
+``mean`` and ``max`` are masked to real steps in the padded execution too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+# TEMPORARY until packrnn.rnn lands (drop-in, same API).
+from torch.nn import GRU, LSTM, RNN
+
+__all__ = ["ModelConfig", "SequenceClassifier", "load_vectors", "CELLS", "POOLINGS",
+           "EXECUTIONS"]
+
+CELLS = ("rnn", "lstm", "gru")
+POOLINGS = ("last", "mean", "max", "mean_padded")
+EXECUTIONS = ("packed", "padded")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a ``SequenceClassifier`` (saved in checkpoints; JSON-friendly)."""
+
+    vocab_size: int  # rows of the embedding table (including the specials <pad>, <unk>)
+    num_classes: int  # number of labels; the linear layer's output size
+    embed_dim: int = 64  # embedding size E, the recurrent layer's input size
+    hidden_size: int = 32  # hidden size H per direction
+    cell: str = "lstm"  # recurrent cell: "rnn" (Elman), "lstm" or "gru"
+    num_layers: int = 1  # stacked recurrent layers
+    bidirectional: bool = False  # add a reverse direction; features become 2H
+    dropout: float = 0.0  # dropout between recurrent layers and before the linear layer
+    pooling: str = "last"  # "last" | "mean" | "max" | "mean_padded"; see NOTE in models.py
+    execution: str = "packed"  # "packed" (real steps only) or "padded" (every position)
+    padding_idx: int | None = 0  # embedding row of <pad>: zero and never updated; None: none
+    nonlinearity: str = "tanh"  # cell="rnn" only: "tanh" or "relu"
+    freeze_embedding: bool = False  # keep the embedding fixed (e.g. pretrained vectors)
+
+    def __post_init__(self) -> None:
+        _check_int("vocab_size", self.vocab_size, 1)
+        _check_int("num_classes", self.num_classes, 1)
+        _check_int("embed_dim", self.embed_dim, 1)
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("num_layers", self.num_layers, 1)
+        _check_choice("cell", self.cell, CELLS)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("execution", self.execution, EXECUTIONS)
+        _check_choice("nonlinearity", self.nonlinearity, ("tanh", "relu"))
+        if not isinstance(self.bidirectional, bool):
+            raise TypeError(f"bidirectional: expected a bool, got {self.bidirectional!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        if self.padding_idx is not None:
+            _check_int("padding_idx", self.padding_idx, 0)
+            if self.padding_idx >= self.vocab_size:
+                raise ValueError(f"padding_idx: expected < vocab_size ({self.vocab_size}), "
+                                 f"got {self.padding_idx}")
+        if self.pooling == "mean_padded" and self.execution != "padded":
+            raise ValueError("pooling: expected 'mean_padded' only with execution='padded' "
+                             "(it reproduces the lesson's mean over padded outputs), got "
+                             f"execution={self.execution!r}")
+
+    @property
+    def feature_size(self) -> int:
+        """Size of the pooled features fed to the linear layer: H, or 2H if bidirectional."""
+        return self.hidden_size * (2 if self.bidirectional else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"model config: expected keys among {sorted(names)}, got {unknown}")
+        return cls(**d)
+
+
+class SequenceClassifier(nn.Module):
+    r"""Classify token sequences of different lengths: embedding, RNN/LSTM/GRU, pooling, linear.
+
+    .. math::
+        x_t = \mathrm{Emb}[w_t],\quad o_{1..L}, h_n = \mathrm{RNN}(x_{1..L}),\quad
+        z = \mathrm{pool}(o, h_n),\quad \mathrm{logits} = W\,\mathrm{dropout}(z) + b
+
+    Pooling (see NOTE [padding in the lesson's classifiers] in this module):
+    ``last``: the last layer's final state ``h_n`` (both directions concatenated);
+    ``mean`` / ``max``: over each sequence's real steps of the last layer's output;
+    ``mean_padded``: mean over every padded position (the lesson's, ``execution="padded"``).
+    A sequence of length 0 gets the initial state (zeros) for ``last`` and zeros for
+    ``mean``/``max``.
+
+    Args:
+        config: a ``ModelConfig``.
+
+    Shapes:
+        ``forward(ids, lengths)``: ``ids`` (B, T) int64 token ids padded with
+        ``config.padding_idx`` (batch first), ``lengths`` (B,) real lengths (list or tensor;
+        ``None`` means every sequence is T long). Or ``forward(packed)`` with a
+        ``PackedSequence`` of ids. Returns logits (B, C), in the input's batch order.
+
+    >>> model = SequenceClassifier(ModelConfig(vocab_size=100, num_classes=4))
+    >>> ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    >>> model(ids, lengths=[3, 2]).shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=c.padding_idx)
+        if c.freeze_embedding:
+            self.embedding.weight.requires_grad_(False)
+        kwargs: dict[str, Any] = dict(num_layers=c.num_layers, bidirectional=c.bidirectional,
+                                      batch_first=True,
+                                      dropout=c.dropout if c.num_layers > 1 else 0.0)
+        if c.cell == "rnn":
+            self.rnn = RNN(c.embed_dim, c.hidden_size, nonlinearity=c.nonlinearity, **kwargs)
+        elif c.cell == "lstm":
+            self.rnn = LSTM(c.embed_dim, c.hidden_size, **kwargs)
+        else:
+            self.rnn = GRU(c.embed_dim, c.hidden_size, **kwargs)
+        self.dropout = nn.Dropout(c.dropout)
+        self.fc = nn.Linear(c.feature_size, c.num_classes)
+
+    def forward(self, ids: Tensor | PackedSequence, lengths: Any = None) -> Tensor:
+        c = self.config
+        if isinstance(ids, PackedSequence) or isinstance(ids, torch.nn.utils.rnn.PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths: expected None with a PackedSequence input, got lengths")
+            if c.execution == "padded":
+                ids, lengths = pad_packed_sequence(ids, batch_first=True,
+                                                   padding_value=c.padding_idx or 0)
+                return self._forward_padded(ids, lengths)
+            return self._forward_packed(ids)
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError(f"ids: expected a (B, T) tensor of token ids, got "
+                             f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ids: expected an int64 tensor of token ids, got {ids.dtype}")
+        B, T = ids.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.int64)
+        else:
+            lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
+            if lengths.shape != (B,):
+                raise ValueError(f"lengths: expected shape ({B},) for a batch of {B}, "
+                                 f"got {tuple(lengths.shape)}")
+        if c.execution == "padded":
+            return self._forward_padded(ids, lengths)
+        packed = pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
+        return self._forward_packed(packed)
+
+    def _forward_packed(self, packed_ids: PackedSequence) -> Tensor:
+        c = self.config
+        emb = self.embedding(packed_ids.data.long())  # (N, E): real steps only
+        packed = PackedSequence(emb, packed_ids.batch_sizes, packed_ids.sorted_indices,
+                                packed_ids.unsorted_indices)
+        out, h = self.rnn(packed)  # out.data (N, D); h_n (layers*dirs, B, H)
+        if c.pooling == "last":
+            z = self._last_state(h)
+        else:
+            z = pool_packed(out, c.pooling)  # (B, D)
+        return self.fc(self.dropout(z))  # (B, C)
+
+    def _forward_padded(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        c = self.config
+        emb = self.embedding(ids.long())  # (B, T, E), padding embedded too
+        out, h = self.rnn(emb)  # (B, T, D): every position, padding included
+        if c.pooling == "last":
+            z = self._last_state(h)  # state after all T positions (NOTE above)
+        elif c.pooling == "mean_padded":
+            z = out.mean(dim=1)  # (B, D): the lesson's mean, padding included
+        else:
+            z = pool_padded(out, lengths, c.pooling)  # (B, D)
+        return self.fc(self.dropout(z))  # (B, C)
+
+    def _last_state(self, h: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        c = self.config
+        h_n = h[0] if isinstance(h, tuple) else h  # (layers*dirs, B, H)
+        dirs = 2 if c.bidirectional else 1
+        last = h_n[-dirs:]  # (dirs, B, H): last layer, forward then reverse
+        return torch.cat(list(last), dim=-1)  # (B, dirs*H)
+
+    def load_vectors(self, path: str | os.PathLike, tokens: Sequence[str]) -> int:
+        """Initialise embedding rows from a word2vec/GloVe text file; returns rows found.
+
+        ``tokens[i]`` is the token of embedding row ``i`` (the vocabulary's index-to-token
+        list). Rows of tokens absent from the file keep their random initialisation; the
+        padding row stays zero. See ``load_vectors``.
+        """
+        if len(tokens) != self.config.vocab_size:
+            raise ValueError(f"tokens: expected {self.config.vocab_size} tokens (vocab_size), "
+                             f"got {len(tokens)}")
+        vectors = load_vectors(path, {t: i for i, t in enumerate(tokens)},
+                               dim=self.config.embed_dim)
+        with torch.no_grad():
+            for i, v in vectors.items():
+                if i != self.config.padding_idx:
+                    self.embedding.weight[i] = v
+        return len(vectors)
+
+
+# TEMPORARY: replaced by packrnn.ops when it lands (same semantics).
+def pool_padded(out: Tensor, lengths: Tensor, mode: str) -> Tensor:
+    """Mean or max of ``out`` (B, T, D) over each sequence's first ``lengths[b]`` steps."""
+    B, T, D = out.shape
+    lengths = lengths.to(out.device)
+    mask = torch.arange(T, device=out.device)[None, :] < lengths[:, None]  # (B, T)
+    if mode == "mean":
+        s = (out * mask[..., None]).sum(dim=1)  # (B, D)
+        return s / lengths.clamp(min=1)[:, None].to(out.dtype)
+    filled = out.masked_fill(~mask[..., None], float("-inf"))  # (B, T, D)
+    m = filled.amax(dim=1) if T > 0 else out.new_zeros(B, D)  # (B, D)
+    return torch.where(lengths[:, None] > 0, m, torch.zeros_like(m))
+
+
+def pool_packed(out: PackedSequence, mode: str) -> Tensor:
+    padded, lengths = pad_packed_sequence(out, batch_first=True)  # (B, T, D)
+    return pool_padded(padded, lengths, mode)
+
+
+def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
+                 dim: int | None = None) -> dict[int, Tensor]:
+    """Read the vectors of known tokens from a word2vec or GloVe text file.
+
+    Format: one ``token v1 v2 ... vD`` per line, UTF-8, separated by spaces; an optional
+    word2vec header line ``count D`` is skipped. Only tokens in ``token_to_index`` are kept.
+
+    Args:
+        path: the vectors file.
+        token_to_index: token -> embedding row.
+        dim: expected D (the embedding size); ``None`` takes the file's.
+
+    Returns:
+        ``{row: (D,) float32 tensor}`` for the tokens found.
+
+    Raises:
+        ValueError: missing or empty file, or a line (named by file and line number) whose
+            vector has the wrong size or a non-number.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"vectors: expected a word2vec/GloVe text file, got {str(p)!r} "
+                         "(no such file)")
+    found: dict[int, Tensor] = {}
+    file_dim = dim
+    any_line = False
+    with open(p, encoding="utf-8", errors="strict") as f:
+        for lineno, line in enumerate(f, start=1):
+            parts = line.rstrip("\n").rstrip(" ").split(" ")
+            if not line.strip():
+                continue
+            if lineno == 1 and len(parts) == 2 and all(x.isdigit() for x in parts):
+                header_dim = int(parts[1])
+                if dim is not None and header_dim != dim:
+                    raise ValueError(f"vectors: expected dimension {dim} (embed_dim), got "
+                                     f"{header_dim} in {p}:1 (header)")
+                file_dim = header_dim
+                continue
+            any_line = True
+            token, values = parts[0], parts[1:]
+            if file_dim is None:
+                file_dim = len(values)
+            if len(values) != file_dim:
+                raise ValueError(f"vectors: expected {file_dim} numbers after the token, got "
+                                 f"{len(values)} in {p}:{lineno}")
+            row = token_to_index.get(token)
+            if row is None:
+                continue
+            try:
+                found[row] = torch.tensor([float(x) for x in values], dtype=torch.float32)
+            except ValueError:
+                raise ValueError(f"vectors: expected numbers after the token, got "
+                                 f"{' '.join(values[:3])!r}... in {p}:{lineno}") from None
+    if not any_line:
+        raise ValueError(f"vectors: expected at least one vector, got an empty file {str(p)!r}")
+    return found

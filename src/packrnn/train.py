@@ -1,0 +1,821 @@
+"""Train, evaluate and use a text classifier: ``train(config) -> metrics``.
+
+Importable functions, no argv parsing (``packrnn.cli`` is the thin command line over them):
+
+- ``train(TrainConfig(...))`` trains a ``SequenceClassifier`` on a text file, evaluates every
+  epoch, writes ``metrics.json``, a plot and atomic checkpoints to ``config.output``, resumes
+  after a kill, and scales out under ``torchrun`` (DDP).
+- ``load_run(directory)`` reads a finished (or interrupted) run back: model, vocabulary,
+  labels, tokenizer.
+- ``evaluate(run, path)`` scores a labelled file: accuracy, per-class precision and recall,
+  confusion matrix.
+- ``predict(run, texts)`` gives each text's label and probability.
+
+Files in the output directory:
+
+==================  =========================================================================
+``checkpoint.pt``   model, optimizer, vocabulary, labels, configs, progress, RNG states
+``config.json``     the ``TrainConfig`` of the run, for people
+``metrics.json``    one entry per finished epoch (see ``EpochMetrics``)
+``curves.png``      loss and accuracy per epoch (needs matplotlib)
+==================  =========================================================================
+
+NOTE [exact resume]
+A checkpoint is taken every epoch and every ``checkpoint_every_steps`` optimizer steps. It holds
+the number of batches already done in the current epoch and the running sums of that epoch, and
+every source of randomness: the batch order of an epoch is a pure function of ``(seed, epoch)``
+(the samplers' ``set_epoch``), the DataLoader gets its own generator (so creating one does not
+consume the global RNG), and the torch / Python / NumPy RNG states of every rank are saved. On
+resume, training rebuilds the same epoch's batches, skips the ones already done and restores the
+RNG states, so the run continues with the same numbers as if it had never stopped: the final
+weights and metrics equal those of an uninterrupted run (``tests/test_train.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import distributed as D
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_write_json,
+                         load_checkpoint, save_checkpoint)
+from .models import CELLS, EXECUTIONS, POOLINGS, ModelConfig, SequenceClassifier
+
+__all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", "predict",
+           "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
+
+METRICS_NAME = "metrics.json"
+PLOT_NAME = "curves.png"
+CONFIG_NAME = "config.json"
+FORMATS = ("agnews", "csv", "jsonl")
+
+# Fields that may change between a run and its resumption (they do not change the numbers).
+_RESUMABLE_CHANGES = frozenset({
+    "epochs", "output", "resume", "overwrite", "num_workers", "checkpoint_every_steps",
+    "progress", "plot", "threads", "device", "test_path", "eval_batch_size",
+})
+
+
+class TrainError(ValueError):
+    """A problem with the run's inputs or output directory, explained in one line."""
+
+
+def _check_pos_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf,
+                  allow_none: bool = False, low_open: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name}: expected a number {bound}" + (" or None" if allow_none else "")
+                         + f", got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``packrnn train`` builds one from its flags."""
+
+    # -- data ---------------------------------------------------------------------------------
+    train_path: str  # labelled training file
+    output: str  # run directory: checkpoint, metrics.json, curves.png, config.json
+    test_path: str | None = None  # labelled file evaluated after every epoch; None: no evaluation
+    format: str = "agnews"  # "agnews" (label 1-4, title, description; no header), "csv", "jsonl"
+    text_column: str | None = None  # csv/jsonl: field(s) with the text, comma-separated; None: "text"
+    label_column: str | None = None  # csv/jsonl: field with the label; None: "label"
+    delimiter: str | None = None  # csv: field separator; None: tab for .tsv files, else ","
+    skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping with an error
+    tokenizer: str = "basic_english"  # "basic_english" or "split" (whitespace)
+    min_freq: int = 1  # vocabulary: keep tokens seen at least this often in the training file
+    max_vocab_size: int | None = None  # vocabulary: at most this many entries (specials included)
+    max_length: int | None = None  # truncate texts to this many tokens; None: keep all
+    # -- model (see ModelConfig) --------------------------------------------------------------
+    model: str = "lstm"  # recurrent cell: "rnn", "lstm" or "gru"
+    embed_dim: int = 64  # embedding size
+    hidden_size: int = 32  # hidden size per direction
+    num_layers: int = 1  # stacked recurrent layers
+    bidirectional: bool = False  # add a reverse direction
+    dropout: float = 0.0  # between recurrent layers and before the linear layer
+    pooling: str = "last"  # "last" | "mean" | "max" | "mean_padded"
+    execution: str = "packed"  # "packed" (real steps only) or "padded" (the lesson's)
+    vectors: str | None = None  # word2vec/GloVe text file to initialise the embedding from
+    freeze_embedding: bool = False  # keep the embedding fixed
+    # -- optimisation -------------------------------------------------------------------------
+    batch_size: int = 16  # sequences per batch (per process under torchrun)
+    epochs: int = 1  # passes over the training data
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay
+    grad_clip: float | None = None  # clip the gradient's global norm to this; None: no clipping
+    seed: int = 0  # seeds model init, batch order and dropout: same seed, same run
+    bucket: bool = False  # batch sequences of similar length together (less padding)
+    max_tokens: int | None = None  # with bucket: cap padded tokens (batch x longest) per batch
+    eval_batch_size: int = 256  # batch size for evaluation (results do not depend on it when packed)
+    # -- run ----------------------------------------------------------------------------------
+    checkpoint_every_steps: int | None = None  # also checkpoint every N steps; None: per epoch only
+    resume: bool = False  # continue the run in `output` from its last checkpoint
+    overwrite: bool = False  # replace an existing run in `output` (only packrnn's own files)
+    num_workers: int = 0  # DataLoader worker processes
+    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
+    threads: int | None = None  # torch.set_num_threads; None: torch's default
+    progress: bool = True  # show a tqdm progress bar (main process only)
+    plot: bool = True  # write curves.png (skipped with a note if matplotlib is missing)
+
+    def __post_init__(self) -> None:
+        for name in ("train_path", "output"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif not isinstance(value, str) or not value:
+                raise TypeError(f"{name}: expected a path, got {value!r}")
+        for name in ("test_path", "vectors"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"{name}: expected a path or None, got {value!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format == "agnews" and (self.text_column or self.label_column):
+            raise ValueError("text_column/label_column: expected only with format csv or jsonl, "
+                             "got format 'agnews'")
+        if self.tokenizer not in ("basic_english", "split"):
+            raise ValueError(f"tokenizer: expected 'basic_english' or 'split', got {self.tokenizer!r}")
+        if self.model not in CELLS:
+            raise ValueError(f"model: expected one of {', '.join(CELLS)}, got {self.model!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution: expected one of {', '.join(EXECUTIONS)}, "
+                             f"got {self.execution!r}")
+        for name in ("embed_dim", "hidden_size", "num_layers", "batch_size", "epochs",
+                     "min_freq", "eval_batch_size"):
+            _check_pos_int(name, getattr(self, name))
+        for name in ("max_vocab_size", "max_length", "max_tokens", "checkpoint_every_steps",
+                     "threads"):
+            _check_pos_int(name, getattr(self, name), allow_none=True)
+        if self.max_vocab_size is not None and self.max_vocab_size < 2:
+            raise ValueError(f"max_vocab_size: expected >= 2 (<pad> and <unk>), got {self.max_vocab_size}")
+        _check_pos_int("num_workers", self.num_workers, minimum=0)
+        _check_pos_int("seed", self.seed, minimum=0)
+        _check_number("lr", self.lr, 0.0, low_open=True)
+        _check_number("weight_decay", self.weight_decay, 0.0)
+        _check_number("grad_clip", self.grad_clip, 0.0, allow_none=True, low_open=True)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        if self.max_tokens is not None and not self.bucket:
+            raise ValueError("max_tokens: expected only together with bucket=True, got bucket=False")
+        if self.resume and self.overwrite:
+            raise ValueError("resume/overwrite: expected at most one of them, got both")
+        if self.pooling == "mean_padded" and self.execution != "padded":
+            raise ValueError("pooling: expected 'mean_padded' only with execution='padded', "
+                             f"got execution={self.execution!r}")
+        for name in ("bidirectional", "skip_bad_rows", "freeze_embedding", "bucket", "resume",
+                     "overwrite", "progress", "plot"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"train config: expected keys among {sorted(names)}, got {unknown}")
+        return cls(**d)
+
+    def model_config(self, vocab_size: int, num_classes: int, padding_idx: int | None) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size, num_classes=num_classes, embed_dim=self.embed_dim,
+            hidden_size=self.hidden_size, cell=self.model, num_layers=self.num_layers,
+            bidirectional=self.bidirectional, dropout=float(self.dropout), pooling=self.pooling,
+            execution=self.execution, padding_idx=padding_idx,
+            freeze_embedding=self.freeze_embedding,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# data: files -> encoded examples (packrnn.data does the work)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Examples:
+    """Encoded texts of one file: token ids and label indices, in file order."""
+
+    ids: list[list[int]]  # token ids per text (possibly empty)
+    labels: list[int]  # label index per text
+    skipped: int  # malformed rows skipped (skip_bad_rows)
+
+
+class _EncodedDataset(torch.utils.data.Dataset):
+    def __init__(self, ex: _Examples) -> None:
+        self.ex = ex
+
+    def __len__(self) -> int:
+        return len(self.ex.ids)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        return self.ex.ids[i], self.ex.labels[i]
+
+
+def _collate(batch: Sequence[tuple[list[int], int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Padded ids (B, T), lengths (B,), labels (B,)."""
+    lengths = torch.tensor([len(ids) for ids, _ in batch], dtype=torch.int64)  # (B,)
+    T = int(lengths.max()) if len(batch) else 0
+    out = torch.full((len(batch), T), pad, dtype=torch.int64)  # (B, T)
+    for b, (ids, _) in enumerate(batch):
+        out[b, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+    labels = torch.tensor([y for _, y in batch], dtype=torch.int64)  # (B,)
+    return out, lengths, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochMetrics:
+    """One entry of ``metrics.json`` (one finished epoch)."""
+
+    epoch: int  # 1-based epoch number
+    train_loss: float  # mean cross-entropy over the epoch's training samples (all ranks)
+    train_accuracy: float  # fraction of the epoch's training samples predicted right
+    test_accuracy: float | None  # accuracy on test_path after the epoch; None without one
+    seconds: float  # wall time of the epoch's training steps (evaluation excluded)
+    samples_per_second: float  # training samples (all ranks) per second of `seconds`
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states, storable with torch.save(weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(gauss)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _prepare_output(cfg: TrainConfig, ctx: D.DistContext) -> Path | None:
+    """Check the output directory against resume/overwrite; returns a checkpoint to resume.
+
+    Refuses a non-empty directory unless ``resume`` or ``overwrite``; ``overwrite`` removes only
+    the files a run writes (checkpoint, metrics, plot, config), never anything else.
+    """
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"output: expected a directory, got an existing file {str(out)!r}")
+    ckpt = out / CHECKPOINT_NAME
+    if cfg.resume:
+        if ckpt.is_file():
+            return ckpt
+        if ctx.is_main:
+            print(f"packrnn: no checkpoint in {str(out)!r} yet; starting the run from the beginning",
+                  file=sys.stderr)
+        return None
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise TrainError(f"output: directory {str(out)!r} already exists and is not empty; "
+                             "pass --resume to continue its run or --overwrite to replace it")
+    return None
+
+
+def _clear_run_files(out: Path) -> None:
+    for name in (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME):
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    now = cfg.to_dict()
+    diffs = [k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diffs:
+        k = diffs[0]
+        raise TrainError(f"resume: expected the same settings as the checkpoint, got {k}={now[k]!r} "
+                         f"(checkpoint: {saved.get(k)!r}); use another --output or --overwrite")
+
+
+def _unwrap(model: nn.Module) -> SequenceClassifier:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _epoch_batches(sampler: Any, epoch: int) -> list[list[int]]:
+    """The epoch's batches, a pure function of (seed, epoch) (NOTE [exact resume])."""
+    sampler.set_epoch(epoch)
+    return [list(b) for b in sampler]
+
+
+def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> list[EpochMetrics]:
+    """Train a ``SequenceClassifier`` as ``config`` says; return the metrics of every epoch.
+
+    Writes to ``config.output`` (main process only): ``checkpoint.pt`` after every epoch and
+    every ``checkpoint_every_steps`` steps, ``metrics.json`` and ``curves.png`` after every
+    epoch, ``config.json`` at the start. With ``resume=True`` continues from the checkpoint with
+    the same numbers as an uninterrupted run (NOTE [exact resume]); a run that already finished
+    its epochs returns its metrics without training.
+
+    Under ``torchrun`` every process calls ``train`` with the same config: the process group
+    is set up from the environment (gloo on CPU, NCCL on GPU), the model is wrapped in DDP, each
+    rank trains on its shard of every epoch (``batch_size`` per rank), and metrics are summed
+    over ranks, so ``metrics.json`` describes the whole data set.
+
+    Args:
+        config: the run's ``TrainConfig``.
+        on_step: called with the global step number after every optimizer step (and after
+            any checkpoint of that step); for progress hooks and tests.
+
+    Returns:
+        one ``EpochMetrics`` per finished epoch, the same list as ``metrics.json``.
+
+    Raises:
+        TrainError: bad data, an existing output directory without resume/overwrite, or a
+            checkpoint that does not match the config.
+
+    >>> metrics = train(TrainConfig(train_path="train.csv", test_path="test.csv",
+    ...                             output="runs/lstm", epochs=2))  # doctest: +SKIP
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    cfg = config
+    ctx = D.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, on_step)
+    finally:
+        D.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None
+           ) -> list[EpochMetrics]:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output)
+    resume_path = _prepare_output(cfg, ctx)  # every rank checks, so every rank fails alike
+    state = load_checkpoint(resume_path) if resume_path is not None else None
+    if state is not None:
+        _check_resume_config(state["train_config"], cfg)
+
+    # -- data -----------------------------------------------------------------------------------
+    tokenizer = _tokenizer(cfg)
+    if state is not None:
+        vocab = _vocab_from_dict(state["vocab"])
+        label_names = list(state["labels"])
+        train_ex = _read(cfg, cfg.train_path, tokenizer, vocab, label_names, training=True)
+    else:
+        vocab, label_names, train_ex = _read_training(cfg, tokenizer)
+    test_ex = (_read(cfg, cfg.test_path, tokenizer, vocab, label_names, training=False)
+               if cfg.test_path else None)
+    if ctx.is_main:
+        msg = f"packrnn: {len(train_ex.ids)} training texts, {len(label_names)} labels, " \
+              f"vocabulary of {len(vocab)}"
+        if test_ex is not None:
+            msg += f", {len(test_ex.ids)} test texts"
+        skipped = train_ex.skipped + (test_ex.skipped if test_ex else 0)
+        if skipped:
+            msg += f"; skipped {skipped} bad rows"
+        print(msg, file=sys.stderr)
+
+    # -- model and optimizer ----------------------------------------------------------------------
+    _seed_everything(cfg.seed)
+    mcfg = cfg.model_config(len(vocab), len(label_names), vocab.pad_index)
+    model = SequenceClassifier(mcfg)
+    if cfg.vectors and state is None:
+        found = model.load_vectors(cfg.vectors, vocab.get_itos())
+        if ctx.is_main:
+            print(f"packrnn: {found} of {len(vocab)} embedding rows from {cfg.vectors}",
+                  file=sys.stderr)
+    model.to(ctx.device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[EpochMetrics] = []
+    epoch, step, step_in_epoch = 0, 0, 0
+    accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+    if state is not None:
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        accum = dict(state["epoch_accum"])
+        rngs = state["rng"]
+        if len(rngs) != ctx.world_size:
+            raise TrainError(f"resume: expected a checkpoint of a run with {ctx.world_size} "
+                             f"process(es), got one with {len(rngs)}")
+        _set_rng_state(rngs[ctx.rank])
+    else:
+        torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks, repeatably
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if cfg.overwrite:
+                _clear_run_files(out)
+            atomic_write_json(out / CONFIG_NAME, cfg.to_dict())
+    D.barrier(ctx)
+    if epoch >= cfg.epochs:
+        if ctx.is_main:
+            print(f"packrnn: the run in {str(out)!r} already finished {epoch} epoch(s)",
+                  file=sys.stderr)
+        return history
+    net: nn.Module = model
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    sampler = _train_sampler(cfg, train_ex, ctx)
+    dataset = _EncodedDataset(train_ex)
+    pad = vocab.pad_index if vocab.pad_index is not None else 0
+    loss_fn = nn.CrossEntropyLoss()
+
+    def checkpoint(epoch_done: int, in_epoch: int, acc: Mapping[str, float]) -> None:
+        rngs = D.all_gather_objects(ctx, _rng_state())
+        if ctx.is_main:
+            save_checkpoint(out / CHECKPOINT_NAME, {
+                "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(),
+                "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                "vocab": vocab.to_dict(), "labels": label_names,
+                "epoch": epoch_done, "step": step, "step_in_epoch": in_epoch,
+                "epoch_accum": dict(acc), "history": [asdict(m) for m in history],
+                "rng": rngs, "world_size": ctx.world_size,
+            })
+        D.barrier(ctx)
+
+    while epoch < cfg.epochs:
+        batches = _epoch_batches(sampler, epoch)
+        todo = batches[step_in_epoch:]
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=todo, num_workers=cfg.num_workers,
+            collate_fn=lambda b: _collate(b, pad),
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+            persistent_workers=False)
+        bar = _progress(cfg, ctx, total=len(batches), initial=step_in_epoch, epoch=epoch)
+        net.train()
+        t0 = time.perf_counter()
+        for ids, lengths, labels in loader:
+            ids, labels = ids.to(ctx.device), labels.to(ctx.device)
+            logits = net(ids, lengths)  # (B, C)
+            loss = loss_fn(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            n = labels.numel()
+            accum["loss_sum"] += float(loss.detach()) * n
+            accum["correct"] += float((logits.detach().argmax(-1) == labels).sum())
+            accum["count"] += n
+            step += 1
+            step_in_epoch += 1
+            if bar is not None:
+                elapsed = accum["seconds"] + time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{accum['loss_sum'] / accum['count']:.4f}",
+                                acc=f"{accum['correct'] / accum['count']:.3f}",
+                                samples_s=f"{accum['count'] * ctx.world_size / max(elapsed, 1e-9):.0f}",
+                                refresh=False)
+            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 \
+                    and step_in_epoch < len(batches):
+                now = time.perf_counter()
+                checkpoint(epoch, step_in_epoch, {**accum, "seconds": accum["seconds"] + now - t0})
+                t0 -= time.perf_counter() - now  # checkpoint time is not training time
+            if on_step is not None:
+                on_step(step)
+        if bar is not None:
+            bar.close()
+        seconds = accum["seconds"] + time.perf_counter() - t0
+        loss_sum, correct, count = D.all_reduce_sum(
+            ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
+        seconds = max(D.all_reduce_sum(ctx, [seconds])[0] / ctx.world_size, 1e-9)
+        test_acc = None
+        if test_ex is not None:
+            test_acc = _evaluate_examples(model, test_ex, len(label_names), cfg.eval_batch_size,
+                                          pad, ctx)["accuracy"]
+        epoch += 1
+        history.append(EpochMetrics(
+            epoch=epoch, train_loss=loss_sum / max(count, 1), train_accuracy=correct / max(count, 1),
+            test_accuracy=test_acc, seconds=seconds, samples_per_second=count / seconds))
+        step_in_epoch = 0
+        accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+        checkpoint(epoch, 0, accum)
+        if ctx.is_main:
+            atomic_write_json(out / METRICS_NAME, [asdict(m) for m in history])
+            if cfg.plot:
+                _plot(history, out / PLOT_NAME)
+            m = history[-1]
+            print(f"epoch {m.epoch}: train_loss {m.train_loss:.4f} train_accuracy "
+                  f"{m.train_accuracy:.4f} test_accuracy "
+                  f"{'-' if m.test_accuracy is None else f'{m.test_accuracy:.4f}'} "
+                  f"({m.seconds:.1f} s, {m.samples_per_second:.0f} samples/s)", file=sys.stderr)
+    return history
+
+
+def _progress(cfg: TrainConfig, ctx: D.DistContext, total: int, initial: int, epoch: int):
+    if not (cfg.progress and ctx.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                unit="batch", dynamic_ncols=True, leave=True)
+
+
+def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
+    """Loss and accuracy per epoch as a PNG (matplotlib, Agg backend, imported lazily)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("packrnn: matplotlib is not installed; skipping the plot "
+              "(pip install 'packrnn[plot]')", file=sys.stderr)
+        return
+    epochs = [m.epoch for m in history]
+    fig = Figure(figsize=(9, 3.5), dpi=100)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(epochs, [m.train_loss for m in history], marker="o", label="train")
+    ax1.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+    ax2.plot(epochs, [m.train_accuracy for m in history], marker="o", label="train")
+    if any(m.test_accuracy is not None for m in history):
+        ax2.plot(epochs, [m.test_accuracy for m in history], marker="o", label="test")
+    ax2.set(title="accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# TEMPORARY data adapters, replaced by packrnn.data once it lands
+# ----------------------------------------------------------------------------------------------
+
+AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def _tokenizer(cfg: TrainConfig) -> Callable[[str], list[str]]:
+    from .data.tokenizer import get_tokenizer
+
+    return get_tokenizer(cfg.tokenizer)
+
+
+def _vocab_from_dict(d: Mapping[str, Any]):
+    from .data.vocab import Vocab
+
+    return Vocab.from_dict(dict(d))
+
+
+def _rows(cfg: TrainConfig, path: str) -> list[tuple[str, str]]:
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"data: expected a file, got {path!r} (no such file)")
+    rows = []
+    with open(p, encoding="utf-8", newline="") as f:
+        for r in csv.reader(f):
+            rows.append((" ".join(r[1:]), AG_NEWS_LABELS[int(r[0]) - 1]))
+    if not rows:
+        raise TrainError(f"data: expected labelled rows, got an empty file {path!r}")
+    return rows
+
+
+def _read_training(cfg: TrainConfig, tokenizer):
+    from .data.vocab import build_vocab_from_iterator
+
+    rows = _rows(cfg, cfg.train_path)
+    tokens = [tokenizer(t) for t, _ in rows]
+    vocab = build_vocab_from_iterator(tokens, min_freq=cfg.min_freq, max_size=cfg.max_vocab_size)
+    labels = AG_NEWS_LABELS if cfg.format == "agnews" else sorted({y for _, y in rows})
+    index = {y: i for i, y in enumerate(labels)}
+    ids = [vocab(t)[: cfg.max_length] for t in tokens]
+    return vocab, list(labels), _Examples(ids, [index[y] for _, y in rows], 0)
+
+
+def _read(cfg: TrainConfig, path: str, tokenizer, vocab, label_names, training: bool) -> _Examples:
+    rows = _rows(cfg, path)
+    index = {y: i for i, y in enumerate(label_names)}
+    for t, y in rows:
+        if y not in index:
+            raise TrainError(f"{path}: label {y!r} was not seen in training "
+                             f"(known: {', '.join(label_names)})")
+    return _Examples([vocab(tokenizer(t))[: cfg.max_length] for t, _ in rows],
+                     [index[y] for _, y in rows], 0)
+
+
+class _TmpSampler:
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        batches = [perm[i:i + self.bs] for i in range(0, self.n, self.bs)]
+        per = len(batches) // self.world if self.world > 1 else len(batches)
+        return iter(batches[self.rank * per:(self.rank + 1) * per] if self.world > 1 else batches)
+
+
+def _train_sampler(cfg: TrainConfig, ex: _Examples, ctx: D.DistContext):
+    return _TmpSampler(len(ex.ids), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and prediction
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _evaluate_examples(model: SequenceClassifier, ex: _Examples, num_classes: int,
+                       batch_size: int, pad: int, ctx: D.DistContext | None = None
+                       ) -> dict[str, Any]:
+    """Confusion matrix and derived scores of ``model`` on ``ex`` (sharded over ranks)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(ex.ids)), key=lambda i: len(ex.ids[i]))  # little padding
+    if ctx is not None and ctx.distributed:
+        order = order[ctx.rank::ctx.world_size]
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, lengths, labels = _collate([(ex.ids[i], ex.labels[i]) for i in idx], pad)
+        pred = model(ids.to(device), lengths).argmax(-1).cpu()  # (B,)
+        confusion.index_put_((labels, pred), torch.ones(len(idx), dtype=torch.float64),
+                             accumulate=True)
+    if ctx is not None and ctx.distributed:
+        flat = D.all_reduce_sum(ctx, confusion.flatten().tolist())
+        confusion = torch.tensor(flat, dtype=torch.float64).view(num_classes, num_classes)
+    model.train(was_training)
+    return _scores(confusion)
+
+
+def _scores(confusion: Tensor) -> dict[str, Any]:
+    total = float(confusion.sum())
+    tp = confusion.diagonal()
+    predicted = confusion.sum(0)
+    actual = confusion.sum(1)
+    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in range(len(tp))]
+    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in range(len(tp))]
+    return {
+        "count": int(total),
+        "accuracy": float(tp.sum()) / total if total else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "support": [int(a) for a in actual],
+        "confusion": confusion.to(torch.int64).tolist(),
+    }
+
+
+@dataclass
+class Run:
+    """A trained (or interrupted) run read back from its directory by ``load_run``."""
+
+    directory: Path  # the run's output directory
+    model: SequenceClassifier  # in eval mode
+    vocab: Any  # packrnn.data.Vocab of the training file
+    labels: list[str]  # label names; the model's class i is labels[i]
+    config: TrainConfig  # the run's training config
+    epochs_done: int  # finished epochs
+    history: list[EpochMetrics]  # metrics of the finished epochs
+
+    def tokenize(self, text: str) -> list[str]:
+        return _tokenizer(self.config)(text)
+
+
+def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
+    """Read a run directory written by ``train``: its model, vocabulary, labels and config.
+
+    Raises:
+        CheckpointError: the directory is missing, incomplete (no checkpoint), from another
+            packrnn format version, or its checkpoint is corrupt.
+    """
+    state = load_checkpoint(directory)
+    path = Path(directory)
+    try:
+        mcfg = ModelConfig.from_dict(state["model_config"])
+        tcfg = TrainConfig.from_dict(state["train_config"])
+        vocab = _vocab_from_dict(state["vocab"])
+        model = SequenceClassifier(mcfg)
+        model.load_state_dict(state["model_state"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
+                              f"({first})") from e
+    model.to(device).eval()
+    return Run(directory=path, model=model, vocab=vocab, labels=list(state["labels"]),
+               config=tcfg, epochs_done=int(state["epoch"]),
+               history=[EpochMetrics(**m) for m in state["history"]])
+
+
+def _as_run(run: Run | str | os.PathLike) -> Run:
+    return run if isinstance(run, Run) else load_run(run)
+
+
+def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
+             format: str | None = None, text_column: str | None = None,
+             label_column: str | None = None, skip_bad_rows: bool | None = None,
+             batch_size: int = 256) -> dict[str, Any]:
+    """Score a trained run on a labelled file.
+
+    The file is read like the run's training file (format and columns from the run's config)
+    unless ``format`` / ``text_column`` / ``label_column`` say otherwise.
+
+    Returns:
+        ``{"count", "accuracy", "labels", "precision", "recall", "support", "confusion",
+        "skipped"}``: per-class lists in the order of ``labels``; ``confusion[i][j]`` counts
+        texts of label ``i`` predicted as ``j``; precision/recall are ``None`` for a class never
+        predicted / absent.
+
+    Raises:
+        TrainError: unreadable file, or a label the run never saw in training.
+    """
+    run = _as_run(run)
+    _check_pos_int("batch_size", batch_size)
+    changes = {k: v for k, v in (("format", format), ("text_column", text_column),
+                                 ("label_column", label_column),
+                                 ("skip_bad_rows", skip_bad_rows)) if v is not None}
+    cfg = dataclasses.replace(run.config, **changes) if changes else run.config
+    ex = _read(cfg, os.fspath(path), _tokenizer(cfg), run.vocab, run.labels, training=False)
+    pad = run.vocab.pad_index if run.vocab.pad_index is not None else 0
+    result = _evaluate_examples(run.model, ex, len(run.labels), batch_size, pad)
+    result["labels"] = list(run.labels)
+    result["skipped"] = ex.skipped
+    return result
+
+
+@torch.no_grad()
+def predict(run: Run | str | os.PathLike, texts: Sequence[str], batch_size: int = 256
+            ) -> list[dict[str, Any]]:
+    """Label each text: ``[{"text", "label", "probability", "probabilities"}, ...]``.
+
+    ``probability`` is the softmax probability of the predicted ``label``;
+    ``probabilities`` maps every label to its probability. A text with no known tokens is
+    still classified (from the model's state for an empty or all-<unk> sequence).
+    """
+    run = _as_run(run)
+    if isinstance(texts, str):
+        raise TypeError("texts: expected a list of str, got a str (wrap it in a list)")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}]: expected a str, got {type(t).__name__}")
+    tokenizer = _tokenizer(run.config)
+    pad = run.vocab.pad_index if run.vocab.pad_index is not None else 0
+    device = next(run.model.parameters()).device
+    run.model.eval()
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        enc = [(run.vocab(tokenizer(t))[: run.config.max_length], 0) for t in chunk]
+        ids, lengths, _ = _collate(enc, pad)
+        probs = torch.softmax(run.model(ids.to(device), lengths).float(), dim=-1).cpu()  # (B, C)
+        for t, p in zip(chunk, probs):
+            k = int(p.argmax())
+            results.append({"text": t, "label": run.labels[k], "probability": float(p[k]),
+                            "probabilities": {name: float(q) for name, q in zip(run.labels, p)}})
+    return results
