@@ -351,9 +351,9 @@ def test_error_non_1d_lengths(lengths, match):
 
 
 def test_error_enforce_sorted_with_unsorted_lengths():
-    with pytest.raises(ValueError, match=r"lengths: expected lengths sorted in decreasing order since enforce_sorted=True, got \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"lengths: expected lengths sorted in decreasing order since enforce_sorted=True, got lengths \[1, 2\]"):
         P.pack_padded_sequence(torch.randn(3, 2), [1, 2], enforce_sorted=True)
-    with pytest.raises(ValueError, match=r"sequences: expected sequences sorted by decreasing length since enforce_sorted=True, got lengths \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"sequences: expected sequences by length sorted in decreasing order since enforce_sorted=True, got lengths \[1, 2\]"):
         P.pack_sequence([torch.ones(1), torch.ones(2)], enforce_sorted=True)
 
 

@@ -72,6 +72,7 @@ __all__ = [
     "unpad_sequence",
     "as_lengths",
     "sort_lengths",
+    "packing_order",
     "batch_sizes_from_lengths",
     "lengths_from_batch_sizes",
     "invert_permutation",
@@ -235,6 +236,45 @@ def sort_lengths(lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     sorted_lengths, sorted_indices = torch.sort(lengths, descending=True)
     return sorted_lengths, sorted_indices, invert_permutation(sorted_indices)
+
+
+def packing_order(
+    lengths: Tensor, enforce_sorted: bool | None = None, *, name: str = "lengths"
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Decide the column order of a packed batch, exactly as packrnn's pack functions do.
+
+    Args:
+        lengths: ``(B,)`` CPU int64, ``B >= 1`` (see :func:`as_lengths`).
+        enforce_sorted (bool or None): see NOTE [enforce_sorted default]. ``True`` raises
+            ``ValueError`` (naming ``name``) if lengths are not decreasing.
+        name (str): argument name for the error message. Default: ``"lengths"``.
+
+    Returns:
+        ``(sorted_lengths, sorted_indices, unsorted_indices)``: ``(B,)`` CPU int64 sorted
+        lengths, and the two CPU int64 permutations or ``None`` (already sorted, no zero
+        length, ``enforce_sorted`` not ``False``). With a zero length the indices are always
+        set (NOTE [zero-length sequences]).
+
+    >>> packing_order(torch.tensor([3, 2]))
+    (tensor([3, 2]), None, None)
+    >>> packing_order(torch.tensor([3, 0]))
+    (tensor([3, 0]), tensor([0, 1]), tensor([0, 1]))
+    """
+    batch = lengths.numel()
+    is_sorted = batch <= 1 or bool((lengths[:-1] >= lengths[1:]).all())
+    if enforce_sorted and not is_sorted:
+        what = "lengths" if name == "lengths" else "sequences by length"
+        raise ValueError(
+            f"{name}: expected {what} sorted in decreasing order since enforce_sorted=True, got "
+            f"lengths {_short(lengths)}; pass enforce_sorted=False (or leave the default None) to "
+            f"pack an unsorted batch"
+        )
+    if enforce_sorted is False or not is_sorted:
+        return sort_lengths(lengths)
+    if batch and int(lengths[-1]) == 0:  # NOTE [zero-length sequences]: keep B recoverable
+        identity = torch.arange(batch)
+        return lengths, identity, identity.clone()
+    return lengths, None, None
 
 
 def batch_sizes_from_lengths(sorted_lengths: Tensor) -> Tensor:
@@ -496,22 +536,7 @@ def pack_padded_sequence(
     if batch == 0:
         raise ValueError(f"input: expected at least one sequence, got batch size 0 (shape {tuple(input.shape)})")
 
-    is_sorted = batch == 1 or bool((lengths[:-1] >= lengths[1:]).all())
-    if enforce_sorted and not is_sorted:
-        raise ValueError(
-            f"lengths: expected lengths sorted in decreasing order since enforce_sorted=True, got "
-            f"{_short(lengths)}; pass enforce_sorted=False (or leave the default None) to pack an "
-            f"unsorted batch"
-        )
-    has_zero = int(lengths.min()) == 0
-    if enforce_sorted is False or not is_sorted:
-        sorted_lengths, sorted_indices, unsorted_indices = sort_lengths(lengths)
-    elif has_zero:  # NOTE [zero-length sequences]: keep B recoverable, identity order
-        sorted_lengths = lengths
-        sorted_indices = torch.arange(batch)
-        unsorted_indices = sorted_indices.clone()
-    else:
-        sorted_lengths, sorted_indices, unsorted_indices = lengths, None, None
+    sorted_lengths, sorted_indices, unsorted_indices = packing_order(lengths, enforce_sorted)
 
     batch_sizes = batch_sizes_from_lengths(sorted_lengths)  # (T',)
     t_idx, j_idx = _packed_positions(sorted_lengths)  # (N,), (N,)
@@ -681,21 +706,9 @@ def pack_sequence(sequences, enforce_sorted: bool | None = None) -> PackedSequen
         _check_bool(enforce_sorted, "enforce_sorted")
     batch = len(seqs)
     lengths = torch.tensor([s.size(0) for s in seqs], dtype=torch.int64)  # (B,)
-    is_sorted = batch == 1 or bool((lengths[:-1] >= lengths[1:]).all())
-    if enforce_sorted and not is_sorted:
-        raise ValueError(
-            f"sequences: expected sequences sorted by decreasing length since enforce_sorted=True, "
-            f"got lengths {_short(lengths)}; pass enforce_sorted=False (or leave the default None)"
-        )
-    has_zero = int(lengths.min()) == 0
-    if enforce_sorted is False or not is_sorted:
-        sorted_lengths, sorted_indices, unsorted_indices = sort_lengths(lengths)
-    elif has_zero:  # NOTE [zero-length sequences]
-        sorted_lengths = lengths
-        sorted_indices = torch.arange(batch)
-        unsorted_indices = sorted_indices.clone()
-    else:
-        sorted_lengths, sorted_indices, unsorted_indices = lengths, None, None
+    sorted_lengths, sorted_indices, unsorted_indices = packing_order(
+        lengths, enforce_sorted, name="sequences"
+    )
 
     batch_sizes = batch_sizes_from_lengths(sorted_lengths)  # (T,)
     t_idx, j_idx = _packed_positions(sorted_lengths)  # (N,), (N,)
