@@ -557,3 +557,13 @@ def test_strided_input_matches_torch(batch_first):
 
 def test_lengths_as_range():
     assert P.as_lengths(range(3, 0, -1)).tolist() == [3, 2, 1]
+
+
+def test_validation_cache_does_not_survive_replace():
+    """NOTE [validated PackedSequence]: a derived instance is checked again."""
+    packed = P.pack_sequence([torch.ones(3), torch.ones(1)])
+    assert P.packed_batch_size(packed) == 2
+    bad = packed._replace(batch_sizes=torch.tensor([1, 2, 1]))
+    with pytest.raises(ValueError, match=r"sequence.batch_sizes: expected non-increasing entries, got \[1, 2, 1\]"):
+        P.pad_packed_sequence(bad)
+    assert P.packed_batch_size(packed.to(torch.float64)) == 2

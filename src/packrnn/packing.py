@@ -261,7 +261,8 @@ def packing_order(
     (tensor([3, 0]), tensor([0, 1]), tensor([0, 1]))
     """
     batch = lengths.numel()
-    is_sorted = batch <= 1 or bool((lengths[:-1] >= lengths[1:]).all())
+    sorted_lengths, sorted_indices = torch.sort(lengths, descending=True)  # torch's exact call
+    is_sorted = torch.equal(sorted_lengths, lengths)  # already non-increasing?
     if enforce_sorted and not is_sorted:
         what = "lengths" if name == "lengths" else "sequences by length"
         raise ValueError(
@@ -270,7 +271,7 @@ def packing_order(
             f"pack an unsorted batch"
         )
     if enforce_sorted is False or not is_sorted:
-        return sort_lengths(lengths)
+        return sorted_lengths, sorted_indices, invert_permutation(sorted_indices)
     if batch and int(lengths[-1]) == 0:  # NOTE [zero-length sequences]: keep B recoverable
         identity = torch.arange(batch)
         return lengths, identity, identity.clone()
@@ -331,6 +332,9 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
     """
     if not isinstance(sequence, _TorchPackedSequence):
         raise TypeError(f"{name}: expected a PackedSequence, got {type(sequence).__name__}")
+    cached = sequence.__dict__.get(_CHECKED_BATCH_SIZE)  # NOTE [validated PackedSequence]
+    if cached is not None:
+        return cached
     data, batch_sizes, sorted_indices, unsorted_indices = sequence
     if not isinstance(data, Tensor) or data.dim() < 1:
         got = f"shape {tuple(data.shape)}" if isinstance(data, Tensor) else type(data).__name__
@@ -345,10 +349,10 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
     if batch_sizes.device.type != "cpu":
         raise ValueError(f"{name}.batch_sizes: expected a CPU tensor, got device {batch_sizes.device}")
     if batch_sizes.numel():
-        if int(batch_sizes.min()) < 1:
-            raise ValueError(f"{name}.batch_sizes: expected every entry >= 1, got {_short(batch_sizes)}")
         if batch_sizes.numel() > 1 and bool((batch_sizes[1:] > batch_sizes[:-1]).any()):
             raise ValueError(f"{name}.batch_sizes: expected non-increasing entries, got {_short(batch_sizes)}")
+        if int(batch_sizes[-1]) < 1:  # non-increasing, so the last entry is the smallest
+            raise ValueError(f"{name}.batch_sizes: expected every entry >= 1, got {_short(batch_sizes)}")
     total = int(batch_sizes.sum())
     if total != data.size(0):
         raise ValueError(
@@ -385,16 +389,30 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
         )
     if batch == 0:
         raise ValueError(f"{name}.sorted_indices: expected at least one sequence, got 0 entries")
+    low, high = (int(v) for v in torch.aminmax(torch.cat([sorted_indices, unsorted_indices])))
     arange = torch.arange(batch, device=sorted_indices.device)
-    in_range = bool(((sorted_indices >= 0) & (sorted_indices < batch)).all()) and bool(
-        ((unsorted_indices >= 0) & (unsorted_indices < batch)).all()
-    )
-    if not in_range or not bool((unsorted_indices[sorted_indices] == arange).all()):
+    if low < 0 or high >= batch or not torch.equal(unsorted_indices[sorted_indices], arange):
         raise ValueError(
             f"{name}.unsorted_indices: expected the inverse permutation of sorted_indices, got "
             f"sorted_indices={_short(sorted_indices)}, unsorted_indices={_short(unsorted_indices)}"
         )
     return batch
+
+
+# NOTE [validated PackedSequence]
+#
+# Validating a PackedSequence costs a dozen small tensor ops, which dominates packing small
+# batches. PackedSequences built by packrnn's functions are valid by construction, so they carry
+# their batch size in the instance ``__dict__`` under _CHECKED_BATCH_SIZE and
+# check_packed_sequence returns it without re-checking. Any other instance (torch's, one built
+# by hand, the result of ``.to()`` / ``_replace``) has no entry and is checked in full.
+_CHECKED_BATCH_SIZE = "_packrnn_batch_size"
+
+
+def _validated(packed: PackedSequence, batch: int) -> PackedSequence:
+    """Mark a PackedSequence built by packrnn as valid with batch size ``batch``."""
+    packed.__dict__[_CHECKED_BATCH_SIZE] = batch
+    return packed
 
 
 def packed_batch_size(sequence) -> int:
@@ -429,17 +447,27 @@ def _check_bool(value, name: str) -> None:
         raise TypeError(f"{name}: expected a bool, got {value!r}")
 
 
-def _packed_positions(sorted_lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Time step and sorted column of every packed row, in packed (time-major) order.
+def _layout_from_lengths(sorted_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed layout of decreasing lengths: ``(batch_sizes, t_idx, j_idx)``, all CPU int64.
 
-    Returns ``(t_idx, j_idx)``, both ``(N,)`` CPU int64: packed row ``n`` is step ``t_idx[n]``
-    of the sequence in sorted column ``j_idx[n]``.
+    ``batch_sizes`` is ``(T,)``; packed row ``n`` is step ``t_idx[n]`` of the sequence in sorted
+    column ``j_idx[n]`` (both ``(N,)``, in packed, time-major order).
     """
-    max_len = int(sorted_lengths.max()) if sorted_lengths.numel() else 0
-    steps = torch.arange(max_len)  # (T,)
-    mask = sorted_lengths.unsqueeze(0) > steps.unsqueeze(1)  # (T, B) real step?
+    max_len = int(sorted_lengths[0]) if sorted_lengths.numel() else 0  # sorted: first is longest
+    mask = torch.arange(max_len).unsqueeze(1) < sorted_lengths  # (T, B) real step?
     t_idx, j_idx = mask.nonzero(as_tuple=True)  # (N,), (N,) row-major = packed order
-    return t_idx, j_idx
+    return mask.sum(1), t_idx, j_idx
+
+
+def _layout_from_batch_sizes(batch_sizes: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed layout from ``batch_sizes``: ``(sorted_lengths, t_idx, j_idx)``, all CPU int64.
+
+    ``sorted_lengths`` is ``(B,)`` (zero for columns beyond ``batch_sizes[0]``); ``t_idx`` /
+    ``j_idx`` as in :func:`_layout_from_lengths`.
+    """
+    mask = torch.arange(batch) < batch_sizes.unsqueeze(1)  # (T, B) real step?
+    t_idx, j_idx = mask.nonzero(as_tuple=True)  # (N,), (N,)
+    return mask.sum(0), t_idx, j_idx
 
 
 def _gather_steps(padded: Tensor, b_idx: Tensor, t_idx: Tensor, batch_first: bool) -> Tensor:
@@ -538,15 +566,14 @@ def pack_padded_sequence(
 
     sorted_lengths, sorted_indices, unsorted_indices = packing_order(lengths, enforce_sorted)
 
-    batch_sizes = batch_sizes_from_lengths(sorted_lengths)  # (T',)
-    t_idx, j_idx = _packed_positions(sorted_lengths)  # (N,), (N,)
+    batch_sizes, t_idx, j_idx = _layout_from_lengths(sorted_lengths)  # (T',), (N,), (N,)
     b_idx = j_idx if sorted_indices is None else sorted_indices[j_idx]  # (N,) original column
     data = _gather_steps(input, b_idx, t_idx, batch_first)  # (N, *)
 
     if sorted_indices is not None:
         sorted_indices = sorted_indices.to(input.device)
         unsorted_indices = unsorted_indices.to(input.device)
-    return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
+    return _validated(PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), batch)
 
 
 def pad_packed_sequence(
@@ -588,15 +615,12 @@ def pad_packed_sequence(
             )
         steps = int(total_length)
 
-    sorted_lengths = lengths_from_batch_sizes(batch_sizes, batch)  # (B,) sorted order
-    t_idx, j_idx = _packed_positions(sorted_lengths)  # (N,), (N,)
+    sorted_lengths, t_idx, j_idx = _layout_from_batch_sizes(batch_sizes, batch)  # (B,), (N,), (N,)
     if sorted_indices is None:
         b_idx, lengths = j_idx, sorted_lengths
     else:
-        cpu_sorted = sorted_indices.cpu()
-        b_idx = cpu_sorted[j_idx]  # (N,) original column
-        lengths = torch.empty_like(sorted_lengths)
-        lengths[cpu_sorted] = sorted_lengths  # (B,) original order
+        b_idx = sorted_indices.cpu()[j_idx]  # (N,) original column
+        lengths = sorted_lengths[sequence.unsorted_indices.cpu()]  # (B,) original order
     flat = b_idx * steps + t_idx if batch_first else t_idx * batch + b_idx  # (N,)
 
     trailing = data.shape[1:]
@@ -710,8 +734,7 @@ def pack_sequence(sequences, enforce_sorted: bool | None = None) -> PackedSequen
         lengths, enforce_sorted, name="sequences"
     )
 
-    batch_sizes = batch_sizes_from_lengths(sorted_lengths)  # (T,)
-    t_idx, j_idx = _packed_positions(sorted_lengths)  # (N,), (N,)
+    batch_sizes, t_idx, j_idx = _layout_from_lengths(sorted_lengths)  # (T,), (N,), (N,)
     b_idx = j_idx if sorted_indices is None else sorted_indices[j_idx]  # (N,)
     starts = torch.cumsum(lengths, 0) - lengths  # (B,) first row of each sequence in the cat
     device = seqs[0].device
@@ -719,7 +742,7 @@ def pack_sequence(sequences, enforce_sorted: bool | None = None) -> PackedSequen
     if sorted_indices is not None:
         sorted_indices = sorted_indices.to(device)
         unsorted_indices = unsorted_indices.to(device)
-    return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
+    return _validated(PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), batch)
 
 
 def unpack_sequence(packed_sequences) -> list[Tensor]:
