@@ -22,6 +22,11 @@ from .packing import (
     unpad_sequence,
 )
 
+from . import functional
+from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
+from .ops import last_step, lengths_to_mask, max_pool, mean_pool, reverse_sequences
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,4 +48,18 @@ __all__ = [
     "check_packed_sequence",
     "packed_batch_size",
     "packed_lengths",
+    # layers
+    "RNN",
+    "LSTM",
+    "GRU",
+    "RNNCell",
+    "LSTMCell",
+    "GRUCell",
+    "functional",
+    # packed-aware ops
+    "lengths_to_mask",
+    "mean_pool",
+    "max_pool",
+    "last_step",
+    "reverse_sequences",
 ]
