@@ -196,3 +196,22 @@ def test_errors():
         ops.mean_pool(x, [4, 2], "yes")
     with pytest.raises(ValueError, match="max_length: expected None or a non-negative int, got -1"):
         ops.lengths_to_mask([1], -1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_matches_cpu(op):
+    lengths = [4, 0, 2, 3]
+    x = torch.randn(4, 4, 6, dtype=torch.float64)
+    for packed in (False, True):
+        results = []
+        for device in ("cpu", "cuda"):
+            xd = x.to(device).requires_grad_()
+            if packed:
+                out = run(op, packrnn.pack_padded_sequence(xd, lengths))
+                out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+            else:
+                out = run(op, xd, torch.tensor(lengths, device=device))
+            out.sum().backward()
+            results.append((out.cpu(), xd.grad.cpu()))
+        torch.testing.assert_close(results[0], results[1])
