@@ -383,6 +383,22 @@ def test_dropout_eval_has_none_train_reproducible(kind):
     assert not torch.allclose(out_a, out_eval)  # dropout did act between layers
 
 
+@pytest.mark.parametrize("form", ["packed", "padded"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_dropout_train_mode_matches_torch_with_same_seed(kind, form):
+    # dropout acts on the same (N, D*H_out) rows with the same RNG calls as torch's CPU kernel
+    torch.manual_seed(14)
+    module, reference = make_pair(kind, num_layers=3, bidirectional=True, dropout=0.5)
+    x = padded_input(False, torch.float64)
+    torch.manual_seed(99)
+    out, state = run_form(module, form, x, None, LENGTHS, False, ours=True)
+    torch.manual_seed(99)
+    out_ref, state_ref = run_form(reference, form, x, None, LENGTHS, False, ours=False)
+    torch.testing.assert_close(out, out_ref)
+    for a, b in zip(state, state_ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_dropout_single_layer_warns_like_torch():
     with pytest.warns(UserWarning, match="num_layers greater than 1"):
         packrnn.LSTM(E, H, dropout=0.3)
