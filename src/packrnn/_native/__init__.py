@@ -1,0 +1,157 @@
+"""The native (C++) recurrence backend: build-on-first-use loader and the contract's two functions.
+
+The kernel lives in ``recurrence.cpp`` (buffers documented in ``recurrence.h``). It is compiled
+once with ``torch.utils.cpp_extension.load`` into a cache directory keyed by the torch version and
+a hash of the sources and flags, so later processes only load the shared library. Selection and
+fallback (``PACKRNN_BACKEND``) live in ``packrnn.backend``; this module only builds and calls.
+
+The two functions take exactly the arguments of the backend contract, by keyword (see NOTE
+[Backend contract] in ``packrnn._lean``), and return the same structure as the lean backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["load_library", "build_directory", "kernel_info", "recurrence_forward",
+           "recurrence_backward"]
+
+_HERE = Path(__file__).resolve().parent
+_SOURCES = ("recurrence.cpp", "recurrence.h")
+# Portable flags: no -march=native (the cache may be shared by different CPUs); the elementwise
+# loops carry their own AVX2+FMA build chosen at run time. -fopenmp lets at::parallel_for split a
+# step's rows over torch's intra-op threads (it links the libgomp torch already loaded).
+_CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+_LDFLAGS = ("-fopenmp",)
+
+_lock = threading.Lock()
+_loaded: Optional[str] = None
+
+
+def _source_hash() -> str:
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update(name.encode())
+        digest.update((_HERE / name).read_bytes())
+    digest.update(" ".join(_CFLAGS + _LDFLAGS).encode())
+    return digest.hexdigest()[:16]
+
+
+def build_directory() -> Path:
+    """Where the compiled library is cached: ``$PACKRNN_CACHE_DIR`` or ``~/.cache/packrnn``,
+    then ``torch<version>-<source hash>``, so a new torch or a changed kernel rebuilds."""
+    root = os.environ.get("PACKRNN_CACHE_DIR")
+    if root:
+        base = Path(root)
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "packrnn"
+    return base / f"torch{torch.__version__}-{_source_hash()}"
+
+
+def load_library(verbose: bool = False) -> str:
+    """Compile (first time only) and load the kernel; return the path of the shared library.
+
+    Raises whatever the build raises (no compiler, no ninja, compile error): the caller decides
+    whether to fall back. Safe to call from several threads and processes (cpp_extension locks
+    the build directory).
+    """
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        from torch.utils import cpp_extension
+
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = cpp_extension.load(
+            name=f"packrnn_native_{_source_hash()}",
+            sources=[str(_HERE / "recurrence.cpp")],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
+            extra_include_paths=[str(_HERE)],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=verbose,
+        )
+        _loaded = str(path) if path is not None else str(directory)
+        return _loaded
+
+
+def _ops():
+    if _loaded is None:
+        load_library()
+    return torch.ops.packrnn
+
+
+def kernel_info() -> str:
+    """How the loaded kernel runs: SIMD level of the float32 elementwise loops and the BLAS."""
+    return _ops().kernel_info()
+
+
+def recurrence_forward(
+    *,
+    mode: str,
+    gates_x: Tensor,
+    batch_sizes: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],
+    w_hr: Optional[Tensor],
+    reverse: bool,
+    need_backward: bool,
+) -> tuple[Tensor, Tensor, Optional[Tensor], tuple[Tensor, ...]]:
+    """Time loop of one layer in one direction (backend contract), in C++.
+
+    Returns ``(output (N, H_out), h_n (B, H_out), c_n (B, H) or None, saved)``; ``saved`` is
+    private to this backend (lstm: gates (N, 4H), c (N, H)[, o * tanh(c) (N, H) with proj];
+    gru: r, z, n and the hidden n-term (N, 4H); rnn: nothing).
+    """
+    out = _ops().recurrence_forward(
+        mode, gates_x, batch_sizes, h0, c0, w_hh, b_hh, w_hr, bool(reverse), bool(need_backward)
+    )
+    if mode == "lstm":
+        return out[0], out[1], out[2], tuple(out[3:])
+    return out[0], out[1], None, tuple(out[2:])
+
+
+def recurrence_backward(
+    *,
+    mode: str,
+    grad_output: Tensor,
+    grad_h_n: Tensor,
+    grad_c_n: Optional[Tensor],
+    batch_sizes: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],
+    w_hr: Optional[Tensor],
+    reverse: bool,
+    output: Tensor,
+    saved: tuple[Tensor, ...],
+) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Backward through time of :func:`recurrence_forward` (backend contract), in C++.
+
+    Returns ``(grad_gates_x (N, G*H), grad_h0 (B, H_out), grad_c0 (B, H) or None,
+    grad_w_hh (G*H, H_out), grad_b_hh (G*H,) for gru else None, grad_w_hr (P, H) or None)``.
+    """
+    out = list(
+        _ops().recurrence_backward(
+            mode, grad_output, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
+            bool(reverse), output, list(saved),
+        )
+    )
+    grad_gates_x, grad_h0 = out.pop(0), out.pop(0)
+    grad_c0 = out.pop(0) if mode == "lstm" else None
+    grad_w_hh = out.pop(0)
+    grad_b_hh = out.pop(0) if mode == "gru" else None
+    grad_w_hr = out.pop(0) if w_hr is not None else None
+    return grad_gates_x, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr

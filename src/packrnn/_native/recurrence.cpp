@@ -1,0 +1,843 @@
+// packrnn native backend: see recurrence.h for the algorithm and the buffer table.
+//
+// One translation unit on purpose (build time): BLAS glue, vectorisable elementwise kernels,
+// the forward / backward time loops, and the operator registration.
+
+#include "recurrence.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// ---------------------------------------------------------------------------------------------
+// BLAS. libtorch_cpu exports the Fortran BLAS symbols of the MKL it is built with; calling them
+// directly skips the dispatcher and tensor construction (a few microseconds per call, which is
+// the whole cost of a step at small sizes). They are weak: a torch without them (e.g. another
+// BLAS, other platform) still loads and uses the at::mm fallback below.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's C entry point (the lower-case name is the Fortran one, taking a pointer).
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+}
+
+namespace packrnn {
+namespace {
+
+#define PR_INLINE inline __attribute__((always_inline))
+
+enum class Mode { kRnnTanh, kRnnRelu, kLstm, kGru };
+
+Mode parse_mode(const std::string& mode) {
+  if (mode == "rnn_tanh") return Mode::kRnnTanh;
+  if (mode == "rnn_relu") return Mode::kRnnRelu;
+  if (mode == "lstm") return Mode::kLstm;
+  if (mode == "gru") return Mode::kGru;
+  TORCH_CHECK_VALUE(false, "mode: expected one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got '",
+                    mode, "'");
+}
+
+int64_t gate_count(Mode m) {
+  return m == Mode::kLstm ? 4 : (m == Mode::kGru ? 3 : 1);
+}
+
+bool blas_available(float*) { return sgemm_ != nullptr; }
+bool blas_available(double*) { return dgemm_ != nullptr; }
+
+void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+               const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+               const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// Row-major C (M x N) = op(A) @ op(B) + beta * C, op(X) = X^T if tX; lda/ldb/ldc are row strides
+// of the matrices as stored. (A row-major matrix is its transpose in column-major, so this is
+// the column-major call C^T = op(B)^T @ op(A)^T.)
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  const int64_t big = std::max({M, N, K, lda, ldb, ldc});
+  if (blas_available(static_cast<T*>(nullptr)) && big <= INT_MAX) {
+    blas_gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', static_cast<int>(N), static_cast<int>(M),
+              static_cast<int>(K), T(1), B, static_cast<int>(ldb), A, static_cast<int>(lda), beta,
+              C, static_cast<int>(ldc));
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    at::Tensor x = at::from_blob(const_cast<T*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1},
+                                 opts);
+    return t ? x.t() : x;
+  };
+  at::Tensor a = view(A, M, K, lda, ta);  // (M, K)
+  at::Tensor b = view(B, K, N, ldb, tb);  // (K, N)
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);  // (M, N)
+  if (beta == T(0)) {
+    c.copy_(at::mm(a, b));
+  } else {
+    c.mul_(beta).add_(at::mm(a, b));
+  }
+}
+
+// Inside a parallel region each thread runs its own slab's GEMM; keep MKL from starting nested
+// threads there (it should not anyway, this makes it explicit). Restores the setting on exit.
+struct SingleThreadedBlas {
+  bool active;
+  SingleThreadedBlas() : active(MKL_Set_Num_Threads_Local != nullptr && at::in_parallel_region()) {
+    if (active) MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (active) MKL_Set_Num_Threads_Local(0);  // 0 = back to the global setting
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar math. float: exp / sigmoid / tanh written without libm calls so that the compiler
+// vectorises the fused loops (the loops below are also compiled for AVX2+FMA and picked at run
+// time). double: libm, exact to the last bit like torch's.
+
+PR_INLINE float bits_to_float(int32_t i) { return __builtin_bit_cast(float, i); }
+PR_INLINE int32_t float_to_bits(float f) { return __builtin_bit_cast(int32_t, f); }
+
+// exp(x) for float, relative error ~2e-7: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2,
+// Taylor polynomial through r^7, 2^n built in the exponent bits. Inputs clamped to [-87, 88].
+PR_INLINE float exp_f32(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float kf = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round to nearest
+  const float n = kf - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.98412698e-4f;  // 1/7!
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t scale = (float_to_bits(kf) - 0x4B400000 + 127) << 23;  // 2^n, n in [-126, 127]
+  return p * bits_to_float(scale);
+}
+
+template <typename T>
+struct Math;
+
+template <>
+struct Math<float> {
+  static PR_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+  // 1 - 2 / (1 + e^{2x}): absolute error ~1e-7 (relative error grows only for |x| < 1e-3).
+  static PR_INLINE float tanh(float x) { return 1.0f - 2.0f / (1.0f + exp_f32(2.0f * x)); }
+};
+
+template <>
+struct Math<double> {
+  static PR_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+  static PR_INLINE double tanh(double x) { return std::tanh(x); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fused elementwise passes. Each works on rows [r0, r1) of the active prefix of one step; every
+// pointer is the row-0 base of its buffer for that step and each buffer has its own row stride.
+
+// LSTM forward: gates = act(gx + s); c = f * c + i * g; hr = o * tanh(c).
+template <typename T>
+struct LstmFwd {
+  const T* gx;   // (b_t, 4H) stride 4H: gates_x rows of the step
+  const T* s;    // (b_t, 4H) stride 4H: h @ w_hh^T
+  T* act;        // (b_t, 4H) stride 4H: i, f, g, o out
+  T* c;          // (b_t, H)  stride H: cell state in/out
+  T* hr;         // (b_t, ld_hr): o * tanh(c) out (output rows, or the projection input)
+  int64_t ld_hr;
+  int64_t H;
+};
+
+template <typename T>
+PR_INLINE void lstm_fwd_rows(const LstmFwd<T>& a, int64_t r0, int64_t r1) {
+  using M = Math<T>;
+  const int64_t H = a.H;
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* gx = a.gx + b * 4 * H;
+    const T* s = a.s + b * 4 * H;
+    T* act = a.act + b * 4 * H;
+    T* c = a.c + b * H;
+    T* hr = a.hr + b * a.ld_hr;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = M::sigmoid(gx[j] + s[j]);
+      const T f = M::sigmoid(gx[H + j] + s[H + j]);
+      const T g = M::tanh(gx[2 * H + j] + s[2 * H + j]);
+      const T o = M::sigmoid(gx[3 * H + j] + s[3 * H + j]);
+      const T cn = f * c[j] + i * g;
+      act[j] = i;
+      act[H + j] = f;
+      act[2 * H + j] = g;
+      act[3 * H + j] = o;
+      c[j] = cn;
+      hr[j] = o * M::tanh(cn);
+    }
+  }
+}
+
+// LSTM backward. dr = grad of hr (after grad_output was added; after the projection's backward
+// if any). Writes the grads of the four pre-activations; dc becomes the grad of c_prev.
+template <typename T>
+struct LstmBwd {
+  const T* act;     // (b_t, 4H) stride 4H: saved i, f, g, o
+  const T* cells;   // (b_t, H)  stride H: saved c of the step
+  const T* cprev0;  // c_prev of rows < split, stride H
+  const T* cprev1;  // c_prev of rows >= split, stride H (reverse direction: c0)
+  int64_t split;
+  const T* dr;      // (b_t, ld_dr)
+  int64_t ld_dr;
+  T* dc;            // (b_t, H) stride H: in grad of c, out grad of c_prev
+  T* dg;            // (b_t, 4H) stride 4H: out grads of i, f, g, o pre-activations
+  int64_t H;
+};
+
+template <typename T>
+PR_INLINE void lstm_bwd_rows(const LstmBwd<T>& a, int64_t r0, int64_t r1) {
+  using M = Math<T>;
+  const int64_t H = a.H;
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* act = a.act + b * 4 * H;
+    const T* cn = a.cells + b * H;
+    const T* cp = (b < a.split ? a.cprev0 : a.cprev1) + b * H;
+    const T* dr = a.dr + b * a.ld_dr;
+    T* dc = a.dc + b * H;
+    T* dg = a.dg + b * 4 * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = act[j], f = act[H + j], g = act[2 * H + j], o = act[3 * H + j];
+      const T tc = M::tanh(cn[j]);
+      const T d = dr[j];
+      const T dcc = dc[j] + d * o * (T(1) - tc * tc);
+      dg[j] = dcc * g * i * (T(1) - i);
+      dg[H + j] = dcc * cp[j] * f * (T(1) - f);
+      dg[2 * H + j] = dcc * i * (T(1) - g * g);
+      dg[3 * H + j] = d * tc * o * (T(1) - o);
+      dc[j] = dcc * f;
+    }
+  }
+}
+
+// GRU forward: r, z = sigmoid(gx + s + b_hh); hn = s_n + b_hn; n = tanh(gx_n + r * hn);
+// h' = n + z * (h - n).
+template <typename T>
+struct GruFwd {
+  const T* gx;   // (b_t, 3H) stride 3H
+  const T* s;    // (b_t, 3H) stride 3H: h @ w_hh^T (no bias)
+  const T* bhh;  // (3H,)
+  T* act;        // (b_t, 4H) stride 4H: r, z, n, hn out
+  T* h;          // (b_t, H) stride H: state in/out
+  T* out;        // (b_t, H) stride H: output rows
+  int64_t H;
+};
+
+template <typename T>
+PR_INLINE void gru_fwd_rows(const GruFwd<T>& a, int64_t r0, int64_t r1) {
+  using M = Math<T>;
+  const int64_t H = a.H;
+  const T* bh = a.bhh;
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* gx = a.gx + b * 3 * H;
+    const T* s = a.s + b * 3 * H;
+    T* act = a.act + b * 4 * H;
+    T* h = a.h + b * H;
+    T* out = a.out + b * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const T r = M::sigmoid(gx[j] + s[j] + bh[j]);
+      const T z = M::sigmoid(gx[H + j] + s[H + j] + bh[H + j]);
+      const T hn = s[2 * H + j] + bh[2 * H + j];
+      const T n = M::tanh(gx[2 * H + j] + r * hn);
+      const T hnew = n + z * (h[j] - n);
+      act[j] = r;
+      act[H + j] = z;
+      act[2 * H + j] = n;
+      act[3 * H + j] = hn;
+      h[j] = hnew;
+      out[j] = hnew;
+    }
+  }
+}
+
+template <typename T>
+struct GruBwd {
+  const T* act;    // (b_t, 4H) stride 4H: saved r, z, n, hn
+  const T* hprev;  // (b_t, H) stride H
+  T* dh;           // (b_t, H) stride H: in grad of h', out z * grad (the direct path to h_prev)
+  T* dgx;          // (b_t, 3H) stride 3H: out grads of gates_x
+  T* dgh;          // (b_t, 3H) stride 3H: out grads of h @ w_hh^T + b_hh
+  int64_t H;
+};
+
+template <typename T>
+PR_INLINE void gru_bwd_rows(const GruBwd<T>& a, int64_t r0, int64_t r1) {
+  const int64_t H = a.H;
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* act = a.act + b * 4 * H;
+    const T* hp = a.hprev + b * H;
+    T* dh = a.dh + b * H;
+    T* dgx = a.dgx + b * 3 * H;
+    T* dgh = a.dgh + b * 3 * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const T r = act[j], z = act[H + j], n = act[2 * H + j], hn = act[3 * H + j];
+      const T d = dh[j];
+      const T dn = d * (T(1) - z) * (T(1) - n * n);
+      const T dz = d * (hp[j] - n) * z * (T(1) - z);
+      const T dr = dn * hn * r * (T(1) - r);
+      dgx[j] = dr;
+      dgx[H + j] = dz;
+      dgx[2 * H + j] = dn;
+      dgh[j] = dr;
+      dgh[H + j] = dz;
+      dgh[2 * H + j] = dn * r;
+      dh[j] = d * z;
+    }
+  }
+}
+
+// RNN forward: h' = act(gx + s), written to the state and the output rows.
+template <typename T>
+struct RnnFwd {
+  const T* gx;  // (b_t, H) stride H
+  const T* s;   // (b_t, H) stride H
+  T* h;         // (b_t, H) stride H
+  T* out;       // (b_t, H) stride H
+  int64_t H;
+  bool relu;
+};
+
+template <typename T>
+PR_INLINE void rnn_fwd_rows(const RnnFwd<T>& a, int64_t r0, int64_t r1) {
+  using M = Math<T>;
+  const int64_t H = a.H;
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* gx = a.gx + b * H;
+    const T* s = a.s + b * H;
+    T* h = a.h + b * H;
+    T* out = a.out + b * H;
+    if (a.relu) {
+#pragma GCC ivdep
+      for (int64_t j = 0; j < H; ++j) {
+        const T v = gx[j] + s[j];
+        const T y = v > T(0) ? v : T(0);
+        h[j] = y;
+        out[j] = y;
+      }
+    } else {
+#pragma GCC ivdep
+      for (int64_t j = 0; j < H; ++j) {
+        const T y = M::tanh(gx[j] + s[j]);
+        h[j] = y;
+        out[j] = y;
+      }
+    }
+  }
+}
+
+template <typename T>
+struct RnnBwd {
+  const T* out;  // (b_t, H) stride H: saved h' of the step
+  const T* dh;   // (b_t, H) stride H
+  T* dgx;        // (b_t, H) stride H
+  int64_t H;
+  bool relu;
+};
+
+template <typename T>
+PR_INLINE void rnn_bwd_rows(const RnnBwd<T>& a, int64_t r0, int64_t r1) {
+  const int64_t H = a.H;
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* y = a.out + b * H;
+    const T* dh = a.dh + b * H;
+    T* dgx = a.dgx + b * H;
+    if (a.relu) {
+#pragma GCC ivdep
+      for (int64_t j = 0; j < H; ++j) dgx[j] = y[j] > T(0) ? dh[j] : T(0);
+    } else {
+#pragma GCC ivdep
+      for (int64_t j = 0; j < H; ++j) dgx[j] = dh[j] * (T(1) - y[j] * y[j]);
+    }
+  }
+}
+
+// Run-time dispatch of the float kernels to an AVX2+FMA build of the same loops when the CPU has
+// it (portable binary, no -march=native); double always uses the baseline build (libm).
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+#define PACKRNN_KERNEL(NAME, ARGS)                                                           \
+  __attribute__((target("avx2,fma"))) void NAME##_avx2(const ARGS<float>& a, int64_t r0,     \
+                                                       int64_t r1) {                         \
+    NAME<float>(a, r0, r1);                                                                  \
+  }                                                                                          \
+  void NAME##_base(const ARGS<float>& a, int64_t r0, int64_t r1) { NAME<float>(a, r0, r1); } \
+  void NAME##_run(const ARGS<float>& a, int64_t r0, int64_t r1) {                            \
+    if (cpu_has_avx2_fma()) {                                                                \
+      NAME##_avx2(a, r0, r1);                                                                \
+    } else {                                                                                 \
+      NAME##_base(a, r0, r1);                                                                \
+    }                                                                                        \
+  }                                                                                          \
+  void NAME##_run(const ARGS<double>& a, int64_t r0, int64_t r1) { NAME<double>(a, r0, r1); }
+
+PACKRNN_KERNEL(lstm_fwd_rows, LstmFwd)
+PACKRNN_KERNEL(lstm_bwd_rows, LstmBwd)
+PACKRNN_KERNEL(gru_fwd_rows, GruFwd)
+PACKRNN_KERNEL(gru_bwd_rows, GruBwd)
+PACKRNN_KERNEL(rnn_fwd_rows, RnnFwd)
+PACKRNN_KERNEL(rnn_bwd_rows, RnnBwd)
+
+#undef PACKRNN_KERNEL
+
+template <typename T>
+PR_INLINE void add_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t r0,
+                        int64_t r1, int64_t n) {
+  for (int64_t b = r0; b < r1; ++b) {
+    T* d = dst + b * ld_dst;
+    const T* s = src + b * ld_src;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) d[j] += s[j];
+  }
+}
+
+template <typename T>
+void copy_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t r0, int64_t r1,
+               int64_t n) {
+  if (ld_dst == n && ld_src == n) {
+    std::memcpy(dst + r0 * n, src + r0 * n, sizeof(T) * n * (r1 - r0));
+    return;
+  }
+  for (int64_t b = r0; b < r1; ++b) std::memcpy(dst + b * ld_dst, src + b * ld_src, sizeof(T) * n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The packed layout of one call: per-step sizes and offsets, in torch's row order.
+struct Layout {
+  std::vector<int64_t> sizes;    // (T,) b_t
+  std::vector<int64_t> offsets;  // (T,) off_t
+  int64_t rows = 0;              // N
+  int64_t max_active = 0;        // b_0
+};
+
+Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch) {
+  TORCH_CHECK_TYPE(batch_sizes.scalar_type() == at::kLong && batch_sizes.device().is_cpu() &&
+                       batch_sizes.dim() == 1,
+                   "batch_sizes: expected a 1-D int64 CPU tensor, got ",
+                   batch_sizes.scalar_type(), " ", batch_sizes.device(), " with ",
+                   batch_sizes.dim(), " dims");
+  Layout L;
+  const at::Tensor bs = batch_sizes.contiguous();
+  const int64_t* p = bs.data_ptr<int64_t>();
+  const int64_t T = bs.numel();
+  L.sizes.assign(p, p + T);
+  L.offsets.resize(T);
+  int64_t prev = T > 0 ? L.sizes[0] : 0;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK_VALUE(L.sizes[t] > 0 && L.sizes[t] <= prev,
+                      "batch_sizes: expected positive, non-increasing values, got ",
+                      L.sizes[t], " at step ", t, " after ", prev);
+    prev = L.sizes[t];
+    L.offsets[t] = L.rows;
+    L.rows += L.sizes[t];
+  }
+  L.max_active = T > 0 ? L.sizes[0] : 0;
+  TORCH_CHECK_VALUE(L.rows == n_rows, "batch_sizes: expected them to sum to the ", n_rows,
+                    " packed rows, got ", L.rows);
+  TORCH_CHECK_VALUE(L.max_active <= batch, "h0: expected at least batch_sizes[0] = ",
+                    L.max_active, " rows, got ", batch);
+  return L;
+}
+
+// Rows of a step run on one thread unless the step's recurrent GEMM is big enough to pay for a
+// parallel region (~ a few microseconds): at least kMinFlopsPerThread per slab.
+constexpr int64_t kMinFlopsPerThread = 1 << 18;
+
+int64_t row_grain(int64_t flops_per_row) {
+  return std::max<int64_t>(4, (kMinFlopsPerThread + flops_per_row - 1) / std::max<int64_t>(flops_per_row, 1));
+}
+
+template <typename F>
+void for_rows(int64_t rows, int64_t grain, const F& body) {
+  if (rows > grain && at::get_num_threads() > 1) {
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      SingleThreadedBlas guard;
+      body(r0, r1);
+    });
+  } else {
+    body(0, rows);
+  }
+}
+
+void check_tensor(const at::Tensor& x, const char* name, at::ScalarType dtype,
+                  std::initializer_list<int64_t> shape) {
+  TORCH_CHECK_TYPE(x.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(x.device().is_cpu(), name, ": expected a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.sizes().equals(shape), name, ": expected shape ", at::IntArrayRef(shape),
+                    ", got ", x.sizes());
+}
+
+// The shapes every call shares, checked once at the boundary.
+struct Dims {
+  Mode mode;
+  int64_t G, H, Hout, P, B;
+};
+
+Dims check_common(const std::string& mode_name, const at::Tensor& w_hh, const at::Tensor& h0,
+                  const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& b_hh,
+                  const std::optional<at::Tensor>& w_hr) {
+  Dims d;
+  d.mode = parse_mode(mode_name);
+  d.G = gate_count(d.mode);
+  const auto dtype = w_hh.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble,
+                   "w_hh: expected dtype float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(w_hh.dim() == 2 && w_hh.size(0) % d.G == 0,
+                    "w_hh: expected shape (G*H, H_out) with G = ", d.G, ", got ", w_hh.sizes());
+  d.H = w_hh.size(0) / d.G;
+  d.Hout = w_hh.size(1);
+  d.P = 0;
+  TORCH_CHECK_VALUE(h0.dim() == 2, "h0: expected shape (B, ", d.Hout, "), got ", h0.sizes());
+  d.B = h0.size(0);
+  check_tensor(h0, "h0", dtype, {d.B, d.Hout});
+  if (d.mode == Mode::kLstm) {
+    TORCH_CHECK_VALUE(c0.has_value(), "c0: expected a (B, H) tensor for lstm, got None");
+    check_tensor(*c0, "c0", dtype, {d.B, d.H});
+    if (w_hr.has_value()) {
+      d.P = w_hr->size(0);
+      check_tensor(*w_hr, "w_hr", dtype, {d.Hout, d.H});
+    } else {
+      TORCH_CHECK_VALUE(d.Hout == d.H, "w_hh: expected shape (4H, H) without w_hr, got ",
+                        w_hh.sizes());
+    }
+  } else {
+    TORCH_CHECK_VALUE(!w_hr.has_value(), "w_hr: expected None for mode '", mode_name,
+                      "', got a tensor");
+    TORCH_CHECK_VALUE(d.Hout == d.H, "w_hh: expected shape (G*H, H), got ", w_hh.sizes());
+  }
+  if (d.mode == Mode::kGru) {
+    if (b_hh.has_value()) check_tensor(*b_hh, "b_hh", dtype, {d.G * d.H});
+  } else {
+    TORCH_CHECK_VALUE(!b_hh.has_value(), "b_hh: expected None for mode '", mode_name,
+                      "' (folded into gates_x), got a tensor");
+  }
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward time loop.
+template <typename T>
+std::vector<at::Tensor> forward_impl(const Dims& d, const Layout& L, const at::Tensor& gates_x,
+                                     const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+                                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                                     const std::optional<at::Tensor>& w_hr, bool reverse,
+                                     bool need_backward) {
+  const int64_t N = L.rows, H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
+  const int64_t b0 = L.max_active;
+  const auto opts = gates_x.options();
+  const bool lstm = d.mode == Mode::kLstm, gru = d.mode == Mode::kGru;
+  const bool relu = d.mode == Mode::kRnnRelu;
+
+  at::Tensor output = at::empty({N, Hout}, opts);     // (N, H_out)
+  at::Tensor h_n = h0.clone();                        // (B, H_out) running state
+  at::Tensor c_n = lstm ? c0->clone() : at::Tensor();  // (B, H)
+  at::Tensor S = at::empty({b0, GH}, opts);           // (b_0, G*H) scratch
+  const int64_t act_width = gru ? 4 * H : GH;
+  at::Tensor act;                                     // (N | b_0, act_width)
+  if (lstm || gru) act = at::empty({need_backward ? N : b0, act_width}, opts);
+  at::Tensor cells, r_all;
+  if (lstm && need_backward) cells = at::empty({N, H}, opts);  // (N, H)
+  if (lstm && P > 0) r_all = at::empty({need_backward ? N : b0, H}, opts);  // (N | b_0, H)
+  at::Tensor bias = gru ? (b_hh.has_value() ? b_hh->contiguous() : at::zeros({GH}, opts))
+                        : at::Tensor();
+
+  const T* gx = gates_x.data_ptr<T>();
+  const T* whh = w_hh.data_ptr<T>();
+  const T* whr = P > 0 ? w_hr->data_ptr<T>() : nullptr;
+  T* out = output.data_ptr<T>();
+  T* h = h_n.data_ptr<T>();
+  T* c = lstm ? c_n.data_ptr<T>() : nullptr;
+  T* s = S.data_ptr<T>();
+  T* act_p = act.defined() ? act.data_ptr<T>() : nullptr;
+  T* cells_p = cells.defined() ? cells.data_ptr<T>() : nullptr;
+  T* r_p = r_all.defined() ? r_all.data_ptr<T>() : nullptr;
+  const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
+
+  const int64_t grain = row_grain(2 * GH * Hout + 2 * P * H + 16 * GH);
+  const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
+  for (int64_t k = 0; k < T_steps; ++k) {
+    const int64_t t = reverse ? T_steps - 1 - k : k;
+    const int64_t bt = L.sizes[t], off = L.offsets[t];
+    // Row bases of this step (NOTE [Active prefix]).
+    const T* gx_t = gx + off * GH;
+    T* out_t = out + off * Hout;
+    T* act_t = act_p ? act_p + (need_backward ? off : 0) * act_width : nullptr;
+    T* r_t = r_p ? r_p + (need_backward ? off : 0) * H : nullptr;
+    for_rows(bt, grain, [&](int64_t r0, int64_t r1) {
+      const int64_t m = r1 - r0;
+      // S[r0:r1] = h[r0:r1] @ w_hh^T: (m, H_out) x (H_out, G*H)
+      gemm_rm<T>(false, true, m, GH, Hout, h + r0 * Hout, Hout, whh, Hout, T(0), s + r0 * GH, GH);
+      if (lstm) {
+        T* hr = P > 0 ? r_t : out_t;
+        lstm_fwd_rows_run(LstmFwd<T>{gx_t, s, act_t, c, hr, P > 0 ? H : Hout, H}, r0, r1);
+        if (cells_p) copy_rows<T>(cells_p + off * H, H, c, H, r0, r1, H);
+        if (P > 0) {
+          // output[r0:r1] = r[r0:r1] @ w_hr^T: (m, H) x (H, P)
+          gemm_rm<T>(false, true, m, P, H, r_t + r0 * H, H, whr, H, T(0), out_t + r0 * P, P);
+        }
+        copy_rows<T>(h, Hout, out_t, Hout, r0, r1, Hout);
+      } else if (gru) {
+        gru_fwd_rows_run(GruFwd<T>{gx_t, s, bias_p, act_t, h, out_t, H}, r0, r1);
+      } else {
+        rnn_fwd_rows_run(RnnFwd<T>{gx_t, s, h, out_t, H, relu}, r0, r1);
+      }
+    });
+  }
+
+  std::vector<at::Tensor> result{output, h_n};
+  if (lstm) result.push_back(c_n);
+  if (need_backward) {
+    if (lstm) {
+      result.push_back(act);
+      result.push_back(cells);
+      if (P > 0) result.push_back(r_all);
+    } else if (gru) {
+      result.push_back(act);
+    }
+  }
+  return result;
+}
+
+// Backward time loop.
+template <typename T>
+std::vector<at::Tensor> backward_impl(const Dims& d, const Layout& L,
+                                      const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                      const std::optional<at::Tensor>& grad_c_n,
+                                      const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+                                      const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                                      bool reverse, const at::Tensor& output,
+                                      const std::vector<at::Tensor>& saved) {
+  const int64_t N = L.rows, H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
+  const int64_t b0 = L.max_active;
+  const auto opts = output.options();
+  const bool lstm = d.mode == Mode::kLstm, gru = d.mode == Mode::kGru;
+  const bool relu = d.mode == Mode::kRnnRelu;
+
+  at::Tensor grad_gates_x = at::empty({N, GH}, opts);                  // (N, G*H)
+  at::Tensor grad_gh = gru ? at::empty({N, GH}, opts) : grad_gates_x;  // (N, G*H) aliases for rnn/lstm
+  at::Tensor h_prev = at::empty({N, Hout}, opts);                      // (N, H_out)
+  at::Tensor dh_t = grad_h_n.clone();                                  // (B, H_out)
+  at::Tensor dc_t = lstm ? grad_c_n->clone() : at::Tensor();           // (B, H)
+  at::Tensor d_proj = P > 0 ? at::empty({N, P}, opts) : at::Tensor();  // (N, P)
+  at::Tensor DR = P > 0 ? at::empty({b0, H}, opts) : at::Tensor();     // (b_0, H)
+
+  const T* gout = grad_output.data_ptr<T>();
+  const T* whh = w_hh.data_ptr<T>();
+  const T* whr = P > 0 ? w_hr->data_ptr<T>() : nullptr;
+  const T* out = output.data_ptr<T>();
+  const T* h0p = h0.data_ptr<T>();
+  const T* c0p = lstm ? c0->data_ptr<T>() : nullptr;
+  const T* act = (lstm || gru) ? saved[0].data_ptr<T>() : nullptr;
+  const T* cells = lstm ? saved[1].data_ptr<T>() : nullptr;
+  const T* r_all = P > 0 ? saved[2].data_ptr<T>() : nullptr;
+  T* dgx = grad_gates_x.data_ptr<T>();
+  T* dgh = grad_gh.data_ptr<T>();
+  T* hprev = h_prev.data_ptr<T>();
+  T* dh = dh_t.data_ptr<T>();
+  T* dc = lstm ? dc_t.data_ptr<T>() : nullptr;
+  T* dproj = P > 0 ? d_proj.data_ptr<T>() : nullptr;
+  T* dr_scratch = P > 0 ? DR.data_ptr<T>() : nullptr;
+  const int64_t act_width = gru ? 4 * H : GH;
+
+  const int64_t grain = row_grain(2 * GH * Hout + 2 * P * H + 24 * GH);
+  const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
+  for (int64_t k = 0; k < T_steps; ++k) {
+    // Backward visits the steps in the opposite order of forward.
+    const int64_t t = reverse ? k : T_steps - 1 - k;
+    const int64_t bt = L.sizes[t], off = L.offsets[t];
+    // Where each row's previous state lives: rows [0, split) in `prev_*` at packed offset
+    // prev_off, rows [split, b_t) in the initial state (reverse direction only: sequences that
+    // join at this step).
+    int64_t split = 0, prev_off = 0;
+    if (!reverse && t > 0) {
+      split = bt;
+      prev_off = L.offsets[t - 1];
+    } else if (reverse && t + 1 < T_steps) {
+      split = L.sizes[t + 1];
+      prev_off = L.offsets[t + 1];
+    }
+    for_rows(bt, grain, [&](int64_t r0, int64_t r1) {
+      const int64_t m = r1 - r0;
+      // h_prev rows of this step (input of the grad_w_hh GEMM; gru's elementwise needs them).
+      T* hprev_t = hprev + off * Hout;
+      const int64_t mid = std::clamp(split, r0, r1);
+      copy_rows<T>(hprev_t, Hout, out + prev_off * Hout, Hout, r0, mid, Hout);
+      copy_rows<T>(hprev_t, Hout, h0p, Hout, mid, r1, Hout);
+      // dh[r0:r1] += grad_output rows: the grad of this step's new h.
+      add_rows<T>(dh, Hout, gout + off * Hout, Hout, r0, r1, Hout);
+      if (lstm) {
+        const T* dr = dh;
+        int64_t ld_dr = Hout;
+        if (P > 0) {
+          copy_rows<T>(dproj + off * P, P, dh, P, r0, r1, P);
+          // DR[r0:r1] = dh[r0:r1] @ w_hr: (m, P) x (P, H)
+          gemm_rm<T>(false, false, m, H, P, dh + r0 * P, P, whr, H, T(0), dr_scratch + r0 * H, H);
+          dr = dr_scratch;
+          ld_dr = H;
+        }
+        const T* cprev0 = split > 0 ? cells + prev_off * H : c0p;
+        lstm_bwd_rows_run(LstmBwd<T>{act + off * act_width, cells + off * H, cprev0, c0p, split,
+                                     dr, ld_dr, dc, dgx + off * GH, H},
+                          r0, r1);
+        // dh[r0:r1] = dgates rows @ w_hh: (m, 4H) x (4H, H_out)
+        gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
+                   dh + r0 * Hout, Hout);
+      } else if (gru) {
+        gru_bwd_rows_run(GruBwd<T>{act + off * act_width, hprev_t, dh, dgx + off * GH,
+                                   dgh + off * GH, H},
+                         r0, r1);
+        // dh[r0:r1] = z * dh + dgh rows @ w_hh: (m, 3H) x (3H, H)
+        gemm_rm<T>(false, false, m, Hout, GH, dgh + (off + r0) * GH, GH, whh, Hout, T(1),
+                   dh + r0 * Hout, Hout);
+      } else {
+        rnn_bwd_rows_run(RnnBwd<T>{out + off * Hout, dh, dgx + off * GH, H, relu}, r0, r1);
+        gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
+                   dh + r0 * Hout, Hout);
+      }
+    });
+  }
+
+  // grad_w_hh = grad_gh^T @ h_prev: (G*H, N) x (N, H_out), one GEMM over all rows.
+  at::Tensor grad_w_hh = at::empty({GH, Hout}, opts);
+  gemm_rm<T>(true, false, GH, Hout, N, dgh, GH, hprev, Hout, T(0), grad_w_hh.data_ptr<T>(), Hout);
+
+  std::vector<at::Tensor> result{grad_gates_x, dh_t};
+  if (lstm) result.push_back(dc_t);
+  result.push_back(grad_w_hh);
+  if (gru) result.push_back(grad_gh.sum(0));  // (3H,)
+  if (P > 0) {
+    // grad_w_hr = d_proj^T @ r: (P, N) x (N, H)
+    at::Tensor grad_w_hr = at::empty({P, H}, opts);
+    gemm_rm<T>(true, false, P, H, N, dproj, P, r_all, H, T(0), grad_w_hr.data_ptr<T>(), H);
+    result.push_back(grad_w_hr);
+  }
+  return result;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+std::vector<at::Tensor> recurrence_forward(
+    const std::string& mode, const at::Tensor& gates_x, const at::Tensor& batch_sizes,
+    const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
+    bool need_backward) {
+  const Dims d = check_common(mode, w_hh, h0, c0, b_hh, w_hr);
+  const auto dtype = w_hh.scalar_type();
+  TORCH_CHECK_VALUE(gates_x.dim() == 2, "gates_x: expected shape (N, ", d.G * d.H, "), got ",
+                    gates_x.sizes());
+  check_tensor(gates_x, "gates_x", dtype, {gates_x.size(0), d.G * d.H});
+  const Layout L = make_layout(batch_sizes, gates_x.size(0), d.B);
+  auto cont = [](const std::optional<at::Tensor>& x) {
+    return x.has_value() ? std::optional<at::Tensor>(x->contiguous()) : x;
+  };
+  return AT_DISPATCH_FLOATING_TYPES(dtype, "packrnn_recurrence_forward", [&] {
+    return forward_impl<scalar_t>(d, L, gates_x.contiguous(), h0.contiguous(), cont(c0),
+                                  w_hh.contiguous(), cont(b_hh), cont(w_hr), reverse,
+                                  need_backward);
+  });
+}
+
+std::vector<at::Tensor> recurrence_backward(
+    const std::string& mode, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
+    const at::Tensor& output, at::TensorList saved) {
+  const Dims d = check_common(mode, w_hh, h0, c0, b_hh, w_hr);
+  const auto dtype = w_hh.scalar_type();
+  TORCH_CHECK_VALUE(output.dim() == 2, "output: expected shape (N, ", d.Hout, "), got ",
+                    output.sizes());
+  const int64_t N = output.size(0);
+  check_tensor(output, "output", dtype, {N, d.Hout});
+  check_tensor(grad_output, "grad_output", dtype, {N, d.Hout});
+  check_tensor(grad_h_n, "grad_h_n", dtype, {d.B, d.Hout});
+  const int64_t H = d.H;
+  size_t want = 0;
+  if (d.mode == Mode::kLstm) {
+    TORCH_CHECK_VALUE(grad_c_n.has_value(), "grad_c_n: expected a (B, H) tensor, got None");
+    check_tensor(*grad_c_n, "grad_c_n", dtype, {d.B, H});
+    want = d.P > 0 ? 3 : 2;
+  } else if (d.mode == Mode::kGru) {
+    want = 1;
+  }
+  TORCH_CHECK_VALUE(saved.size() == want, "saved: expected the ", want,
+                    " tensors recurrence_forward(need_backward=True) returned, got ",
+                    saved.size());
+  if (d.mode == Mode::kLstm) {
+    check_tensor(saved[0], "saved[0]", dtype, {N, 4 * H});
+    check_tensor(saved[1], "saved[1]", dtype, {N, H});
+    if (d.P > 0) check_tensor(saved[2], "saved[2]", dtype, {N, H});
+  } else if (d.mode == Mode::kGru) {
+    check_tensor(saved[0], "saved[0]", dtype, {N, 4 * H});
+  }
+  const Layout L = make_layout(batch_sizes, N, d.B);
+  std::vector<at::Tensor> saved_c;
+  for (const auto& x : saved) saved_c.push_back(x.contiguous());
+  auto cont = [](const std::optional<at::Tensor>& x) {
+    return x.has_value() ? std::optional<at::Tensor>(x->contiguous()) : x;
+  };
+  return AT_DISPATCH_FLOATING_TYPES(dtype, "packrnn_recurrence_backward", [&] {
+    return backward_impl<scalar_t>(d, L, grad_output.contiguous(), grad_h_n.contiguous(),
+                                   cont(grad_c_n), h0.contiguous(), cont(c0), w_hh.contiguous(),
+                                   cont(w_hr), reverse, output.contiguous(), saved_c);
+  });
+}
+
+std::string kernel_info() {
+  std::string simd = cpu_has_avx2_fma() ? "avx2+fma" : "baseline";
+  std::string blas = (sgemm_ != nullptr && dgemm_ != nullptr) ? "direct BLAS (sgemm_/dgemm_)"
+                                                               : "at::mm fallback";
+  return "float32 elementwise " + simd + ", " + blas;
+}
+
+}  // namespace packrnn
+
+// Thin binding: torch.ops.packrnn.recurrence_forward / recurrence_backward. Registered through
+// the dispatcher (no pybind11), which keeps the build to one small translation unit.
+TORCH_LIBRARY(packrnn, m) {
+  m.def(
+      "recurrence_forward(str mode, Tensor gates_x, Tensor batch_sizes, Tensor h0, Tensor? c0, "
+      "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, bool reverse, bool need_backward) -> Tensor[]",
+      &packrnn::recurrence_forward);
+  m.def(
+      "recurrence_backward(str mode, Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, "
+      "Tensor batch_sizes, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
+      "bool reverse, Tensor output, Tensor[] saved) -> Tensor[]",
+      &packrnn::recurrence_backward);
+  m.def("kernel_info() -> str", &packrnn::kernel_info);
+}

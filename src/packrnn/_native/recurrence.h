@@ -1,0 +1,94 @@
+// packrnn native backend: the time loop of one recurrent layer in one direction, on CPU.
+//
+// Implements the backend contract (see NOTE [Backend contract] in src/packrnn/_lean.py, which is
+// the readable Python version of the same algorithm): the caller has already done every GEMM
+// that spans all packed rows (input projections, their gradients); this kernel runs only what
+// must be sequential in time.
+//
+// Letters: T steps, B batch, N packed rows (= sum(batch_sizes)), H hidden size, P proj_size,
+// H_out = P if P > 0 else H, G gates (rnn 1, lstm 4, gru 3), b_t = batch_sizes[t] (active rows of
+// step t), off_t = sum(batch_sizes[:t]) (first packed row of step t).
+//
+// NOTE [Active prefix]
+//   Sequences are sorted longest first, so the sequences active at step t are exactly state rows
+//   [0, b_t), and packed rows [off_t, off_t + b_t) hold them in the same order. Every buffer
+//   below is therefore touched as one contiguous row range per step, and the rows of a step are
+//   independent of each other. The kernel splits [0, b_t) into one slab per thread; a thread
+//   does the whole step for its slab -- recurrent GEMM (single-threaded BLAS call), then one
+//   fused elementwise pass (gate nonlinearities + state update), then the projection GEMM for
+//   LSTM with proj_size -- so there is one parallel region and no barrier inside a step.
+//
+// Per step (forward):   S[0:b_t] = h[0:b_t] @ w_hh^T                 one GEMM  (b_t, G*H)
+//                       fused pass: gates = act(gates_x rows + S), update h (and c), write output
+// Per step (backward):  fused pass: grads of the pre-activations -> grad_gates_x rows
+//                       dh[0:b_t] = grad_gates_h rows @ w_hh           one GEMM  (b_t, H_out)
+// After the backward loop: grad_w_hh = grad_gates_h^T @ h_prev         one GEMM over all N rows
+//
+// ---------------------------------------------------------------------------------------------
+// Buffers of recurrence_forward. Owner "caller" = tensor passed in (read only, never written);
+// "returned" = allocated here once per call and handed back; "scratch" = allocated here once per
+// call and dropped at return. No buffer is allocated inside the time loop.
+//
+//   gates_x   (N, G*H)   caller    x @ w_ih^T + b_ih (+ b_hh for rnn/lstm). Read only.
+//   w_hh      (G*H, H_out) caller  recurrent weight; S = h @ w_hh^T.
+//   b_hh      (G*H,)     caller    gru only: added to S inside the fused pass (r multiplies it).
+//   w_hr      (P, H)     caller    lstm projection; h = (o * tanh(c)) @ w_hr^T.
+//   output    (N, H_out) returned  new h of every packed row.
+//   h_n       (B, H_out) returned  the running state h: a clone of h0, updated in place on rows
+//                                  [0, b_t) each step; rows >= batch_sizes[0] keep h0.
+//   c_n       (B, H)     returned  lstm: the running cell state, same scheme as h_n.
+//   S         (b_0, G*H) scratch   h @ w_hh^T of the current step (rows [0, b_t) used).
+//   act       (N, 4H) | (N, G*H)   returned as saved[0] when need_backward, else a (b_0, ...)
+//                                  scratch indexed by active row instead of packed row:
+//                                  lstm: i, f, g, o after their nonlinearity (N, 4H);
+//                                  gru:  r, z, n and hn = h @ w_hn^T + b_hn (N, 4H);
+//                                  rnn:  not used (backward reads `output`).
+//   cells     (N, H)     returned  lstm, saved[1]: c after each row's step (scratch (b_0, H)
+//                                  when not need_backward).
+//   r_all     (N, H)     returned  lstm with proj, saved[2]: o * tanh(c) of each row, the input of
+//                                  the projection GEMM (scratch (b_0, H) when not need_backward).
+//
+// Buffers of recurrence_backward (forward's `output` and `saved` are read only):
+//   grad_gates_x (N, G*H) returned gradient of the pre-activations, = gradient of gates_x.
+//   grad_gh   (N, G*H)   scratch   gru only: gradient of S + b_hh (differs from grad_gates_x in
+//                                  the n block: r * grad). For rnn/lstm it ALIASES grad_gates_x.
+//   h_prev    (N, H_out) scratch   the state each row started from (output row of the previous
+//                                  step of the same sequence, or h0); input of grad_w_hh's GEMM.
+//   dh        (B, H_out) returned  grad_h0: clone of grad_h_n; on rows [0, b_t) it accumulates
+//                                  grad_output and is replaced by the recurrent gradient.
+//   dc        (B, H)     returned  grad_c0 (lstm): clone of grad_c_n, same scheme.
+//   d_proj    (N, P)     scratch   lstm with proj: dh of every row (input of grad_w_hr's GEMM).
+//   DR        (b_0, H)   scratch   lstm with proj: dh @ w_hr of the current step.
+//   grad_w_hh (G*H, H_out), grad_b_hh (G*H,) (gru), grad_w_hr (P, H) returned.
+// ---------------------------------------------------------------------------------------------
+
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace packrnn {
+
+// Returns [output, h_n, (c_n if lstm), saved...]; saved is backend-private (see above).
+std::vector<at::Tensor> recurrence_forward(
+    const std::string& mode, const at::Tensor& gates_x, const at::Tensor& batch_sizes,
+    const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
+    bool need_backward);
+
+// Returns [grad_gates_x, grad_h0, (grad_c0 if lstm), grad_w_hh, (grad_b_hh if gru),
+//          (grad_w_hr if lstm with proj)].
+std::vector<at::Tensor> recurrence_backward(
+    const std::string& mode, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
+    const at::Tensor& output, at::TensorList saved);
+
+// A short description of how the kernel was built and what it runs on (SIMD level, BLAS).
+std::string kernel_info();
+
+}  // namespace packrnn

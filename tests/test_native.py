@@ -1,0 +1,367 @@
+"""The native (C++) recurrence backend and backend selection.
+
+Contract level: ``packrnn._native`` against an autograd per-step oracle written here (forward and
+every gradient), and against the lean backend. Module level: packrnn layers on the native backend
+against torch.nn with copied weights, at sizes that take the kernel's parallel and vectorised
+paths (tests/test_rnn.py runs the full oracle matrix on every backend at tiny sizes).
+The first test of a session compiles the kernel (~15 s) unless it is cached on disk already.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.utils import rnn as tnn_rnn
+
+import packrnn
+from packrnn import _lean, backend
+
+_NATIVE_ERROR = None if os.environ.get(backend.ENV_VAR) == "python" else backend.native_error()
+native_only = pytest.mark.skipif(
+    os.environ.get(backend.ENV_VAR) == "python" or _NATIVE_ERROR is not None,
+    reason=f"native backend not available: {_NATIVE_ERROR or 'PACKRNN_BACKEND=python'}",
+)
+
+MODES = ["rnn_tanh", "rnn_relu", "lstm", "lstm_proj", "gru"]
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5)}
+
+
+def batch_sizes_of(lengths: list[int]) -> torch.Tensor:
+    """torch's batch_sizes for lengths sorted longest first."""
+    return torch.tensor([sum(n > t for n in lengths) for t in range(max(lengths))])
+
+
+def make_case(mode: str, lengths: list[int], hidden: int, dtype, extra_rows: int = 0,
+              proj: int = 0, seed: int = 0) -> dict:
+    """Random contract arguments; w_hh scaled so the recurrence is contractive (not chaotic)."""
+    g = torch.Generator().manual_seed(seed)
+    kind = "lstm" if mode == "lstm_proj" else mode
+    gates = GATES[kind]
+    h_out = proj or hidden
+    batch_sizes = batch_sizes_of(lengths)
+    n, b = int(batch_sizes.sum()), len(lengths) + extra_rows
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    return dict(
+        mode=kind,
+        gates_x=rand(n, gates * hidden),
+        batch_sizes=batch_sizes,
+        h0=rand(b, h_out),
+        c0=rand(b, hidden) if kind == "lstm" else None,
+        w_hh=rand(gates * hidden, h_out, scale=h_out ** -0.5),
+        b_hh=rand(gates * hidden) if kind == "gru" else None,
+        w_hr=rand(proj, hidden, scale=hidden ** -0.5) if proj else None,
+    )
+
+
+def oracle_forward(mode, gates_x, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
+    """Straightforward per-step recurrence with autograd: the reference for forward and grads."""
+    hidden = w_hh.shape[0] // GATES[mode]
+    sizes = batch_sizes.tolist()
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+    h, c = h0, c0
+    outputs = [None] * len(sizes)
+    for t in order:
+        b, rows = sizes[t], slice(offsets[t], offsets[t] + sizes[t])
+        gx, hp = gates_x[rows], h[:b]  # (b, G*H), (b, H_out)
+        gh = hp @ w_hh.t() + (b_hh if b_hh is not None else 0)  # (b, G*H)
+        if mode == "rnn_tanh":
+            hn = torch.tanh(gx + gh)
+        elif mode == "rnn_relu":
+            hn = torch.relu(gx + gh)
+        elif mode == "gru":
+            r = torch.sigmoid(gx[:, :hidden] + gh[:, :hidden])
+            z = torch.sigmoid(gx[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden])
+            n = torch.tanh(gx[:, 2 * hidden:] + r * gh[:, 2 * hidden:])
+            hn = (1 - z) * n + z * hp
+        else:
+            i, f, gg, o = (gx + gh).chunk(4, 1)
+            cn = torch.sigmoid(f) * c[:b] + torch.sigmoid(i) * torch.tanh(gg)
+            hn = torch.sigmoid(o) * torch.tanh(cn)
+            if w_hr is not None:
+                hn = hn @ w_hr.t()
+            c = torch.cat([cn, c[b:]])
+        h = torch.cat([hn, h[b:]])
+        outputs[t] = hn
+    return torch.cat(outputs), h, c
+
+
+def run_native_and_oracle(case: dict, reverse: bool):
+    """Native forward + backward and the autograd oracle's, on the same random output grads."""
+    from packrnn import _native
+
+    out, h_n, c_n, saved = _native.recurrence_forward(**case, reverse=reverse,
+                                                      need_backward=True)
+    g = torch.Generator().manual_seed(1)
+    grads = dict(
+        grad_output=torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype),
+        grad_h_n=torch.randn(h_n.shape, generator=g, dtype=torch.float64).to(out.dtype),
+        grad_c_n=(torch.randn(c_n.shape, generator=g, dtype=torch.float64).to(out.dtype)
+                  if c_n is not None else None),
+    )
+    native_grads = _native.recurrence_backward(
+        **grads, **{k: v for k, v in case.items() if k != "gates_x"}, reverse=reverse,
+        output=out, saved=saved)
+
+    names = ["gates_x", "h0", "c0", "w_hh", "b_hh", "w_hr"]
+    leaves = {k: case[k].detach().clone().requires_grad_() for k in names if case[k] is not None}
+    ref_out, ref_h, ref_c = oracle_forward(case["mode"], leaves["gates_x"], case["batch_sizes"],
+                                           leaves["h0"], leaves.get("c0"), leaves["w_hh"],
+                                           leaves.get("b_hh"), leaves.get("w_hr"), reverse)
+    loss = (ref_out * grads["grad_output"]).sum() + (ref_h * grads["grad_h_n"]).sum()
+    if ref_c is not None:
+        loss = loss + (ref_c * grads["grad_c_n"]).sum()
+    ref_grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    return (out, h_n, c_n, saved), native_grads, (ref_out, ref_h, ref_c), ref_grads
+
+
+def assert_matches_oracle(case, reverse, dtype):
+    (out, h_n, c_n, _), native_grads, ref, ref_grads = run_native_and_oracle(case, reverse)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, ref[0].detach(), **tol)
+    torch.testing.assert_close(h_n, ref[1].detach(), **tol)
+    if c_n is not None:
+        torch.testing.assert_close(c_n, ref[2].detach(), **tol)
+    names = ["gates_x", "h0", "c0", "w_hh", "b_hh", "w_hr"]
+    for name, got in zip(names, native_grads):
+        if case[name] is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, ref_grads[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# Contract level.
+
+@native_only
+@pytest.mark.parametrize("extra_rows", [0, 2], ids=["B=b0", "B>b0"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_contract_matches_autograd_oracle(mode, dtype, reverse, extra_rows):
+    case = make_case(mode, [6, 4, 4, 2, 1], hidden=5, dtype=dtype, extra_rows=extra_rows,
+                     proj=3 if mode == "lstm_proj" else 0)
+    assert_matches_oracle(case, reverse, dtype)
+
+
+@native_only
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_contract_parallel_and_vector_paths(mode, dtype, reverse):
+    # 150 active rows and H = 37 (not a multiple of any vector width): steps are split over
+    # threads and the fused loops run their vector body and their remainder.
+    g = torch.Generator().manual_seed(3)
+    lengths = sorted(torch.randint(1, 9, (150,), generator=g).tolist(), reverse=True)
+    case = make_case(mode, lengths, hidden=37, dtype=dtype, extra_rows=3,
+                     proj=11 if mode == "lstm_proj" else 0, seed=4)
+    assert_matches_oracle(case, reverse, dtype)
+
+
+@native_only
+@pytest.mark.parametrize("mode", MODES)
+def test_contract_agrees_with_lean_backend(mode):
+    from packrnn import _native
+
+    case = make_case(mode, [9, 7, 7, 3, 3, 1], hidden=6, dtype=torch.float64, extra_rows=1,
+                     proj=4 if mode == "lstm_proj" else 0)
+    for reverse in (False, True):
+        ours = _native.recurrence_forward(**case, reverse=reverse, need_backward=True)
+        lean = _lean.recurrence_forward(**case, reverse=reverse, need_backward=True)
+        for a, b in zip(ours[:3], lean[:3]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, **TOL[torch.float64])
+        grads = dict(grad_output=torch.ones_like(ours[0]), grad_h_n=torch.ones_like(ours[1]),
+                     grad_c_n=torch.ones_like(ours[2]) if ours[2] is not None else None)
+        rest = {k: v for k, v in case.items() if k != "gates_x"}
+        g_ours = _native.recurrence_backward(**grads, **rest, reverse=reverse, output=ours[0],
+                                             saved=ours[3])
+        g_lean = _lean.recurrence_backward(**grads, **rest, reverse=reverse, output=lean[0],
+                                           saved=lean[3])
+        for a, b in zip(g_ours, g_lean):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@native_only
+@pytest.mark.parametrize("mode", MODES)
+def test_inference_saves_nothing_and_matches_training_forward(mode):
+    from packrnn import _native
+
+    case = make_case(mode, [5, 5, 3, 2], hidden=7, dtype=torch.float32, extra_rows=1,
+                     proj=3 if mode == "lstm_proj" else 0)
+    train = _native.recurrence_forward(**case, reverse=False, need_backward=True)
+    infer = _native.recurrence_forward(**case, reverse=False, need_backward=False)
+    assert infer[3] == ()
+    for a, b in zip(train[:3], infer[:3]):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@native_only
+def test_float32_saturation_is_exact_and_finite():
+    # Pre-activations far outside the range of exp: gates saturate to exactly 0/1, no inf/nan.
+    from packrnn import _native
+
+    case = make_case("lstm", [3, 2], hidden=9, dtype=torch.float32)
+    case["gates_x"] = torch.linspace(-500, 500, case["gates_x"].numel()).view_as(case["gates_x"])
+    out, h_n, c_n, saved = _native.recurrence_forward(**case, reverse=False, need_backward=True)
+    ref = oracle_forward(**{k: v for k, v in case.items()}, reverse=False)
+    assert torch.isfinite(out).all() and torch.isfinite(c_n).all()
+    torch.testing.assert_close(out, ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_n, ref[2], rtol=1e-5, atol=1e-6)
+
+
+@native_only
+@pytest.mark.parametrize("change, error, match", [
+    (dict(mode="lstmx"), ValueError, "mode: expected one of"),
+    (dict(batch_sizes=torch.tensor([2, 1])), ValueError, "batch_sizes: expected them to sum"),
+    (dict(batch_sizes=torch.tensor([1, 2, 1, 1])), ValueError, "non-increasing"),
+    (dict(batch_sizes=torch.tensor([2, 1, 1, 1], dtype=torch.int32)), TypeError,
+     "batch_sizes: expected a 1-D int64 CPU tensor"),
+    (dict(h0=torch.zeros(1, 4), c0=torch.zeros(1, 4)), ValueError,
+     "h0: expected at least batch_sizes"),
+    (dict(h0=torch.zeros(2, 4, dtype=torch.float64)), TypeError, "h0: expected dtype"),
+    (dict(c0=None), ValueError, "c0: expected a"),
+    (dict(b_hh=torch.zeros(16)), ValueError, "b_hh: expected None"),
+])
+def test_contract_errors(change, error, match):
+    from packrnn import _native
+
+    args = dict(mode="lstm", gates_x=torch.zeros(5, 16), batch_sizes=torch.tensor([2, 1, 1, 1]),
+                h0=torch.zeros(2, 4), c0=torch.zeros(2, 4), w_hh=torch.zeros(16, 4), b_hh=None,
+                w_hr=None, reverse=False, need_backward=False)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        _native.recurrence_forward(**args)
+
+
+# --------------------------------------------------------------------------------------------
+# Module level: packrnn layers on the native backend vs torch.nn (copied weights).
+
+def _torch_layer(kind, **kwargs):
+    cls = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN, "lstm": torch.nn.LSTM,
+           "lstm_proj": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    ours_cls = {"rnn_tanh": packrnn.RNN, "rnn_relu": packrnn.RNN, "lstm": packrnn.LSTM,
+                "lstm_proj": packrnn.LSTM, "gru": packrnn.GRU}[kind]
+    if kind.startswith("rnn"):
+        kwargs["nonlinearity"] = kind[4:]
+    if kind == "lstm_proj":
+        kwargs["proj_size"] = 5
+    torch.manual_seed(0)
+    reference = cls(**kwargs)
+    ours = ours_cls(**kwargs)
+    ours.load_state_dict(reference.state_dict())
+    ours.backend = "native"
+    return reference, ours
+
+
+@native_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", MODES)
+def test_layers_on_native_match_torch_packed(kind, dtype):
+    reference, ours = _torch_layer(kind, input_size=6, hidden_size=19, num_layers=2,
+                                   bidirectional=True, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 9, (24,), generator=g)
+    x = torch.randn(int(lengths.max()), 24, 6, generator=g, dtype=torch.float64).to(dtype)
+    packed = tnn_rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    results = []
+    for module in (reference, ours):
+        data = packed.data.detach().clone().requires_grad_()
+        inp = tnn_rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
+                                     packed.unsorted_indices)
+        out, state = module(inp)
+        states = state if isinstance(state, tuple) else (state,)
+        loss = (out.data * torch.linspace(-1, 1, out.data.numel(), dtype=dtype)
+                .view_as(out.data)).sum() + sum(s.square().sum() for s in states)
+        grads = torch.autograd.grad(loss, [data, *module.parameters()])
+        results.append((out.data, states, grads))
+    tol = TOL[dtype]
+    (ref_out, ref_states, ref_grads), (out, states, grads) = results
+    torch.testing.assert_close(out, ref_out, **tol)
+    for a, b in zip(states, ref_states):
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@native_only
+@pytest.mark.parametrize("kind", ["lstm_proj", "gru", "rnn_tanh"])
+def test_layers_on_native_gradcheck(kind):
+    # Input and the recurrent weights of both directions (the ones the kernel differentiates);
+    # the other parameters' gradients are one GEMM in functional.py, checked against torch above.
+    _, ours = _torch_layer(kind, input_size=2, hidden_size=6, bidirectional=True,
+                           dtype=torch.float64)
+    lengths = torch.tensor([3, 1, 2])
+    x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in ours.named_parameters() if n.startswith(("weight_hh", "weight_hr"))]
+
+    def run(x, *params):
+        out, _ = torch.func.functional_call(ours, dict(zip(names, params)), (x,),
+                                            {"lengths": lengths})
+        return out
+
+    params = [ours.get_parameter(n).detach().clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Backend selection.
+
+def test_backend_env_var_python_and_invalid(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "python")
+    assert backend.backend_name() == "python"
+    assert backend.backend_info().startswith("python")
+    monkeypatch.setenv(backend.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="PACKRNN_BACKEND: expected one of auto, native, python"):
+        backend.backend_name()
+
+
+@native_only
+def test_backend_auto_selects_native(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    assert backend.backend_name() == "native"
+    assert packrnn.functional._get_backend().__name__ == "packrnn._native"
+    info = backend.backend_info()
+    assert info.startswith("native") and str(torch.get_num_threads()) in info
+
+
+_FAILED_BUILD = r"""
+import os, warnings
+import packrnn.backend as b
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    names = [b.backend_name() for _ in range(3)]
+print(names, len([w for w in caught if "native backend unavailable" in str(w.message)]))
+os.environ["PACKRNN_BACKEND"] = "native"
+try:
+    b.backend_name()
+except RuntimeError as e:
+    print("raised:", "cannot be built" in str(e))
+"""
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+    # A compiler that always fails, in an empty cache directory: auto falls back with one
+    # warning that says why; native raises.
+    env = dict(os.environ, PACKRNN_BACKEND="auto", PACKRNN_CACHE_DIR=str(tmp_path),
+               CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    src = str(Path(packrnn.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _FAILED_BUILD], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "['python', 'python', 'python'] 1" in result.stdout
+    assert "raised: True" in result.stdout
