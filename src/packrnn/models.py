@@ -37,10 +37,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .ops import max_pool, mean_pool
 from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
-
-# TEMPORARY until packrnn.rnn lands (drop-in, same API).
-from torch.nn import GRU, LSTM, RNN
+from .rnn import GRU, LSTM, RNN
 
 __all__ = ["ModelConfig", "SequenceClassifier", "load_vectors", "CELLS", "POOLINGS",
            "EXECUTIONS"]
@@ -175,7 +174,7 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, ids: Tensor | PackedSequence, lengths: Any = None) -> Tensor:
         c = self.config
-        if isinstance(ids, PackedSequence) or isinstance(ids, torch.nn.utils.rnn.PackedSequence):
+        if isinstance(ids, torch.nn.utils.rnn.PackedSequence):  # packrnn's is a subclass
             if lengths is not None:
                 raise ValueError("lengths: expected None with a PackedSequence input, got lengths")
             if c.execution == "padded":
@@ -210,7 +209,7 @@ class SequenceClassifier(nn.Module):
         if c.pooling == "last":
             z = self._last_state(h)
         else:
-            z = pool_packed(out, c.pooling)  # (B, D)
+            z = _POOL[c.pooling](out)  # (B, D) over real steps
         return self.fc(self.dropout(z))  # (B, C)
 
     def _forward_padded(self, ids: Tensor, lengths: Tensor) -> Tensor:
@@ -222,7 +221,7 @@ class SequenceClassifier(nn.Module):
         elif c.pooling == "mean_padded":
             z = out.mean(dim=1)  # (B, D): the lesson's mean, padding included
         else:
-            z = pool_padded(out, lengths, c.pooling)  # (B, D)
+            z = _POOL[c.pooling](out, lengths, batch_first=True)  # (B, D) over real steps
         return self.fc(self.dropout(z))  # (B, C)
 
     def _last_state(self, h: Tensor | tuple[Tensor, Tensor]) -> Tensor:
@@ -251,23 +250,7 @@ class SequenceClassifier(nn.Module):
         return len(vectors)
 
 
-# TEMPORARY: replaced by packrnn.ops when it lands (same semantics).
-def pool_padded(out: Tensor, lengths: Tensor, mode: str) -> Tensor:
-    """Mean or max of ``out`` (B, T, D) over each sequence's first ``lengths[b]`` steps."""
-    B, T, D = out.shape
-    lengths = lengths.to(out.device)
-    mask = torch.arange(T, device=out.device)[None, :] < lengths[:, None]  # (B, T)
-    if mode == "mean":
-        s = (out * mask[..., None]).sum(dim=1)  # (B, D)
-        return s / lengths.clamp(min=1)[:, None].to(out.dtype)
-    filled = out.masked_fill(~mask[..., None], float("-inf"))  # (B, T, D)
-    m = filled.amax(dim=1) if T > 0 else out.new_zeros(B, D)  # (B, D)
-    return torch.where(lengths[:, None] > 0, m, torch.zeros_like(m))
-
-
-def pool_packed(out: PackedSequence, mode: str) -> Tensor:
-    padded, lengths = pad_packed_sequence(out, batch_first=True)  # (B, T, D)
-    return pool_padded(padded, lengths, mode)
+_POOL = {"mean": mean_pool, "max": max_pool}
 
 
 def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],

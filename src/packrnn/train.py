@@ -40,6 +40,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -51,6 +52,8 @@ from torch import Tensor, nn
 from . import distributed as D
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_write_json,
                          load_checkpoint, save_checkpoint)
+from .data import (BucketBatchSampler, Collate, DistributedBucketBatchSampler, LabelMap,
+                   TextClassificationDataset, Vocab, get_tokenizer, load_text_classification)
 from .models import CELLS, EXECUTIONS, POOLINGS, ModelConfig, SequenceClassifier
 
 __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", "predict",
@@ -59,7 +62,7 @@ __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
 CONFIG_NAME = "config.json"
-FORMATS = ("agnews", "csv", "jsonl")
+FORMATS = ("agnews", "csv", "tsv", "jsonl")
 
 # Fields that may change between a run and its resumption (they do not change the numbers).
 _RESUMABLE_CHANGES = frozenset({
@@ -217,39 +220,83 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# data: files -> encoded examples (packrnn.data does the work)
+# data: files -> encoded data sets, batches (packrnn.data does the work)
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Examples:
-    """Encoded texts of one file: token ids and label indices, in file order."""
+class _Truncate:
+    """A picklable tokenizer that keeps the first ``max_length`` tokens."""
 
-    ids: list[list[int]]  # token ids per text (possibly empty)
-    labels: list[int]  # label index per text
-    skipped: int  # malformed rows skipped (skip_bad_rows)
+    def __init__(self, tokenizer: Callable[[str], list[str]], max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
 
-
-class _EncodedDataset(torch.utils.data.Dataset):
-    def __init__(self, ex: _Examples) -> None:
-        self.ex = ex
-
-    def __len__(self) -> int:
-        return len(self.ex.ids)
-
-    def __getitem__(self, i: int) -> tuple[list[int], int]:
-        return self.ex.ids[i], self.ex.labels[i]
+    def __call__(self, text: str) -> list[str]:
+        return self.tokenizer(text)[: self.max_length]
 
 
-def _collate(batch: Sequence[tuple[list[int], int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Padded ids (B, T), lengths (B,), labels (B,)."""
-    lengths = torch.tensor([len(ids) for ids, _ in batch], dtype=torch.int64)  # (B,)
-    T = int(lengths.max()) if len(batch) else 0
-    out = torch.full((len(batch), T), pad, dtype=torch.int64)  # (B, T)
-    for b, (ids, _) in enumerate(batch):
-        out[b, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
-    labels = torch.tensor([y for _, y in batch], dtype=torch.int64)  # (B,)
-    return out, lengths, labels
+def _tokenizer(cfg: TrainConfig) -> Callable[[str], list[str]]:
+    tok = get_tokenizer(cfg.tokenizer)
+    return _Truncate(tok, cfg.max_length) if cfg.max_length else tok
+
+
+def _read_options(cfg: TrainConfig, path: str) -> tuple[str, dict[str, Any]]:
+    """The packrnn.data format name and reader options for ``path``."""
+    fmt, options = cfg.format, {}
+    if fmt in ("csv", "tsv"):
+        if fmt == "csv" and (cfg.delimiter == "\t" or cfg.delimiter is None
+                             and path.lower().endswith(".tsv")):
+            fmt = "tsv"
+        elif fmt == "csv" and cfg.delimiter is not None:
+            options["delimiter"] = cfg.delimiter
+        if cfg.text_column:
+            options["text_column"] = [c.strip() for c in cfg.text_column.split(",")]
+        if cfg.label_column:
+            options["label_column"] = cfg.label_column
+    elif fmt == "jsonl":
+        if cfg.text_column:
+            options["text_key"] = [c.strip() for c in cfg.text_column.split(",")]
+        if cfg.label_column:
+            options["label_key"] = cfg.label_column
+    return fmt, options
+
+
+def _load(cfg: TrainConfig, path: str, vocab: Vocab | None = None,
+          label_map: LabelMap | None = None, progress: bool | None = None
+          ) -> TextClassificationDataset:
+    """Read, tokenize and encode ``path``; builds vocab and labels when not given (training).
+
+    Bad rows raise ``ValueError("<file>:<line>: ...")`` unless ``cfg.skip_bad_rows``; so does a
+    label the training file did not have. The data module's warnings about skipped rows are
+    replaced by ``train``'s own one-line summary.
+    """
+    fmt, options = _read_options(cfg, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return load_text_classification(
+            path, fmt, tokenizer=_tokenizer(cfg), vocab=vocab, label_map=label_map,
+            min_freq=cfg.min_freq, max_size=cfg.max_vocab_size, skip_bad_rows=cfg.skip_bad_rows,
+            progress=progress, **options)
+
+
+def _collate(cfg: TrainConfig, pad: int) -> Collate:
+    return Collate(packed=cfg.execution == "packed", padding_value=pad, batch_first=True)
+
+
+def _train_sampler(cfg: TrainConfig, ds: TextClassificationDataset, ctx: D.DistContext):
+    """Batches of random examples, or of similar lengths with ``bucket`` (NOTE [bucketing]).
+
+    Without ``bucket`` every pool is one batch, i.e. plain random batches.
+    """
+    kw: dict[str, Any] = dict(batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, seed=cfg.seed,
+                              pool_size=None if cfg.bucket else cfg.batch_size)
+    if ctx.distributed:
+        return DistributedBucketBatchSampler(ds.lengths, num_replicas=ctx.world_size,
+                                             rank=ctx.rank, **kw)
+    return BucketBatchSampler(ds.lengths, **kw)
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    return inputs.to(device)  # a PackedSequence keeps batch_sizes on the CPU
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,10 +391,10 @@ def _unwrap(model: nn.Module) -> SequenceClassifier:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _epoch_batches(sampler: Any, epoch: int) -> list[list[int]]:
+def _epoch_batches(sampler: BucketBatchSampler, epoch: int) -> list[list[int]]:
     """The epoch's batches, a pure function of (seed, epoch) (NOTE [exact resume])."""
     sampler.set_epoch(epoch)
-    return [list(b) for b in sampler]
+    return [list(b) for b in sampler.batches(epoch)]
 
 
 def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> list[EpochMetrics]:
@@ -382,17 +429,19 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
     cfg = config
+    threads = torch.get_num_threads()
     ctx = D.setup(cfg.device)
     try:
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         return _train(cfg, ctx, on_step)
     finally:
+        torch.set_num_threads(threads)
         D.teardown(ctx)
 
 
 def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None
            ) -> list[EpochMetrics]:
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
     resume_path = _prepare_output(cfg, ctx)  # every rank checks, so every rank fails alike
     state = load_checkpoint(resume_path) if resume_path is not None else None
@@ -400,24 +449,26 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
         _check_resume_config(state["train_config"], cfg)
 
     # -- data -----------------------------------------------------------------------------------
-    tokenizer = _tokenizer(cfg)
-    if state is not None:
-        vocab = _vocab_from_dict(state["vocab"])
-        label_names = list(state["labels"])
-        train_ex = _read(cfg, cfg.train_path, tokenizer, vocab, label_names, training=True)
+    progress = None if (cfg.progress and ctx.is_main) else False
+    if state is not None:  # the vocabulary and labels the weights were trained with
+        train_ds = _load(cfg, cfg.train_path, Vocab.from_dict(state["vocab"]),
+                         LabelMap(state["labels"]), progress=progress)
     else:
-        vocab, label_names, train_ex = _read_training(cfg, tokenizer)
-    test_ex = (_read(cfg, cfg.test_path, tokenizer, vocab, label_names, training=False)
+        train_ds = _load(cfg, cfg.train_path, progress=progress)
+    vocab, label_map = train_ds.vocab, train_ds.label_map
+    label_names = list(label_map.names)
+    test_ds = (_load(cfg, cfg.test_path, vocab, label_map, progress=progress)
                if cfg.test_path else None)
     if ctx.is_main:
-        msg = f"packrnn: {len(train_ex.ids)} training texts, {len(label_names)} labels, " \
+        msg = f"packrnn: {len(train_ds)} training texts, {len(label_names)} labels, " \
               f"vocabulary of {len(vocab)}"
-        if test_ex is not None:
-            msg += f", {len(test_ex.ids)} test texts"
-        skipped = train_ex.skipped + (test_ex.skipped if test_ex else 0)
-        if skipped:
-            msg += f"; skipped {skipped} bad rows"
+        if test_ds is not None:
+            msg += f", {len(test_ds)} test texts"
         print(msg, file=sys.stderr)
+        for ds in (train_ds, test_ds):
+            if ds is not None and ds.skipped:
+                print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
+                      f"(first: {ds.skipped[0]})", file=sys.stderr)
 
     # -- model and optimizer ----------------------------------------------------------------------
     _seed_everything(cfg.seed)
@@ -463,9 +514,10 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    sampler = _train_sampler(cfg, train_ex, ctx)
-    dataset = _EncodedDataset(train_ex)
+    sampler = _train_sampler(cfg, train_ds, ctx)
     pad = vocab.pad_index if vocab.pad_index is not None else 0
+    collate = _collate(cfg, pad)
+    packed = cfg.execution == "packed"
     loss_fn = nn.CrossEntropyLoss()
 
     def checkpoint(epoch_done: int, in_epoch: int, acc: Mapping[str, float]) -> None:
@@ -485,16 +537,14 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
         batches = _epoch_batches(sampler, epoch)
         todo = batches[step_in_epoch:]
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=todo, num_workers=cfg.num_workers,
-            collate_fn=lambda b: _collate(b, pad),
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
-            persistent_workers=False)
+            train_ds, batch_sampler=todo, num_workers=cfg.num_workers, collate_fn=collate,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch))
         bar = _progress(cfg, ctx, total=len(batches), initial=step_in_epoch, epoch=epoch)
         net.train()
         t0 = time.perf_counter()
-        for ids, lengths, labels in loader:
-            ids, labels = ids.to(ctx.device), labels.to(ctx.device)
-            logits = net(ids, lengths)  # (B, C)
+        for inputs, lengths, labels in loader:
+            inputs, labels = _to_device(inputs, ctx.device), labels.to(ctx.device)
+            logits = net(inputs) if packed else net(inputs, lengths)  # (B, C)
             loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -528,9 +578,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
         seconds = max(D.all_reduce_sum(ctx, [seconds])[0] / ctx.world_size, 1e-9)
         test_acc = None
-        if test_ex is not None:
-            test_acc = _evaluate_examples(model, test_ex, len(label_names), cfg.eval_batch_size,
-                                          pad, ctx)["accuracy"]
+        if test_ds is not None:
+            test_acc = _evaluate_dataset(model, test_ds, cfg, ctx)["accuracy"]
         epoch += 1
         history.append(EpochMetrics(
             epoch=epoch, train_loss=loss_sum / max(count, 1), train_accuracy=correct / max(count, 1),
@@ -588,104 +637,33 @@ def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# TEMPORARY data adapters, replaced by packrnn.data once it lands
-# ----------------------------------------------------------------------------------------------
-
-AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-
-
-def _tokenizer(cfg: TrainConfig) -> Callable[[str], list[str]]:
-    from .data.tokenizer import get_tokenizer
-
-    return get_tokenizer(cfg.tokenizer)
-
-
-def _vocab_from_dict(d: Mapping[str, Any]):
-    from .data.vocab import Vocab
-
-    return Vocab.from_dict(dict(d))
-
-
-def _rows(cfg: TrainConfig, path: str) -> list[tuple[str, str]]:
-    import csv
-
-    p = Path(path)
-    if not p.is_file():
-        raise TrainError(f"data: expected a file, got {path!r} (no such file)")
-    rows = []
-    with open(p, encoding="utf-8", newline="") as f:
-        for r in csv.reader(f):
-            rows.append((" ".join(r[1:]), AG_NEWS_LABELS[int(r[0]) - 1]))
-    if not rows:
-        raise TrainError(f"data: expected labelled rows, got an empty file {path!r}")
-    return rows
-
-
-def _read_training(cfg: TrainConfig, tokenizer):
-    from .data.vocab import build_vocab_from_iterator
-
-    rows = _rows(cfg, cfg.train_path)
-    tokens = [tokenizer(t) for t, _ in rows]
-    vocab = build_vocab_from_iterator(tokens, min_freq=cfg.min_freq, max_size=cfg.max_vocab_size)
-    labels = AG_NEWS_LABELS if cfg.format == "agnews" else sorted({y for _, y in rows})
-    index = {y: i for i, y in enumerate(labels)}
-    ids = [vocab(t)[: cfg.max_length] for t in tokens]
-    return vocab, list(labels), _Examples(ids, [index[y] for _, y in rows], 0)
-
-
-def _read(cfg: TrainConfig, path: str, tokenizer, vocab, label_names, training: bool) -> _Examples:
-    rows = _rows(cfg, path)
-    index = {y: i for i, y in enumerate(label_names)}
-    for t, y in rows:
-        if y not in index:
-            raise TrainError(f"{path}: label {y!r} was not seen in training "
-                             f"(known: {', '.join(label_names)})")
-    return _Examples([vocab(tokenizer(t))[: cfg.max_length] for t, _ in rows],
-                     [index[y] for _, y in rows], 0)
-
-
-class _TmpSampler:
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int) -> None:
-        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        batches = [perm[i:i + self.bs] for i in range(0, self.n, self.bs)]
-        per = len(batches) // self.world if self.world > 1 else len(batches)
-        return iter(batches[self.rank * per:(self.rank + 1) * per] if self.world > 1 else batches)
-
-
-def _train_sampler(cfg: TrainConfig, ex: _Examples, ctx: D.DistContext):
-    return _TmpSampler(len(ex.ids), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
-
-
-# ----------------------------------------------------------------------------------------------
 # evaluation and prediction
 # ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def _evaluate_examples(model: SequenceClassifier, ex: _Examples, num_classes: int,
-                       batch_size: int, pad: int, ctx: D.DistContext | None = None
-                       ) -> dict[str, Any]:
-    """Confusion matrix and derived scores of ``model`` on ``ex`` (sharded over ranks)."""
+def _evaluate_dataset(model: SequenceClassifier, ds: TextClassificationDataset, cfg: TrainConfig,
+                      ctx: D.DistContext | None = None, batch_size: int | None = None
+                      ) -> dict[str, Any]:
+    """Confusion matrix and derived scores of ``model`` on ``ds`` (sharded over ranks)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(ex.ids)), key=lambda i: len(ex.ids[i]))  # little padding
+    num_classes = model.config.num_classes
+    # Sorted by length (little padding); the packed results do not depend on the batching.
+    sampler = BucketBatchSampler(ds.lengths, batch_size or cfg.eval_batch_size, shuffle=False)
+    batches = sampler.batches(0)
     if ctx is not None and ctx.distributed:
-        order = order[ctx.rank::ctx.world_size]
+        batches = batches[ctx.rank::ctx.world_size]
+    collate = _collate(cfg, model.config.padding_idx or 0)
+    packed = cfg.execution == "packed"
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids, lengths, labels = _collate([(ex.ids[i], ex.labels[i]) for i in idx], pad)
-        pred = model(ids.to(device), lengths).argmax(-1).cpu()  # (B,)
-        confusion.index_put_((labels, pred), torch.ones(len(idx), dtype=torch.float64),
+    for batch in batches:
+        inputs, lengths, labels = collate([ds[i] for i in batch])
+        inputs = _to_device(inputs, device)
+        logits = model(inputs) if packed else model(inputs, lengths)  # (B, C)
+        pred = logits.argmax(-1).cpu()  # (B,)
+        confusion.index_put_((labels, pred), torch.ones(len(batch), dtype=torch.float64),
                              accumulate=True)
     if ctx is not None and ctx.distributed:
         flat = D.all_reduce_sum(ctx, confusion.flatten().tolist())
@@ -724,6 +702,7 @@ class Run:
     history: list[EpochMetrics]  # metrics of the finished epochs
 
     def tokenize(self, text: str) -> list[str]:
+        """The run's tokenizer (truncating to ``max_length`` if the run did)."""
         return _tokenizer(self.config)(text)
 
 
@@ -739,7 +718,7 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
     try:
         mcfg = ModelConfig.from_dict(state["model_config"])
         tcfg = TrainConfig.from_dict(state["train_config"])
-        vocab = _vocab_from_dict(state["vocab"])
+        vocab = Vocab.from_dict(state["vocab"])
         model = SequenceClassifier(mcfg)
         model.load_state_dict(state["model_state"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
@@ -780,11 +759,10 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
                                  ("label_column", label_column),
                                  ("skip_bad_rows", skip_bad_rows)) if v is not None}
     cfg = dataclasses.replace(run.config, **changes) if changes else run.config
-    ex = _read(cfg, os.fspath(path), _tokenizer(cfg), run.vocab, run.labels, training=False)
-    pad = run.vocab.pad_index if run.vocab.pad_index is not None else 0
-    result = _evaluate_examples(run.model, ex, len(run.labels), batch_size, pad)
+    ds = _load(cfg, os.fspath(path), run.vocab, LabelMap(run.labels))
+    result = _evaluate_dataset(run.model, ds, cfg, batch_size=batch_size)
     result["labels"] = list(run.labels)
-    result["skipped"] = ex.skipped
+    result["skipped"] = len(ds.skipped)
     return result
 
 
@@ -806,14 +784,18 @@ def predict(run: Run | str | os.PathLike, texts: Sequence[str], batch_size: int 
             raise TypeError(f"texts[{i}]: expected a str, got {type(t).__name__}")
     tokenizer = _tokenizer(run.config)
     pad = run.vocab.pad_index if run.vocab.pad_index is not None else 0
+    collate = _collate(run.config, pad)
+    packed = run.config.execution == "packed"
     device = next(run.model.parameters()).device
     run.model.eval()
     results: list[dict[str, Any]] = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
-        enc = [(run.vocab(tokenizer(t))[: run.config.max_length], 0) for t in chunk]
-        ids, lengths, _ = _collate(enc, pad)
-        probs = torch.softmax(run.model(ids.to(device), lengths).float(), dim=-1).cpu()  # (B, C)
+        inputs, lengths, _ = collate([torch.tensor(run.vocab(tokenizer(t)), dtype=torch.int64)
+                                      for t in chunk])
+        inputs = _to_device(inputs, device)
+        logits = run.model(inputs) if packed else run.model(inputs, lengths)  # (B, C)
+        probs = torch.softmax(logits.float(), dim=-1).cpu()  # (B, C)
         for t, p in zip(chunk, probs):
             k = int(p.argmax())
             results.append({"text": t, "label": run.labels[k], "probability": float(p[k]),
