@@ -1,0 +1,250 @@
+"""SequenceClassifier: the lesson's three classifiers vs torch.nn oracles, pooling, padding, vectors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import packrnn
+from packrnn.models import ModelConfig, SequenceClassifier, load_vectors
+
+V, C = 30, 3
+
+
+def batch(seed: int = 0, lengths=(7, 3, 5, 1)):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    ids = torch.randint(2, V, (len(lengths), int(lengths.max())), generator=g)  # (B, T)
+    ids[torch.arange(ids.shape[1])[None, :] >= lengths[:, None]] = 0  # padding id 0
+    return ids, lengths
+
+
+def model(seed: int = 0, dtype=torch.float64, **kw) -> SequenceClassifier:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=V, num_classes=C, embed_dim=5, hidden_size=4)
+    cfg.update(kw)
+    return SequenceClassifier(ModelConfig(**cfg)).to(dtype)
+
+
+class TorchLesson(nn.Module):
+    """The lesson's classifiers written with torch.nn, the oracle (same parameter names)."""
+
+    def __init__(self, cell: str, mode: str, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.mode = mode
+        self.embedding = nn.Embedding(V, 5, padding_idx=0)
+        rnn = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn(5, 4, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(8 if bidirectional else 4, C)
+
+    def forward(self, ids, lengths):
+        x = self.embedding(ids)
+        if self.mode == "packed":
+            x = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, h = self.rnn(x)
+        if self.mode == "mean_padded":
+            return self.fc(out.mean(dim=1))
+        h_n = h[0] if isinstance(h, tuple) else h
+        if self.rnn.bidirectional:
+            return self.fc(torch.cat([h_n[-2], h_n[-1]], dim=-1))
+        return self.fc(h_n[-1])
+
+
+@pytest.mark.parametrize("name, cfg, mode", [
+    ("RNN, mean over padded outputs", dict(cell="rnn", execution="padded", pooling="mean_padded"),
+     "mean_padded"),
+    ("LSTM, last hidden state (padded)", dict(cell="lstm", execution="padded", pooling="last"),
+     "padded"),
+    ("LSTM on packed input", dict(cell="lstm", execution="packed", pooling="last"), "packed"),
+    ("bidirectional GRU, packed", dict(cell="gru", bidirectional=True), "packed"),
+])
+def test_lesson_classifiers_match_torch(name, cfg, mode):
+    ours = model(**cfg)
+    oracle = TorchLesson(cfg["cell"], mode, cfg.get("bidirectional", False)).double()
+    oracle.load_state_dict(ours.state_dict())  # same names: packrnn layers are drop-in
+    ids, lengths = batch()
+    got, want = ours(ids, lengths), oracle(ids, lengths)
+    torch.testing.assert_close(got, want)
+    g_ours = torch.autograd.grad(got.square().sum(), list(ours.parameters()))
+    g_want = torch.autograd.grad(want.square().sum(), list(oracle.parameters()))
+    for a, b in zip(g_ours, g_want):
+        torch.testing.assert_close(a, b)
+
+
+def _masked(out, lengths, mode):
+    rows = []
+    for b, L in enumerate(lengths.tolist()):
+        seq = out[b, :L]
+        rows.append(seq.mean(0) if mode == "mean" else seq.amax(0))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_mean_max_pool_over_real_steps_only(pooling, execution):
+    ours = model(cell="lstm", pooling=pooling, execution=execution, bidirectional=True)
+    ids, lengths = batch(1)
+    emb = ours.embedding(ids)
+    if execution == "packed":  # oracle: torch LSTM per sequence, no padding at all
+        lstm = nn.LSTM(5, 4, batch_first=True, bidirectional=True).double()
+        lstm.load_state_dict(ours.rnn.state_dict())
+        feats = []
+        for b, L in enumerate(lengths.tolist()):
+            out, _ = lstm(emb[b:b + 1, :L])
+            feats.append(_masked(out, torch.tensor([L]), pooling)[0])
+        want = ours.fc(torch.stack(feats))
+    else:  # oracle: the padded run, pooled over real positions only
+        out, _ = ours.rnn(emb)
+        want = ours.fc(_masked(out, lengths, pooling))
+    torch.testing.assert_close(ours(ids, lengths), want)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_packed_prediction_does_not_depend_on_the_batch(cell, pooling):
+    ours = model(cell=cell, pooling=pooling, bidirectional=True, num_layers=2).eval()
+    ids, lengths = batch(2)
+    together = ours(ids, lengths)
+    alone = torch.cat([ours(ids[b:b + 1, :L], [L]) for b, L in enumerate(lengths.tolist())])
+    torch.testing.assert_close(together, alone)
+    extra = torch.cat([ids, torch.zeros(len(ids), 6, dtype=ids.dtype)], dim=1)  # more padding
+    torch.testing.assert_close(ours(extra, lengths), together)
+
+
+def test_padded_last_state_sees_padding_as_in_the_lesson():
+    padded = model(cell="lstm", execution="padded", pooling="last")
+    packed = model(cell="lstm", execution="packed", pooling="last")
+    ids, lengths = batch(3)
+    a, b = padded(ids, lengths), packed(ids, lengths)
+    full = lengths == lengths.max()
+    torch.testing.assert_close(a[full], b[full])  # no padding: same state
+    assert not torch.allclose(a[~full], b[~full])  # padding steps changed the short ones
+
+
+def test_packed_input_equals_padded_ids_with_lengths():
+    ours = model(pooling="max")
+    ids, lengths = batch(4)
+    packed = packrnn.pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
+    torch.testing.assert_close(ours(packed), ours(ids, lengths))
+    padded_exec = model(execution="padded", pooling="mean")
+    torch.testing.assert_close(padded_exec(packed), padded_exec(ids, lengths))
+
+
+@pytest.mark.parametrize("pooling, execution", [("last", "packed"), ("mean", "packed"),
+                                                ("max", "packed"), ("mean", "padded")])
+def test_zero_length_sequences(pooling, execution):
+    ours = model(pooling=pooling, execution=execution)
+    ids, lengths = batch(5, lengths=(4, 0, 2))
+    logits = ours(ids, lengths)
+    assert logits.shape == (3, C) and torch.isfinite(logits).all()
+    # the empty sequence has zero features (initial state / empty pool): logits = fc bias
+    torch.testing.assert_close(logits[1], ours.fc.bias)
+    logits.sum().backward()
+
+
+def test_padding_embedding_gets_no_gradient():
+    ours = model(pooling="mean")
+    ids, lengths = batch(6)
+    ours(ids, lengths).sum().backward()
+    assert torch.count_nonzero(ours.embedding.weight.grad[0]) == 0
+    assert torch.count_nonzero(ours.embedding.weight.grad[ids[0, 0]]) > 0
+
+
+@pytest.mark.parametrize("cell, layers, bidirectional, pooling, execution", [
+    c for c in itertools.product(["rnn", "lstm", "gru"], [1, 2], [False, True],
+                                 ["last", "mean", "max"], ["packed", "padded"])
+    if c[2] or c[1] == 1  # keep the grid small: 2 layers only with bidirectional
+])
+def test_every_configuration_runs_forward_and_backward(cell, layers, bidirectional, pooling,
+                                                       execution):
+    ours = model(cell=cell, num_layers=layers, bidirectional=bidirectional, pooling=pooling,
+                 execution=execution, dropout=0.1, dtype=torch.float32)
+    ids, lengths = batch(7)
+    logits = ours(ids, lengths)
+    assert logits.shape == (4, C) and logits.dtype == torch.float32
+    logits.sum().backward()
+    assert all(p.grad is not None for p in ours.parameters())
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(cell="transformer"), ValueError, r"cell: expected one of rnn, lstm, gru, got 'transformer'"),
+    (dict(pooling="sum"), ValueError, r"pooling: expected one of last, mean, max, mean_padded, got 'sum'"),
+    (dict(execution="fast"), ValueError, r"execution: expected one of packed, padded, got 'fast'"),
+    (dict(pooling="mean_padded"), ValueError,
+     r"pooling: expected 'mean_padded' only with execution='padded'"),
+    (dict(hidden_size=0), ValueError, r"hidden_size: expected an int >= 1, got 0"),
+    (dict(num_layers=1.5), TypeError, r"num_layers: expected an int, got float 1.5"),
+    (dict(dropout=1.0), ValueError, r"dropout: expected a number in \[0, 1\), got 1.0"),
+    (dict(padding_idx=V), ValueError, rf"padding_idx: expected < vocab_size \({V}\), got {V}"),
+    (dict(nonlinearity="gelu"), ValueError, r"nonlinearity: expected one of tanh, relu, got 'gelu'"),
+    (dict(bidirectional=1), TypeError, r"bidirectional: expected a bool, got 1"),
+])
+def test_config_errors(kw, error, match):
+    with pytest.raises(error, match=match):
+        ModelConfig(vocab_size=V, num_classes=C, **kw)
+
+
+def test_config_round_trip_and_forward_errors():
+    cfg = ModelConfig(vocab_size=V, num_classes=C, cell="gru", pooling="max")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"model config: expected keys among .*, got \['colour'\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+    with pytest.raises(TypeError, match=r"config: expected a ModelConfig, got dict"):
+        SequenceClassifier(cfg.to_dict())
+    ours = SequenceClassifier(cfg)
+    ids, lengths = batch()
+    with pytest.raises(ValueError, match=r"lengths: expected shape \(4,\) for a batch of 4, got \(3,\)"):
+        ours(ids, lengths[:3])
+    with pytest.raises(TypeError, match=r"ids: expected an int64 tensor of token ids, got torch.float32"):
+        ours(ids.float(), lengths)
+    with pytest.raises(ValueError, match=r"ids: expected a \(B, T\) tensor of token ids, got \(7,\)"):
+        ours(ids[0], lengths)
+
+
+# -- pretrained vectors --------------------------------------------------------------------------
+
+
+def test_load_vectors_word2vec_and_glove(tmp_path):
+    w2v = tmp_path / "w2v.txt"
+    w2v.write_text("3 4\nthe 1 2 3 4\ncat 0.5 0.5 0.5 0.5\nzebra 9 9 9 9\n", encoding="utf-8")
+    glove = tmp_path / "glove.txt"
+    glove.write_text("the 1 2 3 4\ncat 0.5 0.5 0.5 0.5\n", encoding="utf-8")
+    tokens = ["<pad>", "<unk>", "the", "cat", "dog"]
+    for path in (w2v, glove):
+        torch.manual_seed(0)
+        ours = SequenceClassifier(ModelConfig(vocab_size=5, num_classes=2, embed_dim=4))
+        before = ours.embedding.weight.detach().clone()
+        assert ours.load_vectors(path, tokens) == 2
+        w = ours.embedding.weight.detach()
+        torch.testing.assert_close(w[2], torch.tensor([1.0, 2, 3, 4]))
+        torch.testing.assert_close(w[3], torch.full((4,), 0.5))
+        torch.testing.assert_close(w[4], before[4])  # not in the file: unchanged
+        assert torch.count_nonzero(w[0]) == 0  # padding row stays zero
+
+
+def test_load_vectors_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"vectors: expected a word2vec/GloVe text file, got .*no such file"):
+        load_vectors(tmp_path / "missing.txt", {"a": 0})
+    bad_dim = tmp_path / "dim.txt"
+    bad_dim.write_text("the 1 2 3\n")
+    ours = SequenceClassifier(ModelConfig(vocab_size=3, num_classes=2, embed_dim=4))
+    with pytest.raises(ValueError, match=r"vectors: expected 4 numbers after the token, got 3 in .*dim.txt:1"):
+        ours.load_vectors(bad_dim, ["<pad>", "<unk>", "the"])
+    header = tmp_path / "header.txt"
+    header.write_text("10 3\nthe 1 2 3\n")
+    with pytest.raises(ValueError, match=r"vectors: expected dimension 4 \(embed_dim\), got 3 in .*header.txt:1"):
+        ours.load_vectors(header, ["<pad>", "<unk>", "the"])
+    nan = tmp_path / "nan.txt"
+    nan.write_text("the 1 2 3 4\ncat 1 x 3 4\n")
+    with pytest.raises(ValueError, match=r"vectors: expected numbers after the token, got .* in .*nan.txt:2"):
+        load_vectors(nan, {"cat": 1}, dim=4)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"vectors: expected at least one vector, got an empty file"):
+        load_vectors(empty, {"cat": 1})
+    with pytest.raises(ValueError, match=r"tokens: expected 3 tokens \(vocab_size\), got 2"):
+        ours.load_vectors(header, ["<pad>", "the"])
