@@ -1,0 +1,299 @@
+"""The ``packrnn`` command: a thin argparse layer over ``packrnn.train`` and friends.
+
+    packrnn train --train PATH [--test PATH] --model lstm --output DIR [...]
+    packrnn evaluate DIR --data PATH [--json]
+    packrnn predict DIR "some text" ... [--json]      (or one text per line on stdin)
+    packrnn bench [...]
+    packrnn demo [...]
+
+Errors a user can fix are printed as one line, ``packrnn: error: ...``, with a nonzero exit
+status (2 for bad arguments and inputs, 130 when interrupted); set ``PACKRNN_DEBUG=1`` to see
+the traceback of an unexpected error. Distributed: run the same command under torchrun, e.g.
+``torchrun --nproc_per_node 2 -m packrnn.cli train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2  # bad arguments or inputs (argparse's code too)
+EXIT_FAILURE = 1  # an unexpected error
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise SystemExit(_fail(f"{self.prog}: {message}", EXIT_USAGE))
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"packrnn: error: {message}", file=sys.stderr)
+    return code
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_format_args(p: argparse.ArgumentParser, default_format: str | None) -> None:
+    p.add_argument("--format", choices=["agnews", "csv", "tsv", "jsonl"], default=default_format,
+                   help="file format: agnews (label 1-4, title, description; no header), csv or "
+                        "tsv with a header row, jsonl" + (" (default: agnews)" if default_format else
+                                                  " (default: the training run's)"))
+    p.add_argument("--text-column", metavar="NAME",
+                   help="csv/jsonl: column(s) holding the text, comma-separated (default: text)")
+    p.add_argument("--label-column", metavar="NAME",
+                   help="csv/jsonl: column holding the label (default: label)")
+    p.add_argument("--skip-bad-rows", action="store_true", default=None,
+                   help="skip and count malformed rows instead of stopping at the first")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="packrnn", description="Recurrent text classifiers over packed "
+                     "variable-length sequences.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"packrnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a text classifier",
+                       description="Train a recurrent text classifier; writes checkpoint.pt, "
+                                   "metrics.json and curves.png to --output.")
+    t.add_argument("--train", required=True, metavar="PATH", help="labelled training file")
+    t.add_argument("--test", metavar="PATH", help="labelled file evaluated after every epoch")
+    _add_format_args(t, "agnews")
+    t.add_argument("--delimiter", metavar="CHAR", help="csv: field separator (default: tab for "
+                   ".tsv, else comma)")
+    t.add_argument("--model", required=True, choices=["rnn", "lstm", "gru"], help="recurrent cell")
+    t.add_argument("--bidirectional", action="store_true", help="add a reverse direction")
+    t.add_argument("--layers", type=_positive_int, default=1, metavar="N",
+                   help="stacked recurrent layers (default: 1)")
+    t.add_argument("--embed-dim", type=_positive_int, default=64, metavar="N", help="(default: 64)")
+    t.add_argument("--hidden-size", type=_positive_int, default=32, metavar="N",
+                   help="hidden size per direction (default: 32)")
+    t.add_argument("--dropout", type=_float, default=0.0, metavar="P",
+                   help="dropout between layers and before the output layer (default: 0)")
+    t.add_argument("--pooling", choices=["last", "mean", "max", "mean_padded"], default="last",
+                   help="features for the classifier: last state, mean or max over the real "
+                        "steps, or the lesson's mean over padded outputs (default: last)")
+    t.add_argument("--execution", choices=["packed", "padded"], default="packed",
+                   help="packed: compute only real steps; padded: the lesson's run over padding "
+                        "(default: packed)")
+    t.add_argument("--vectors", metavar="PATH", help="word2vec/GloVe text file to initialise the "
+                   "embedding from")
+    t.add_argument("--freeze-embedding", action="store_true", help="do not train the embedding")
+    t.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="(default: 16)")
+    t.add_argument("--epochs", type=_positive_int, default=1, metavar="N", help="(default: 1)")
+    t.add_argument("--lr", type=_float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    t.add_argument("--weight-decay", type=_float, default=0.0, help="(default: 0)")
+    t.add_argument("--grad-clip", type=_float, metavar="NORM", help="clip the gradient norm")
+    t.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    t.add_argument("--bucket", action="store_true",
+                   help="batch texts of similar length together (less padding, faster)")
+    t.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                   help="with --bucket: at most N padded tokens per batch")
+    t.add_argument("--min-freq", type=_positive_int, default=1, metavar="N",
+                   help="vocabulary: keep tokens seen at least N times (default: 1)")
+    t.add_argument("--max-vocab", type=_positive_int, metavar="N", help="vocabulary size limit")
+    t.add_argument("--max-length", type=_positive_int, metavar="N", help="truncate texts to N tokens")
+    t.add_argument("--tokenizer", choices=["basic_english", "split"], default="basic_english")
+    t.add_argument("--output", required=True, metavar="DIR", help="run directory")
+    group = t.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --output from its last checkpoint")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --output (removes only packrnn's files)")
+    t.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
+                   help="also checkpoint every STEPS optimizer steps (default: every epoch)")
+    t.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader workers")
+    t.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    t.add_argument("--eval-batch-size", type=_positive_int, default=256, metavar="N")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a trained run on a labelled file",
+                       description="Accuracy, per-class precision/recall and confusion matrix.")
+    e.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
+    e.add_argument("--data", required=True, metavar="PATH", help="labelled file")
+    _add_format_args(e, None)
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label texts with a trained run",
+                       description="Label each text (arguments, or one per line on stdin).")
+    p.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts; none: read lines from stdin")
+    p.add_argument("--json", action="store_true", help="one JSON object per text")
+    p.set_defaults(func=_cmd_predict)
+
+    # bench and demo parse their own options (main() hands them the rest of argv).
+    sub.add_parser("bench", help="speed table: packrnn vs torch (`packrnn bench --help`)",
+                   add_help=False)
+    sub.add_parser("demo", help="the main job: a classifier on a synthetic task where word "
+                   "order matters, packed vs padded, and the 'hello' example "
+                   "(`packrnn demo --help`)", add_help=False)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        train_path=a.train, test_path=a.test, output=a.output, format=a.format,
+        text_column=a.text_column, label_column=a.label_column, delimiter=a.delimiter,
+        skip_bad_rows=bool(a.skip_bad_rows), tokenizer=a.tokenizer, min_freq=a.min_freq,
+        max_vocab_size=a.max_vocab, max_length=a.max_length, model=a.model,
+        embed_dim=a.embed_dim, hidden_size=a.hidden_size, num_layers=a.layers,
+        bidirectional=a.bidirectional, dropout=a.dropout, pooling=a.pooling,
+        execution=a.execution, vectors=a.vectors, freeze_embedding=a.freeze_embedding,
+        batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay,
+        grad_clip=a.grad_clip, seed=a.seed, bucket=a.bucket, max_tokens=a.max_tokens,
+        eval_batch_size=a.eval_batch_size, checkpoint_every_steps=a.checkpoint_every,
+        resume=a.resume, overwrite=a.overwrite, num_workers=a.num_workers, device=a.device,
+        threads=a.threads, progress=not a.no_progress, plot=not a.no_plot,
+    )
+    train(config)
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from .train import evaluate
+
+    r = evaluate(a.dir, a.data, format=a.format, text_column=a.text_column,
+                 label_column=a.label_column, skip_bad_rows=a.skip_bad_rows)
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    names = r["labels"]
+    width = max(len("label"), *(len(n) for n in names))
+    print(f"accuracy {r['accuracy']:.4f} on {r['count']} texts"
+          + (f" ({r['skipped']} bad rows skipped)" if r["skipped"] else ""))
+    print()
+    print(f"{'label':<{width}}  precision  recall  support")
+    for i, n in enumerate(names):
+        prec = "-" if r["precision"][i] is None else f"{r['precision'][i]:.4f}"
+        rec = "-" if r["recall"][i] is None else f"{r['recall'][i]:.4f}"
+        print(f"{n:<{width}}  {prec:>9}  {rec:>6}  {r['support'][i]:>7}")
+    print()
+    print("confusion matrix (rows: true label, columns: predicted)")
+    cells = [str(v) for row in r["confusion"] for v in row]
+    cw = max(len(c) for c in cells + [str(i) for i in range(len(names))])
+    print(f"{'':<{width}}  " + " ".join(f"{j:>{cw}}" for j in range(len(names))))
+    for i, n in enumerate(names):
+        print(f"{n:<{width}}  " + " ".join(f"{v:>{cw}}" for v in r["confusion"][i]) + f"   ({i})")
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from .train import load_run, predict
+
+    run = load_run(a.dir)  # fail on a bad directory before waiting for stdin
+    texts = a.texts
+    if not texts:
+        if sys.stdin.isatty():
+            print("packrnn predict: reading texts from stdin, one per line (Ctrl-D to end)",
+                  file=sys.stderr)
+        texts = [line.rstrip("\r\n") for line in sys.stdin]
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            return _fail("predict: expected texts as arguments or lines on stdin, got none",
+                         EXIT_USAGE)
+    for p in predict(run, texts):
+        if a.json:
+            print(json.dumps(p, ensure_ascii=False))
+        else:
+            print(f"{p['label']}\t{p['probability']:.4f}\t{p['text']}")
+    return 0
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    try:
+        from . import bench
+    except ImportError as e:
+        return _fail(f"bench: the benchmark module is not available ({e})", EXIT_FAILURE)
+    if hasattr(bench, "main"):
+        return int(bench.main(argv) or 0)
+    if argv:
+        return _fail(f"bench: expected no arguments, got {' '.join(argv)}", EXIT_USAGE)
+    bench.run_bench()
+    return 0
+
+
+def _cmd_demo(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return int(demo_main(argv) or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``packrnn`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    from .checkpoint import CheckpointError
+    from .train import TrainError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["bench"]:
+            return _cmd_bench(argv[1:])
+        if argv[:1] == ["demo"]:
+            return _cmd_demo(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:  # argparse: --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("packrnn: interrupted" + ("; continue with `packrnn train ... --resume`"
+                                        if argv[:1] == ["train"] else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CheckpointError, TrainError, ValueError, TypeError, FileNotFoundError,
+            PermissionError, IsADirectoryError, UnicodeDecodeError) as e:
+        if os.environ.get("PACKRNN_DEBUG"):
+            raise
+        return _fail(_one_line(e), EXIT_USAGE)
+    except Exception as e:  # a bug or an environment problem: still one line, traceback on demand
+        if os.environ.get("PACKRNN_DEBUG"):
+            raise
+        return _fail(f"{type(e).__name__}: {_one_line(e)} (set PACKRNN_DEBUG=1 for the traceback)",
+                     EXIT_FAILURE)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)) and e.filename:
+        text = f"{e.strerror}: {e.filename}"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

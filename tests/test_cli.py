@@ -1,0 +1,170 @@
+"""The `packrnn` command line, through main(argv): train, evaluate, predict, bench, demo, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import types
+
+import pytest
+
+from packrnn.cli import main
+from test_train import write_agnews
+
+FAST = ["--no-progress", "--no-plot", "--threads", "1", "--embed-dim", "16", "--hidden-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    train_path, test_path = write_agnews(d / "train.csv", 200, 0), write_agnews(d / "test.csv", 60, 1)
+    out = d / "run"
+    code = main(["train", "--train", str(train_path), "--test", str(test_path), "--model", "gru",
+                 "--epochs", "3", "--lr", "0.01", "--batch-size", "16", "--bucket",
+                 "--pooling", "max", "--output", str(out), *FAST])
+    assert code == 0
+    return train_path, test_path, out
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err  # one clear line, no traceback
+    assert lines[0].startswith("packrnn: error: ")
+    return lines[0]
+
+
+def test_train_writes_the_run(trained, capsys):
+    _, _, out = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model"], config["pooling"], config["bucket"]) == ("gru", "max", True)
+
+
+def test_train_refuses_existing_output_then_resumes(trained, capsys):
+    train_path, test_path, out = trained
+    argv = ["train", "--train", str(train_path), "--model", "gru", "--epochs", "3", "--lr", "0.01",
+            "--bucket", "--pooling", "max", "--test", str(test_path), "--output", str(out), *FAST]
+    capsys.readouterr()
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "already exists and is not empty; pass --resume" in line
+    assert main(argv + ["--resume"]) == 0  # finished run: nothing to do
+    assert "already finished 3 epoch(s)" in capsys.readouterr().err
+    assert main(argv + ["--resume", "--overwrite"]) == 2
+    assert "not allowed with argument" in one_error_line(capsys.readouterr().err)
+
+
+def test_evaluate_prints_accuracy_table_and_confusion(trained, capsys):
+    _, test_path, out = trained
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(test_path)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("accuracy ") and "on 60 texts" in text
+    assert "precision  recall  support" in text and "confusion matrix" in text
+    for name in ("World", "Sports", "Business", "Sci/Tech"):
+        assert name in text
+    assert main(["evaluate", str(out), "--data", str(test_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["count"] == 60 and len(result["confusion"]) == 4
+    assert f"accuracy {result['accuracy']:.4f}" in text
+
+
+def test_predict_arguments_stdin_and_json(trained, capsys, monkeypatch):
+    _, _, out = trained
+    capsys.readouterr()
+    assert main(["predict", str(out), "the stock market and bank", "goal match"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    label, prob, text = lines[0].split("\t")
+    assert label in ("World", "Sports", "Business", "Sci/Tech") and 0 < float(prob) <= 1
+    assert text == "the stock market and bank"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("computer chip\n\nwar and peace\n"))
+    assert main(["predict", str(out), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["text"] for r in rows] == ["computer chip", "war and peace"]
+    assert all(set(r) == {"text", "label", "probability", "probabilities"} for r in rows)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["predict", str(out)]) == 2
+    assert "expected texts as arguments or lines on stdin" in one_error_line(capsys.readouterr().err)
+
+
+def test_model_directory_errors(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "nowhere"), "text"]) == 2
+    assert "does not exist" in one_error_line(capsys.readouterr().err)
+    (tmp_path / "half").mkdir()
+    assert main(["evaluate", str(tmp_path / "half"), "--data", "x.csv"]) == 2
+    assert "is incomplete: it has no checkpoint.pt" in one_error_line(capsys.readouterr().err)
+    (tmp_path / "half" / "checkpoint.pt").write_bytes(b"\x00garbage")
+    assert main(["predict", str(tmp_path / "half"), "text"]) == 2
+    assert "corrupt or truncated" in one_error_line(capsys.readouterr().err)
+
+
+def test_bad_input_files(tmp_path, trained, capsys):
+    _, _, out = trained
+    base = ["train", "--model", "lstm", "--output", str(tmp_path / "r"), *FAST]
+    bad = tmp_path / "bad.csv"
+    bad.write_text('"1","a title","text"\n"9","b","c"\n"2","x","y"\n')
+    assert main(base + ["--train", str(bad)]) == 2
+    assert "bad.csv:2: expected a label 1-4" in one_error_line(capsys.readouterr().err)
+    assert main(base + ["--train", str(bad), "--skip-bad-rows"]) == 0
+    assert "skipped 1 bad rows" in capsys.readouterr().err
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert main(base + ["--train", str(empty), "--overwrite"]) == 2
+    assert "empty.csv: expected a non-empty file" in one_error_line(capsys.readouterr().err)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b'"1","caf\xe9","x"\n')
+    assert main(base + ["--train", str(latin), "--overwrite"]) == 2
+    assert "latin.csv:1: expected UTF-8 text, got the invalid byte 0xe9" in \
+        one_error_line(capsys.readouterr().err)
+    assert main(base + ["--train", str(tmp_path / "missing.csv"), "--overwrite"]) == 2
+    assert "missing.csv" in one_error_line(capsys.readouterr().err)
+    unseen = tmp_path / "unseen.jsonl"  # the run was trained on AG News labels
+    unseen.write_text('{"text": "hello", "label": "Weather"}\n')
+    assert main(["evaluate", str(out), "--data", str(unseen), "--format", "jsonl"]) == 2
+    assert "unseen.jsonl:1: expected a label seen in training" in one_error_line(capsys.readouterr().err)
+
+
+def test_csv_and_jsonl_columns(tmp_path, capsys):
+    rows = [("goal match team", "sport"), ("bank stock profit", "money")] * 12
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("id,body,topic\n" + "".join(f"{i},{t},{y}\n" for i, (t, y) in enumerate(rows)))
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": t, "topic": y}) + "\n" for t, y in rows))
+    for fmt, path in (("csv", csv_path), ("jsonl", jsonl)):
+        out = tmp_path / fmt
+        assert main(["train", "--train", str(path), "--format", fmt, "--text-column", "body",
+                     "--label-column", "topic", "--model", "rnn", "--epochs", "2", "--lr", "0.02",
+                     "--output", str(out), *FAST]) == 0
+        assert main(["evaluate", str(out), "--data", str(path), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["labels"] == ["money", "sport"] and result["count"] == 24
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert main(["train", "--train", "x.csv", "--output", "o"]) == 2
+    assert "the following arguments are required: --model" in one_error_line(capsys.readouterr().err)
+    assert main(["train", "--train", "x", "--model", "lstm", "--output", "o", "--epochs", "0"]) == 2
+    assert "expected a positive integer, got '0'" in one_error_line(capsys.readouterr().err)
+    assert main(["fly"]) == 2
+    assert "invalid choice: 'fly'" in one_error_line(capsys.readouterr().err)
+    assert main(["train", "--train", "x", "--model", "lstm", "--output", "o", "--lr", "-1"]) == 2
+    assert "lr: expected a number > 0.0, got -1.0" in one_error_line(capsys.readouterr().err)
+    assert main(["--version"]) == 0
+    assert main(["train", "--help"]) == 0
+    assert "--bidirectional" in capsys.readouterr().out
+
+
+def test_bench_calls_run_bench(monkeypatch, capsys):
+    calls = []
+    fake = types.ModuleType("packrnn.bench")
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "packrnn.bench", fake)
+    import packrnn
+
+    monkeypatch.setattr(packrnn, "bench", fake, raising=False)
+    assert main(["bench", "--quick"]) == 0
+    assert calls == [["--quick"]]
