@@ -38,6 +38,7 @@ from torch.nn.utils.rnn import PackedSequence as _TorchPackedSequence
 from packrnn import _reference, functional
 from packrnn.packing import (
     PackedSequence,
+    _validated,
     as_lengths,
     check_packed_sequence,
     pack_padded_sequence,
@@ -282,7 +283,7 @@ class _RNNBase(nn.Module):
 
         lengths = as_lengths(lengths, batch, max_length=steps)
         packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first)
-        packed_out, h_n, c_n = self._forward_sorted(packed, h0, c0)
+        packed_out, h_n, c_n = self._forward_sorted(packed, h0, c0, batch)
         output, _ = pad_packed_sequence(packed_out, batch_first=self.batch_first,
                                         total_length=steps)
         return self._finish(output, h_n, c_n)
@@ -297,11 +298,11 @@ class _RNNBase(nn.Module):
                              f"{tuple(input.data.shape)}")
         self._check_input_features(input.data, "input.data")
         h0, c0 = self._prepare_hx(hx, batch, input.data, unbatched=False)
-        packed_out, h_n, c_n = self._forward_sorted(input, h0, c0)
+        packed_out, h_n, c_n = self._forward_sorted(input, h0, c0, batch)
         return self._finish(packed_out, h_n, c_n)
 
-    def _forward_sorted(self, packed, h0: Tensor, c0: Optional[Tensor]):
-        """Run a packed batch; states in and out are in the original batch order."""
+    def _forward_sorted(self, packed, h0: Tensor, c0: Optional[Tensor], batch: int):
+        """Run a packed batch of ``batch`` sequences; states in and out in original order."""
         sorted_indices, unsorted_indices = packed.sorted_indices, packed.unsorted_indices
         if sorted_indices is not None:
             h0 = h0.index_select(1, sorted_indices)
@@ -310,7 +311,10 @@ class _RNNBase(nn.Module):
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
             c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
-        return PackedSequence(out, packed.batch_sizes, sorted_indices, unsorted_indices), h_n, c_n
+        # same fields as the validated input: mark it valid (NOTE [validated PackedSequence])
+        packed_out = _validated(
+            PackedSequence(out, packed.batch_sizes, sorted_indices, unsorted_indices), batch)
+        return packed_out, h_n, c_n
 
 
 _LAYER_DOC = """
@@ -563,7 +567,7 @@ class GRUCell(_CellBase):
     Inputs ``(input (B, E) or (E,), hx (B, H) or (H,) or None for zeros)``; output h'.
 
     >>> import torch, packrnn
-    >>> packrnn.GRUCell(2, 3)(torch.randn(3)).shape
+    >>> packrnn.GRUCell(2, 3)(torch.randn(2)).shape
     torch.Size([3])
     """
 
