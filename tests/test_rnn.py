@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.utils import rnn as tnn_rnn
 
 import packrnn
@@ -307,6 +309,46 @@ def test_padding_values_do_not_matter_with_lengths(kind):
     (grad,) = torch.autograd.grad(out.sum() + as_tuple(state)[0].sum(), x)
     for b, n in enumerate(LENGTHS):
         assert torch.equal(grad[n:, b], torch.zeros_like(grad[n:, b]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    bidirectional=st.booleans(),
+    batch_first=st.booleans(),
+    lengths=st.lists(st.integers(0, 6), min_size=1, max_size=4),
+    extra=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_property_lengths_match_torch_and_ignore_extra_padding(kind, bidirectional, batch_first,
+                                                                lengths, extra, seed):
+    """Any lengths (zeros included, any order): the real sequences match torch on packed input,
+    and adding padding steps changes nothing but the number of zero rows."""
+    torch.manual_seed(seed)
+    module, reference = make_pair(kind, num_layers=2, bidirectional=bidirectional,
+                                  batch_first=batch_first)
+    steps = max(lengths) + extra
+    x = padded_input(batch_first, torch.float64, lengths=lengths, steps=max(steps, 1))
+    hx = make_hx(kind, 2, bidirectional, len(lengths), torch.float64)
+    out, state = module(x, hx, lengths=lengths)
+    time_dim = 1 if batch_first else 0
+    real = [b for b, n in enumerate(lengths) if n > 0]
+    if real:
+        x_real = x[real] if batch_first else x[:, real]
+        hx_real = tuple(h[:, real].contiguous() for h in as_tuple(hx))
+        padded_ref, state_ref = run_form(reference, "padded+lengths", x_real,
+                                         hx_real if len(hx_real) == 2 else hx_real[0],
+                                         [lengths[b] for b in real], batch_first, ours=False)
+        torch.testing.assert_close(out[real] if batch_first else out[:, real], padded_ref)
+        for s, s_ref in zip(as_tuple(state), state_ref):
+            torch.testing.assert_close(s[:, real], s_ref)
+    # extra padding steps: same values, more zero rows
+    x_longer = torch.cat([x, torch.randn_like(x)], time_dim)
+    out_longer, state_longer = module(x_longer, hx, lengths=lengths)
+    torch.testing.assert_close(out_longer.narrow(time_dim, 0, x.shape[time_dim]), out)
+    assert not out_longer.narrow(time_dim, x.shape[time_dim], x.shape[time_dim]).any()
+    for a, b in zip(as_tuple(state_longer), as_tuple(state)):
+        torch.testing.assert_close(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
