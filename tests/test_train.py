@@ -57,7 +57,8 @@ def test_loss_falls_and_files_written(data, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert [m["train_loss"] for m in saved] == [m.train_loss for m in metrics]
     assert set(saved[0]) == {"epoch", "train_loss", "train_accuracy", "test_accuracy", "seconds",
-                             "samples_per_second"}
+                             "samples_per_second", "samples"}
+    assert saved[0]["samples"] == 240
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["epochs"] == 4
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -314,6 +314,7 @@ class EpochMetrics:
     test_accuracy: float | None  # accuracy on test_path after the epoch; None without one
     seconds: float  # wall time of the epoch's training steps (evaluation excluded)
     samples_per_second: float  # training samples (all ranks) per second of `seconds`
+    samples: int = 0  # training samples seen in the epoch (all ranks)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -583,7 +584,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
         epoch += 1
         history.append(EpochMetrics(
             epoch=epoch, train_loss=loss_sum / max(count, 1), train_accuracy=correct / max(count, 1),
-            test_accuracy=test_acc, seconds=seconds, samples_per_second=count / seconds))
+            test_accuracy=test_acc, seconds=seconds, samples_per_second=count / seconds,
+            samples=int(count)))
         step_in_epoch = 0
         accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
         checkpoint(epoch, 0, accum)
