@@ -265,6 +265,16 @@ def test_functional_errors():
         functional.rnn(packed.data, packed.batch_sizes, None, weights, nonlinearity="gelu")
     with pytest.raises(ValueError, match=r"backend: expected None or one of"):
         functional.lstm(packed.data, packed.batch_sizes, hx, weights, backend="fast")
+    h0, c0 = hx
+    with pytest.raises(ValueError, match=r"hx\[0\]: expected shape \(1, B, 4\) with B >= batch_sizes\[0\] = 3, got \(1, 2, 4\)"):
+        functional.lstm(packed.data, packed.batch_sizes, (h0[:, :2], c0), weights)
+    with pytest.raises(ValueError, match=r"hx\[1\]: expected batch size 4 \(as hx\[0\]\), got 5"):
+        functional.lstm(packed.data, packed.batch_sizes, (h0, torch.zeros(1, 5, H, dtype=torch.float64)), weights)
+    with pytest.raises(TypeError, match=r"hx\[1\]: expected dtype torch.float64 on cpu \(as data\), got torch.float32 on cpu"):
+        functional.lstm(packed.data, packed.batch_sizes, (h0, c0.float()), weights)
+    with pytest.raises(ValueError, match=r"hx: expected shape \(2, B, 4\)"):
+        functional.gru(packed.data, packed.batch_sizes, torch.zeros(1, 4, H, dtype=torch.float64),
+                       [w.detach() for w in torch_module("gru", 1, True)._flat_weights], bidirectional=True)
 
 
 def test_public_names():

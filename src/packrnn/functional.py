@@ -278,6 +278,20 @@ def _check(data: Tensor, batch_sizes: Tensor, weights: Sequence[Tensor], num_lay
     return per_dir
 
 
+def _check_state(state: Tensor, name: str, sizes: tuple[int, int], min_batch: int,
+                 data: Tensor) -> None:
+    """An initial state is (L*D, B, width) with B >= batch_sizes[0], data's dtype and device."""
+    if not isinstance(state, Tensor):
+        raise TypeError(f"{name}: expected a Tensor, got {type(state).__name__}")
+    layers, width = sizes
+    if state.dim() != 3 or state.shape[0] != layers or state.shape[2] != width or state.shape[1] < min_batch:
+        raise ValueError(f"{name}: expected shape ({layers}, B, {width}) with B >= batch_sizes[0] = "
+                         f"{min_batch}, got {tuple(state.shape)}")
+    if state.dtype != data.dtype or state.device != data.device:
+        raise TypeError(f"{name}: expected dtype {data.dtype} on {data.device} (as data), got "
+                        f"{state.dtype} on {state.device}")
+
+
 def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
          c0: Optional[Tensor], weights: Sequence[Tensor], bias: bool, num_layers: int,
          dropout: float, training: bool, bidirectional: bool, backend: Optional[str]):
@@ -292,6 +306,11 @@ def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
         h0 = torch.zeros(num_layers * num_dirs, batch, width, **opts)  # (L*D, B, H_out)
     if mode == "lstm" and c0 is None:
         c0 = torch.zeros(num_layers * num_dirs, h0.shape[1], hidden, **opts)  # (L*D, B, H)
+    _check_state(h0, "hx[0]" if mode == "lstm" else "hx", (num_layers * num_dirs, width), batch, data)
+    if mode == "lstm":
+        _check_state(c0, "hx[1]", (num_layers * num_dirs, hidden), h0.shape[1], data)
+        if c0.shape[1] != h0.shape[1]:
+            raise ValueError(f"hx[1]: expected batch size {h0.shape[1]} (as hx[0]), got {c0.shape[1]}")
 
     if data.is_cuda and backend is None:
         return _run_cuda(mode=mode, data=data, batch_sizes=batch_sizes, h0=h0, c0=c0,
