@@ -248,7 +248,7 @@ def recurrence_backward(
     hidden = w_hh.shape[0] // gate_count
     # Backward visits the steps in the opposite order of forward.
     steps = _steps(batch_sizes, not reverse)
-    prev_index = _prev_row_index(batch_sizes, reverse, h0.shape[0])  # (N,)
+    prev_index = _prev_row_index(batch_sizes, reverse, h0.shape[0]).to(output.device)  # (N,)
     h_prev = _gather_prev(h0, output, prev_index)  # (N, H_out) state each row started from
     grad_gates_x = torch.empty(output.shape[0], w_hh.shape[0], dtype=output.dtype,
                                device=output.device)  # (N, G*H)
