@@ -28,7 +28,7 @@ _SOURCES = ("recurrence.cpp", "recurrence.h")
 # Portable flags: no -march=native (the cache may be shared by different CPUs); the elementwise
 # loops carry their own AVX2+FMA build chosen at run time. -fopenmp lets at::parallel_for split a
 # step's rows over torch's intra-op threads (it links the libgomp torch already loaded).
-_CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+_CFLAGS = ("-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
