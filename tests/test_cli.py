@@ -168,3 +168,33 @@ def test_bench_calls_run_bench(monkeypatch, capsys):
     monkeypatch.setattr(packrnn, "bench", fake, raising=False)
     assert main(["bench", "--quick"]) == 0
     assert calls == [["--quick"]]
+
+
+def test_demo_small(capsys):
+    assert main(["demo", "--train-size", "120", "--test-size", "40", "--max-length", "30",
+                 "--epochs", "1", "--hidden-size", "8", "--batch-size", "16", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "input (3, 5, 4) -> output (3, 5, 2), h_n (1, 3, 2)" in out
+    assert "(matches the padded run's steps)" in out
+    assert "bag of words" in out and "packed is" in out and "predictions of the packed model" in out
+    assert main(["demo", "--epochs", "0"]) == 2
+    assert "--epochs: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_hello_example_and_order_task():
+    import torch
+
+    from packrnn.demo import LABELS, MARKERS, hello, make_order_task
+
+    assert hello().shape == (3, 5, 2)
+    rows = make_order_task(300, 0, max_length=50)
+    lengths = [len(r["text"].split()) for r in rows]
+    assert min(lengths) >= 1 and max(lengths) <= 50
+    for r in rows:
+        words = r["text"].split()
+        present = [w for w in words if w in MARKERS]
+        assert present[0] == MARKERS[LABELS.index(r["label"])]  # label = first marker
+        if len(words) > 1:
+            assert sorted(present) == sorted(MARKERS)  # both once: words alone do not tell
+    assert {r["label"] for r in rows} == set(LABELS)
+    assert torch.is_tensor(hello())

@@ -27,6 +27,10 @@ from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 from .ops import last_step, lengths_to_mask, max_pool, mean_pool, reverse_sequences
 
+# the classifier and its training config (train/evaluate/predict live in packrnn.train)
+from .models import ModelConfig, SequenceClassifier
+from .train import TrainConfig
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -62,4 +66,8 @@ __all__ = [
     "max_pool",
     "last_step",
     "reverse_sequences",
+    # text classification
+    "ModelConfig",
+    "SequenceClassifier",
+    "TrainConfig",
 ]
