@@ -107,8 +107,10 @@ def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, kill_step):
 def test_resume_finished_run_returns_its_metrics_and_extends(data, tmp_path):
     out = tmp_path / "run"
     first = train(config(data, out, epochs=1))
+    (out / "metrics.json").unlink()  # killed after the checkpoint, before metrics.json
     again = train(config(data, out, epochs=1, resume=True))
     assert again == first
+    assert json.loads((out / "metrics.json").read_text())[0]["train_loss"] == first[0].train_loss
     more = train(config(data, out, epochs=2, resume=True))  # more epochs: allowed
     assert [m.epoch for m in more] == [1, 2] and more[0] == first[0]
 

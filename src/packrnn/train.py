@@ -503,6 +503,10 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             if cfg.overwrite:
                 _clear_run_files(out)
             atomic_write_json(out / CONFIG_NAME, cfg.to_dict())
+    if state is not None and ctx.is_main:
+        # A kill between the epoch's checkpoint and its metrics.json must not lose the epoch:
+        # the checkpoint's history is the truth, rewrite the files from it.
+        _write_metrics(cfg, out, history)
     D.barrier(ctx)
     if epoch >= cfg.epochs:
         if ctx.is_main:
@@ -589,15 +593,19 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
         accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
         checkpoint(epoch, 0, accum)
         if ctx.is_main:
-            atomic_write_json(out / METRICS_NAME, [asdict(m) for m in history])
-            if cfg.plot:
-                _plot(history, out / PLOT_NAME)
+            _write_metrics(cfg, out, history)
             m = history[-1]
             print(f"epoch {m.epoch}: train_loss {m.train_loss:.4f} train_accuracy "
                   f"{m.train_accuracy:.4f} test_accuracy "
                   f"{'-' if m.test_accuracy is None else f'{m.test_accuracy:.4f}'} "
                   f"({m.seconds:.1f} s, {m.samples_per_second:.0f} samples/s)", file=sys.stderr)
     return history
+
+
+def _write_metrics(cfg: TrainConfig, out: Path, history: Sequence[EpochMetrics]) -> None:
+    atomic_write_json(out / METRICS_NAME, [asdict(m) for m in history])
+    if cfg.plot and history:
+        _plot(history, out / PLOT_NAME)
 
 
 def _adam(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Adam:
