@@ -388,10 +388,6 @@ def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
                          f"(checkpoint: {saved.get(k)!r}); use another --output or --overwrite")
 
 
-def _unwrap(model: nn.Module) -> SequenceClassifier:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _epoch_batches(sampler: BucketBatchSampler, epoch: int) -> list[list[int]]:
     """The epoch's batches, a pure function of (seed, epoch) (NOTE [exact resume])."""
     sampler.set_epoch(epoch)
@@ -421,8 +417,11 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
         one ``EpochMetrics`` per finished epoch, the same list as ``metrics.json``.
 
     Raises:
-        TrainError: bad data, an existing output directory without resume/overwrite, or a
-            checkpoint that does not match the config.
+        ValueError: a bad row ``"<file>:<line>: ..."`` (unless ``skip_bad_rows``), an empty
+            file, a test label unseen in training.
+        TrainError (a ValueError): an existing output directory without resume/overwrite, or
+            a checkpoint that does not match the config.
+        CheckpointError (a ValueError): a corrupt or foreign checkpoint to resume from.
 
     >>> metrics = train(TrainConfig(train_path="train.csv", test_path="test.csv",
     ...                             output="runs/lstm", epochs=2))  # doctest: +SKIP
@@ -444,7 +443,19 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
 def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None
            ) -> list[EpochMetrics]:
     out = Path(cfg.output)
-    resume_path = _prepare_output(cfg, ctx)  # every rank checks, so every rank fails alike
+    # Rank 0 decides and tells the others: it writes into `out` soon, and a slower rank must not
+    # then mistake the new run's files for an existing run.
+    decision: tuple[str, str | None] = ("ok", None)
+    if ctx.is_main:
+        try:
+            path = _prepare_output(cfg, ctx)
+            decision = ("ok", None if path is None else str(path))
+        except TrainError as e:
+            decision = ("error", str(e))
+    decision = D.broadcast_object(ctx, decision)
+    if decision[0] == "error":
+        raise TrainError(decision[1])
+    resume_path = None if decision[1] is None else Path(decision[1])
     state = load_checkpoint(resume_path) if resume_path is not None else None
     if state is not None:
         _check_resume_config(state["train_config"], cfg)
@@ -773,7 +784,9 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
         predicted / absent.
 
     Raises:
-        TrainError: unreadable file, or a label the run never saw in training.
+        ValueError: a bad row or a label the run never saw in training
+            (``"<file>:<line>: ..."``), an empty file.
+        CheckpointError: see ``load_run``.
     """
     run = _as_run(run)
     _check_pos_int("batch_size", batch_size)
