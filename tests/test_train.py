@@ -250,3 +250,36 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
 def test_save_checkpoint_requires_every_key(tmp_path):
     with pytest.raises(ValueError, match=r"state: expected keys .* missing \['model_config'"):
         save_checkpoint(tmp_path / "c.pt", {"epoch": 0})
+
+
+def test_sparse_embedding_trains_and_resumes_exactly(data, tmp_path):
+    kw = dict(sparse_embedding=True, grad_clip=1.0, epochs=2, checkpoint_every_steps=5, lr=0.01)
+    straight = train(config(data, tmp_path / "a", **kw))
+    assert straight[-1].train_loss < straight[0].train_loss
+    out = tmp_path / "b"
+    with pytest.raises(Killed):
+        train(config(data, out, **kw), on_step=_kill_at(12))
+    resumed = train(config(data, out, resume=True, **kw))
+    assert [m.train_loss for m in resumed] == [m.train_loss for m in straight]
+    assert set(load_checkpoint(out)["optimizer_state"]) == {"adam", "sparse_adam"}
+    with pytest.raises(ValueError, match=r"weight_decay: expected 0 with sparse_embedding=True"):
+        config(data, tmp_path / "c", sparse_embedding=True, weight_decay=0.1)
+
+
+def test_clip_grad_norm_with_sparse_gradients_matches_dense():
+    from packrnn.models import ModelConfig, SequenceClassifier
+    from packrnn.train import _clip_grad_norm
+
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        m = SequenceClassifier(ModelConfig(vocab_size=20, num_classes=2, embed_dim=4, hidden_size=3,
+                                           sparse_embedding=sparse))
+        ids = torch.tensor([[3, 4, 3], [5, 3, 0]])
+        (m(ids, [3, 2]).sum() * 100).backward()
+        _clip_grad_norm(m, 0.5)
+        grads.append([p.grad.to_dense() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    total = torch.stack([g.norm() for g in grads[0]]).norm()
+    assert total == pytest.approx(0.5, rel=1e-4)

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vectors", metavar="PATH", help="word2vec/GloVe text file to initialise the "
                    "embedding from")
     t.add_argument("--freeze-embedding", action="store_true", help="do not train the embedding")
+    t.add_argument("--sparse-embedding", action="store_true",
+                   help="sparse embedding gradients with lazy Adam (only the batch's rows are "
+                        "updated): much faster with a large vocabulary")
     t.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="(default: 16)")
     t.add_argument("--epochs", type=_positive_int, default=1, metavar="N", help="(default: 1)")
     t.add_argument("--lr", type=_float, default=1e-3, help="Adam learning rate (default: 0.001)")
@@ -173,6 +176,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         embed_dim=a.embed_dim, hidden_size=a.hidden_size, num_layers=a.layers,
         bidirectional=a.bidirectional, dropout=a.dropout, pooling=a.pooling,
         execution=a.execution, vectors=a.vectors, freeze_embedding=a.freeze_embedding,
+        sparse_embedding=a.sparse_embedding,
         batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, seed=a.seed, bucket=a.bucket, max_tokens=a.max_tokens,
         eval_batch_size=a.eval_batch_size, checkpoint_every_steps=a.checkpoint_every,

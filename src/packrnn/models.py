@@ -78,6 +78,7 @@ class ModelConfig:
     padding_idx: int | None = 0  # embedding row of <pad>: zero and never updated; None: none
     nonlinearity: str = "tanh"  # cell="rnn" only: "tanh" or "relu"
     freeze_embedding: bool = False  # keep the embedding fixed (e.g. pretrained vectors)
+    sparse_embedding: bool = False  # sparse embedding gradients (only the batch's rows)
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size, 1)
@@ -89,8 +90,9 @@ class ModelConfig:
         _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("execution", self.execution, EXECUTIONS)
         _check_choice("nonlinearity", self.nonlinearity, ("tanh", "relu"))
-        if not isinstance(self.bidirectional, bool):
-            raise TypeError(f"bidirectional: expected a bool, got {self.bidirectional!r}")
+        for name in ("bidirectional", "freeze_embedding", "sparse_embedding"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
@@ -157,7 +159,8 @@ class SequenceClassifier(nn.Module):
             raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
         self.config = config
         c = config
-        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=c.padding_idx)
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=c.padding_idx,
+                                      sparse=c.sparse_embedding)
         if c.freeze_embedding:
             self.embedding.weight.requires_grad_(False)
         kwargs: dict[str, Any] = dict(num_layers=c.num_layers, bidirectional=c.bidirectional,
