@@ -503,8 +503,13 @@ def test_constructor_errors(kwargs, error, match):
 def test_constructor_errors_specific_to_kind():
     with pytest.raises(ValueError, match=r"proj_size: expected 0 \(projections are LSTM-only\), got 2"):
         packrnn.rnn._RNNBase("GRU", E, H, proj_size=2)
-    with pytest.raises(TypeError, match="proj_size"):
-        packrnn.GRU(E, H, proj_size=2)
+    # torch raises ValueError for any proj_size keyword on RNN/GRU (even 0); so do we
+    only_lstm = r"proj_size: expected no proj_size argument \(it is only supported for LSTM, not RNN or GRU"
+    for cls, value in [(packrnn.GRU, 2), (packrnn.GRU, 0), (packrnn.RNN, 2), (packrnn.RNN, 0)]:
+        with pytest.raises(ValueError, match=r"only supported for LSTM, not RNN or GRU"):
+            getattr(torch.nn, cls.__name__)(E, H, proj_size=value)
+        with pytest.raises(ValueError, match=only_lstm + rf".*got {value}"):
+            cls(E, H, proj_size=value)
     with pytest.raises(ValueError, match=r"nonlinearity: expected 'tanh' or 'relu', got 'gelu'"):
         packrnn.RNN(E, H, nonlinearity="gelu")
 

@@ -76,6 +76,13 @@ def _check_state(value, name: str, shape: tuple, like: Tensor) -> None:
         raise ValueError(f"{name}: expected device {like.device} (as the input), got {value.device}")
 
 
+def _reject_proj_size(proj_size) -> None:
+    """torch.nn.RNN / GRU raise ValueError for any ``proj_size`` keyword (even 0); so do we."""
+    if proj_size is not None:
+        raise ValueError(f"proj_size: expected no proj_size argument (it is only supported for "
+                         f"LSTM, not RNN or GRU, as in torch), got {proj_size!r}")
+
+
 class _RNNBase(nn.Module):
     """Shared parameters, validation and input handling of RNN, LSTM and GRU.
 
@@ -361,7 +368,9 @@ class RNN(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None):
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None,
+                 *, proj_size=None):
+        _reject_proj_size(proj_size)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
@@ -406,7 +415,8 @@ class GRU(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False, device=None, dtype=None):
+                 bidirectional: bool = False, device=None, dtype=None, *, proj_size=None):
+        _reject_proj_size(proj_size)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
 
