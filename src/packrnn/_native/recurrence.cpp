@@ -100,11 +100,12 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int6
   }
 }
 
-// Inside a parallel region each thread runs its own slab's GEMM; keep MKL from starting nested
-// threads there (it should not anyway, this makes it explicit). Restores the setting on exit.
+// Per-step GEMMs run single-threaded: inside a parallel region each thread owns a slab of rows,
+// and outside one the step was judged too small to split (MKL's own threading costs more than
+// it saves there: ~1.5x slower at B=16). Thread-local; restores the global setting on exit.
 struct SingleThreadedBlas {
   bool active;
-  SingleThreadedBlas() : active(MKL_Set_Num_Threads_Local != nullptr && at::in_parallel_region()) {
+  SingleThreadedBlas() : active(MKL_Set_Num_Threads_Local != nullptr) {
     if (active) MKL_Set_Num_Threads_Local(1);
   }
   ~SingleThreadedBlas() {
@@ -492,24 +493,78 @@ Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch)
   return L;
 }
 
-// Rows of a step run on one thread unless the step's recurrent GEMM is big enough to pay for a
-// parallel region (~ a few microseconds): at least kMinFlopsPerThread per slab.
-constexpr int64_t kMinFlopsPerThread = 1 << 18;
+// NOTE [Row slabs]
+//   Sequences are independent of each other: row b at step t reads only row b's own state. So
+//   the rows [0, b_0) are cut ONCE into one contiguous slab per thread and every thread runs the
+//   whole time loop on its slab (at step t it updates slab ∩ [0, b_t)). There is no
+//   synchronisation between threads inside the loop -- no barrier per step, and a thread that
+//   the OS delays holds up no one else. Sorted rows make early slabs long-lived, so the cut
+//   balances work: each row costs its length, and each step a slab is active costs a fixed
+//   overhead (GEMM call, streaming the weights) of kStepOverheadRows rows.
+constexpr double kStepOverheadRows = 4.0;
+// Below this many FLOPs in the whole loop one thread does everything (fork/join, and the
+// smaller GEMMs of split slabs, would cost more than they save).
+constexpr double kMinParallelFlops = 4e6;
+// BLAS threads for the GEMMs over all rows only above this many FLOPs.
+constexpr double kMinThreadedGemmFlops = 8e6;
 
-int64_t row_grain(int64_t flops_per_row) {
-  return std::max<int64_t>(4, (kMinFlopsPerThread + flops_per_row - 1) / std::max<int64_t>(flops_per_row, 1));
+struct Slab {
+  int64_t r0, r1;
+};
+
+std::vector<Slab> make_slabs(const Layout& L, double flops_per_row_step) {
+  const int64_t b0 = L.max_active;
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || b0 < 2 || double(L.rows) * flops_per_row_step < kMinParallelFlops) {
+    return {{0, b0}};
+  }
+  // len[b] = number of steps row b is active (rows are sorted longest first).
+  std::vector<int64_t> len(b0, 0);
+  for (int64_t b_t : L.sizes) len[b_t - 1] += 1;
+  for (int64_t b = b0 - 2; b >= 0; --b) len[b] += len[b + 1];
+  // Smallest max-slab-cost that fits into `threads` slabs (greedy check + bisection).
+  auto cut = [&](double budget, std::vector<Slab>* out) {
+    int64_t slabs = 0, r0 = 0;
+    while (r0 < b0) {
+      double cost = kStepOverheadRows * len[r0];
+      int64_t r1 = r0;
+      while (r1 < b0 && (r1 == r0 || cost + len[r1] <= budget)) cost += len[r1++];
+      if (out) out->push_back({r0, r1});
+      ++slabs;
+      r0 = r1;
+    }
+    return slabs;
+  };
+  double lo = 0, hi = double(L.rows) + kStepOverheadRows * len[0];
+  for (int it = 0; it < 50 && hi - lo > 0.5; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (cut(mid, nullptr) <= threads ? hi : lo) = mid;
+  }
+  std::vector<Slab> slabs;
+  cut(hi, &slabs);
+  return slabs;
 }
 
+// Runs the whole time loop once per slab, slabs in parallel (NOTE [Row slabs]). `order` lists
+// the steps in visiting order; body(t, r0, r1) does step t on rows [r0, r1) (never empty).
 template <typename F>
-void for_rows(int64_t rows, int64_t grain, const F& body) {
-  if (rows > grain && at::get_num_threads() > 1) {
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      SingleThreadedBlas guard;
-      body(r0, r1);
-    });
-  } else {
-    body(0, rows);
+void run_slabs(const std::vector<Slab>& slabs, const Layout& L, bool ascending, const F& body) {
+  const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
+  auto loop = [&](const Slab& slab) {
+    SingleThreadedBlas guard;  // each thread (or the one thread) runs its own BLAS calls
+    for (int64_t k = 0; k < T_steps; ++k) {
+      const int64_t t = ascending ? k : T_steps - 1 - k;
+      const int64_t r1 = std::min(slab.r1, L.sizes[t]);
+      if (slab.r0 < r1) body(t, slab.r0, r1);
+    }
+  };
+  if (slabs.size() == 1) {
+    loop(slabs[0]);
+    return;
   }
+  at::parallel_for(0, static_cast<int64_t>(slabs.size()), 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t i = s0; i < s1; ++i) loop(slabs[i]);
+  });
 }
 
 void check_tensor(const at::Tensor& x, const char* name, at::ScalarType dtype,
@@ -607,36 +662,32 @@ std::vector<at::Tensor> forward_impl(const Dims& d, const Layout& L, const at::T
   T* r_p = r_all.defined() ? r_all.data_ptr<T>() : nullptr;
   const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
 
-  const int64_t grain = row_grain(2 * GH * Hout + 2 * P * H + 16 * GH);
-  const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
-  for (int64_t k = 0; k < T_steps; ++k) {
-    const int64_t t = reverse ? T_steps - 1 - k : k;
-    const int64_t bt = L.sizes[t], off = L.offsets[t];
+  const auto slabs = make_slabs(L, double(2 * GH * Hout + 2 * P * H + 16 * GH));
+  run_slabs(slabs, L, /*ascending=*/!reverse, [&](int64_t t, int64_t r0, int64_t r1) {
+    const int64_t off = L.offsets[t];
+    const int64_t m = r1 - r0;
     // Row bases of this step (NOTE [Active prefix]).
     const T* gx_t = gx + off * GH;
     T* out_t = out + off * Hout;
     T* act_t = act_p ? act_p + (need_backward ? off : 0) * act_width : nullptr;
     T* r_t = r_p ? r_p + (need_backward ? off : 0) * H : nullptr;
-    for_rows(bt, grain, [&](int64_t r0, int64_t r1) {
-      const int64_t m = r1 - r0;
-      // S[r0:r1] = h[r0:r1] @ w_hh^T: (m, H_out) x (H_out, G*H)
-      gemm_rm<T>(false, true, m, GH, Hout, h + r0 * Hout, Hout, whh, Hout, T(0), s + r0 * GH, GH);
-      if (lstm) {
-        T* hr = P > 0 ? r_t : out_t;
-        lstm_fwd_rows_run(LstmFwd<T>{gx_t, s, act_t, c, hr, P > 0 ? H : Hout, H}, r0, r1);
-        if (cells_p) copy_rows<T>(cells_p + off * H, H, c, H, r0, r1, H);
-        if (P > 0) {
-          // output[r0:r1] = r[r0:r1] @ w_hr^T: (m, H) x (H, P)
-          gemm_rm<T>(false, true, m, P, H, r_t + r0 * H, H, whr, H, T(0), out_t + r0 * P, P);
-        }
-        copy_rows<T>(h, Hout, out_t, Hout, r0, r1, Hout);
-      } else if (gru) {
-        gru_fwd_rows_run(GruFwd<T>{gx_t, s, bias_p, act_t, h, out_t, H}, r0, r1);
-      } else {
-        rnn_fwd_rows_run(RnnFwd<T>{gx_t, s, h, out_t, H, relu}, r0, r1);
+    // S[r0:r1] = h[r0:r1] @ w_hh^T: (m, H_out) x (H_out, G*H)
+    gemm_rm<T>(false, true, m, GH, Hout, h + r0 * Hout, Hout, whh, Hout, T(0), s + r0 * GH, GH);
+    if (lstm) {
+      T* hr = P > 0 ? r_t : out_t;
+      lstm_fwd_rows_run(LstmFwd<T>{gx_t, s, act_t, c, hr, P > 0 ? H : Hout, H}, r0, r1);
+      if (cells_p) copy_rows<T>(cells_p + off * H, H, c, H, r0, r1, H);
+      if (P > 0) {
+        // output[r0:r1] = r[r0:r1] @ w_hr^T: (m, H) x (H, P)
+        gemm_rm<T>(false, true, m, P, H, r_t + r0 * H, H, whr, H, T(0), out_t + r0 * P, P);
       }
-    });
-  }
+      copy_rows<T>(h, Hout, out_t, Hout, r0, r1, Hout);
+    } else if (gru) {
+      gru_fwd_rows_run(GruFwd<T>{gx_t, s, bias_p, act_t, h, out_t, H}, r0, r1);
+    } else {
+      rnn_fwd_rows_run(RnnFwd<T>{gx_t, s, h, out_t, H, relu}, r0, r1);
+    }
+  });
 
   std::vector<at::Tensor> result{output, h_n};
   if (lstm) result.push_back(c_n);
@@ -693,15 +744,15 @@ std::vector<at::Tensor> backward_impl(const Dims& d, const Layout& L,
   T* dr_scratch = P > 0 ? DR.data_ptr<T>() : nullptr;
   const int64_t act_width = gru ? 4 * H : GH;
 
-  const int64_t grain = row_grain(2 * GH * Hout + 2 * P * H + 24 * GH);
   const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
-  for (int64_t k = 0; k < T_steps; ++k) {
-    // Backward visits the steps in the opposite order of forward.
-    const int64_t t = reverse ? k : T_steps - 1 - k;
+  const auto slabs = make_slabs(L, double(2 * GH * Hout + 2 * P * H + 24 * GH));
+  // Backward visits the steps in the opposite order of forward.
+  run_slabs(slabs, L, /*ascending=*/reverse, [&](int64_t t, int64_t r0, int64_t r1) {
     const int64_t bt = L.sizes[t], off = L.offsets[t];
-    // Where each row's previous state lives: rows [0, split) in `prev_*` at packed offset
-    // prev_off, rows [split, b_t) in the initial state (reverse direction only: sequences that
-    // join at this step).
+    const int64_t m = r1 - r0;
+    // Where each row's previous state lives: rows [0, split) in `output` / `cells` at packed
+    // offset prev_off, rows [split, b_t) in the initial state (reverse direction only:
+    // sequences that join at this step).
     int64_t split = 0, prev_off = 0;
     if (!reverse && t > 0) {
       split = bt;
@@ -710,47 +761,47 @@ std::vector<at::Tensor> backward_impl(const Dims& d, const Layout& L,
       split = L.sizes[t + 1];
       prev_off = L.offsets[t + 1];
     }
-    for_rows(bt, grain, [&](int64_t r0, int64_t r1) {
-      const int64_t m = r1 - r0;
-      // h_prev rows of this step (input of the grad_w_hh GEMM; gru's elementwise needs them).
-      T* hprev_t = hprev + off * Hout;
-      const int64_t mid = std::clamp(split, r0, r1);
-      copy_rows<T>(hprev_t, Hout, out + prev_off * Hout, Hout, r0, mid, Hout);
-      copy_rows<T>(hprev_t, Hout, h0p, Hout, mid, r1, Hout);
-      // dh[r0:r1] += grad_output rows: the grad of this step's new h.
-      add_rows<T>(dh, Hout, gout + off * Hout, Hout, r0, r1, Hout);
-      if (lstm) {
-        const T* dr = dh;
-        int64_t ld_dr = Hout;
-        if (P > 0) {
-          copy_rows<T>(dproj + off * P, P, dh, P, r0, r1, P);
-          // DR[r0:r1] = dh[r0:r1] @ w_hr: (m, P) x (P, H)
-          gemm_rm<T>(false, false, m, H, P, dh + r0 * P, P, whr, H, T(0), dr_scratch + r0 * H, H);
-          dr = dr_scratch;
-          ld_dr = H;
-        }
-        const T* cprev0 = split > 0 ? cells + prev_off * H : c0p;
-        lstm_bwd_rows_run(LstmBwd<T>{act + off * act_width, cells + off * H, cprev0, c0p, split,
-                                     dr, ld_dr, dc, dgx + off * GH, H},
-                          r0, r1);
-        // dh[r0:r1] = dgates rows @ w_hh: (m, 4H) x (4H, H_out)
-        gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
-                   dh + r0 * Hout, Hout);
-      } else if (gru) {
-        gru_bwd_rows_run(GruBwd<T>{act + off * act_width, hprev_t, dh, dgx + off * GH,
-                                   dgh + off * GH, H},
-                         r0, r1);
-        // dh[r0:r1] = z * dh + dgh rows @ w_hh: (m, 3H) x (3H, H)
-        gemm_rm<T>(false, false, m, Hout, GH, dgh + (off + r0) * GH, GH, whh, Hout, T(1),
-                   dh + r0 * Hout, Hout);
-      } else {
-        rnn_bwd_rows_run(RnnBwd<T>{out + off * Hout, dh, dgx + off * GH, H, relu}, r0, r1);
-        gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
-                   dh + r0 * Hout, Hout);
+    // h_prev rows of this step (input of the grad_w_hh GEMM; gru's elementwise needs them).
+    T* hprev_t = hprev + off * Hout;
+    const int64_t mid = std::clamp(split, r0, r1);
+    copy_rows<T>(hprev_t, Hout, out + prev_off * Hout, Hout, r0, mid, Hout);
+    copy_rows<T>(hprev_t, Hout, h0p, Hout, mid, r1, Hout);
+    // dh[r0:r1] += grad_output rows: the grad of this step's new h.
+    add_rows<T>(dh, Hout, gout + off * Hout, Hout, r0, r1, Hout);
+    if (lstm) {
+      const T* dr = dh;
+      int64_t ld_dr = Hout;
+      if (P > 0) {
+        copy_rows<T>(dproj + off * P, P, dh, P, r0, r1, P);
+        // DR[r0:r1] = dh[r0:r1] @ w_hr: (m, P) x (P, H)
+        gemm_rm<T>(false, false, m, H, P, dh + r0 * P, P, whr, H, T(0), dr_scratch + r0 * H, H);
+        dr = dr_scratch;
+        ld_dr = H;
       }
-    });
-  }
+      const T* cprev0 = split > 0 ? cells + prev_off * H : c0p;
+      lstm_bwd_rows_run(LstmBwd<T>{act + off * act_width, cells + off * H, cprev0, c0p, split,
+                                   dr, ld_dr, dc, dgx + off * GH, H},
+                        r0, r1);
+      // dh[r0:r1] = dgates rows @ w_hh: (m, 4H) x (4H, H_out)
+      gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
+                 dh + r0 * Hout, Hout);
+    } else if (gru) {
+      gru_bwd_rows_run(GruBwd<T>{act + off * act_width, hprev_t, dh, dgx + off * GH,
+                                 dgh + off * GH, H},
+                       r0, r1);
+      // dh[r0:r1] = z * dh + dgh rows @ w_hh: (m, 3H) x (3H, H)
+      gemm_rm<T>(false, false, m, Hout, GH, dgh + (off + r0) * GH, GH, whh, Hout, T(1),
+                 dh + r0 * Hout, Hout);
+    } else {
+      rnn_bwd_rows_run(RnnBwd<T>{out + off * Hout, dh, dgx + off * GH, H, relu}, r0, r1);
+      gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
+                 dh + r0 * Hout, Hout);
+    }
+  });
 
+  // The GEMMs over all rows use BLAS's own threads unless they are small.
+  std::optional<SingleThreadedBlas> serial_blas;
+  if (2.0 * GH * Hout * N < kMinThreadedGemmFlops) serial_blas.emplace();
   // grad_w_hh = grad_gh^T @ h_prev: (G*H, N) x (N, H_out), one GEMM over all rows.
   at::Tensor grad_w_hh = at::empty({GH, Hout}, opts);
   gemm_rm<T>(true, false, GH, Hout, N, dgh, GH, hprev, Hout, T(0), grad_w_hh.data_ptr<T>(), Hout);

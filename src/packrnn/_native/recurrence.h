@@ -12,11 +12,14 @@
 // NOTE [Active prefix]
 //   Sequences are sorted longest first, so the sequences active at step t are exactly state rows
 //   [0, b_t), and packed rows [off_t, off_t + b_t) hold them in the same order. Every buffer
-//   below is therefore touched as one contiguous row range per step, and the rows of a step are
-//   independent of each other. The kernel splits [0, b_t) into one slab per thread; a thread
-//   does the whole step for its slab -- recurrent GEMM (single-threaded BLAS call), then one
-//   fused elementwise pass (gate nonlinearities + state update), then the projection GEMM for
-//   LSTM with proj_size -- so there is one parallel region and no barrier inside a step.
+//   below is therefore touched as one contiguous row range per step.
+//
+// Threads (NOTE [Row slabs] in recurrence.cpp): sequences never read each other's state, so the
+// rows are cut once into one contiguous slab per thread, balanced by work, and each thread runs
+// the WHOLE time loop on its slab -- per step: recurrent GEMM (single-threaded BLAS call), one
+// fused elementwise pass (gate nonlinearities + state update), and the projection GEMM for LSTM
+// with proj_size. One parallel region per call, no barrier per step. Small problems run on one
+// thread.
 //
 // Per step (forward):   S[0:b_t] = h[0:b_t] @ w_hh^T                 one GEMM  (b_t, G*H)
 //                       fused pass: gates = act(gates_x rows + S), update h (and c), write output
@@ -27,7 +30,9 @@
 // ---------------------------------------------------------------------------------------------
 // Buffers of recurrence_forward. Owner "caller" = tensor passed in (read only, never written);
 // "returned" = allocated here once per call and handed back; "scratch" = allocated here once per
-// call and dropped at return. No buffer is allocated inside the time loop.
+// call and dropped at return. No buffer is allocated inside the time loop. Buffers with N rows
+// of 4 MiB or more are 2 MiB aligned and advised as transparent huge pages (empty_rows()).
+// Threads write disjoint row ranges of every buffer (their slabs), never the same row.
 //
 //   gates_x   (N, G*H)   caller    x @ w_ih^T + b_ih (+ b_hh for rnn/lstm). Read only.
 //   w_hh      (G*H, H_out) caller  recurrent weight; S = h @ w_hh^T.
