@@ -18,7 +18,8 @@ NOTE [Padding contract]
       step. Same numbers as pack -> torch layer -> pad, without computing the padding.
 
     A sequence of length 0 has no output rows (all zeros when padded) and its final state is
-    its initial state.
+    its initial state; so padded input with T = 0 steps (which torch refuses) returns an empty
+    output and ``hx``. An empty batch (B = 0) returns empty outputs and states, as torch.
 
 Letters: T time, B batch, E input size, H hidden size, P proj_size, H_out = P or H,
 L layers, D directions.
@@ -273,13 +274,16 @@ class _RNNBase(nn.Module):
         batch, steps = input.shape[batch_dim], input.shape[time_dim]
         h0, c0 = self._prepare_hx(hx, batch, input, unbatched)
 
-        if lengths is None:
-            # Every step is real: the packed rows of a full batch are the time-major rows.
+        if lengths is not None:
+            lengths = as_lengths(lengths, batch, max_length=steps)
+        if lengths is None or batch == 0:
+            # Every step is real: the packed rows of a full batch are the time-major rows. An
+            # empty batch (B = 0, which torch accepts) has no rows and no steps to pack.
             rows = input.transpose(0, 1) if self.batch_first else input  # (T, B, E)
             data = rows.reshape(steps * batch, self.input_size)  # (T*B, E)
-            batch_sizes = torch.full((steps,), batch, dtype=torch.int64)  # (T,)
+            batch_sizes = torch.full((steps if batch else 0,), batch, dtype=torch.int64)  # (T,)
             out, h_n, c_n = self._run(data, batch_sizes, h0, c0)
-            output = out.view(steps, batch, -1)  # (T, B, D*H_out)
+            output = out.view(steps, batch, out.shape[1])  # (T, B, D*H_out)
             if self.batch_first:
                 output = output.transpose(0, 1)  # (B, T, D*H_out)
             if unbatched:
@@ -288,7 +292,6 @@ class _RNNBase(nn.Module):
                 c_n = c_n.squeeze(1) if c_n is not None else None
             return self._finish(output, h_n, c_n)
 
-        lengths = as_lengths(lengths, batch, max_length=steps)
         packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first)
         packed_out, h_n, c_n = self._forward_sorted(packed, h0, c0, batch)
         output, _ = pad_packed_sequence(packed_out, batch_first=self.batch_first,
