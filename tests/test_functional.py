@@ -257,8 +257,14 @@ def test_functional_errors():
         functional.lstm(packed.data[:, 0], packed.batch_sizes, hx, weights)
     with pytest.raises(ValueError, match=r"batch_sizes: expected to sum to data.shape\[0\] = 7, got 8"):
         functional.lstm(packed.data[:7], packed.batch_sizes, hx, weights)
-    with pytest.raises(ValueError, match=r"batch_sizes: expected a 1-D int64 CPU tensor, got 1-D torch.int32"):
+    with pytest.raises(ValueError, match=r"batch_sizes: expected a 1-D int64 tensor, got shape \(\d+,\) dtype torch.int32"):
         functional.lstm(packed.data, packed.batch_sizes.int(), hx, weights)
+    # every backend gets valid batch_sizes (the python one used to run on, or fail obscurely)
+    for backend in BACKENDS + ["reference"]:
+        with pytest.raises(ValueError, match=r"batch_sizes: expected non-increasing entries, got \[1, 2\]"):
+            functional.lstm(packed.data[:3], torch.tensor([1, 2]), None, weights, backend=backend)
+        with pytest.raises(ValueError, match=r"batch_sizes: expected every entry >= 1, got \[3, 0\]"):
+            functional.lstm(packed.data[:3], torch.tensor([3, 0]), None, weights, backend=backend)
     with pytest.raises(ValueError, match=r"weights: expected 4 or 5 tensors for num_layers=1, bidirectional=False, bias=True, got 3"):
         functional.lstm(packed.data, packed.batch_sizes, hx, weights[:3])
     with pytest.raises(ValueError, match=r"nonlinearity: expected 'tanh' or 'relu', got 'gelu'"):

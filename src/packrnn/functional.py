@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from packrnn import _lean, _reference
+from packrnn.packing import check_batch_sizes
 
 __all__ = ["rnn", "lstm", "gru"]
 
@@ -260,9 +261,7 @@ def _check(data: Tensor, batch_sizes: Tensor, weights: Sequence[Tensor], num_lay
     if not isinstance(data, Tensor) or data.dim() != 2:
         raise ValueError(f"data: expected a 2-D tensor (N, E), got "
                          f"{tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__}")
-    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.is_cuda:
-        raise ValueError(f"batch_sizes: expected a 1-D int64 CPU tensor, got "
-                         f"{batch_sizes.dim()}-D {batch_sizes.dtype} on {batch_sizes.device}")
+    check_batch_sizes(batch_sizes)
     if int(batch_sizes.sum()) != data.shape[0]:
         raise ValueError(f"batch_sizes: expected to sum to data.shape[0] = {data.shape[0]}, "
                          f"got {int(batch_sizes.sum())}")

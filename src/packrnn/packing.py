@@ -76,6 +76,7 @@ __all__ = [
     "batch_sizes_from_lengths",
     "lengths_from_batch_sizes",
     "invert_permutation",
+    "check_batch_sizes",
     "check_packed_sequence",
     "packed_batch_size",
     "packed_lengths",
@@ -319,6 +320,36 @@ def lengths_from_batch_sizes(batch_sizes: Tensor, batch_size: int | None = None)
     return counts.flip(0).cumsum(0).flip(0)[1:]  # (B,)
 
 
+def check_batch_sizes(batch_sizes, name: str = "batch_sizes") -> None:
+    """Check a packed batch's ``batch_sizes``: 1-D CPU int64, non-increasing, every entry >= 1.
+
+    Shared by :func:`check_packed_sequence` and ``packrnn.functional`` (which takes
+    ``batch_sizes`` on its own).
+
+    Raises:
+        ValueError naming ``name``.
+
+    >>> check_batch_sizes(torch.tensor([2, 0]))
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_sizes: expected every entry >= 1, got [2, 0]
+    """
+    if not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64:
+        got = (
+            f"shape {tuple(batch_sizes.shape)} dtype {batch_sizes.dtype}"
+            if isinstance(batch_sizes, Tensor)
+            else type(batch_sizes).__name__
+        )
+        raise ValueError(f"{name}: expected a 1-D int64 tensor, got {got}")
+    if batch_sizes.device.type != "cpu":
+        raise ValueError(f"{name}: expected a CPU tensor, got device {batch_sizes.device}")
+    if batch_sizes.numel():
+        if batch_sizes.numel() > 1 and bool((batch_sizes[1:] > batch_sizes[:-1]).any()):
+            raise ValueError(f"{name}: expected non-increasing entries, got {_short(batch_sizes)}")
+        if int(batch_sizes[-1]) < 1:  # non-increasing, so the last entry is the smallest
+            raise ValueError(f"{name}: expected every entry >= 1, got {_short(batch_sizes)}")
+
+
 def check_packed_sequence(sequence, name: str = "sequence") -> int:
     """Check that a PackedSequence's fields agree; return its batch size B.
 
@@ -339,20 +370,7 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
     if not isinstance(data, Tensor) or data.dim() < 1:
         got = f"shape {tuple(data.shape)}" if isinstance(data, Tensor) else type(data).__name__
         raise ValueError(f"{name}.data: expected a tensor with at least 1 dimension, got {got}")
-    if not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64:
-        got = (
-            f"shape {tuple(batch_sizes.shape)} dtype {batch_sizes.dtype}"
-            if isinstance(batch_sizes, Tensor)
-            else type(batch_sizes).__name__
-        )
-        raise ValueError(f"{name}.batch_sizes: expected a 1-D int64 tensor, got {got}")
-    if batch_sizes.device.type != "cpu":
-        raise ValueError(f"{name}.batch_sizes: expected a CPU tensor, got device {batch_sizes.device}")
-    if batch_sizes.numel():
-        if batch_sizes.numel() > 1 and bool((batch_sizes[1:] > batch_sizes[:-1]).any()):
-            raise ValueError(f"{name}.batch_sizes: expected non-increasing entries, got {_short(batch_sizes)}")
-        if int(batch_sizes[-1]) < 1:  # non-increasing, so the last entry is the smallest
-            raise ValueError(f"{name}.batch_sizes: expected every entry >= 1, got {_short(batch_sizes)}")
+    check_batch_sizes(batch_sizes, f"{name}.batch_sizes")
     total = int(batch_sizes.sum())
     if total != data.size(0):
         raise ValueError(
