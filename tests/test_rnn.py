@@ -421,6 +421,28 @@ def test_device_and_dtype_arguments(dtype):
     assert all(p.dtype == dtype and p.device.type == "cpu" for p in module.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_half_precision_runs_like_torch(kind, dtype):
+    # torch's layers run float16/bfloat16 on CPU; ours must too (the native kernel is float32/64
+    # only), close to the float32 result, forward and backward
+    torch.manual_seed(21)
+    module32, reference = make_pair(kind, bidirectional=True, dtype=torch.float32)
+    module = type(module32)(E, H, bidirectional=True, dtype=dtype)
+    module.load_state_dict(reference.state_dict())
+    x = padded_input(False, torch.float32)
+    x_half = x.to(dtype).requires_grad_()
+    out, _ = module(x_half, lengths=LENGTHS)
+    out.sum().backward()
+    x32 = x.clone().requires_grad_()
+    out32, _ = module32(x32, lengths=LENGTHS)
+    out32.sum().backward()
+    assert out.dtype == dtype and x_half.grad.dtype == dtype
+    # measured over 30 seeds: <= 7.5e-3 (outputs) and 1.4e-2 (grads) in bfloat16
+    torch.testing.assert_close(out.float(), out32, rtol=0, atol=2e-2)
+    torch.testing.assert_close(x_half.grad.float(), x32.grad, rtol=0, atol=4e-2)
+
+
 # ---------------------------------------------------------------------------------------------
 # dropout between layers
 # ---------------------------------------------------------------------------------------------

@@ -38,8 +38,19 @@ _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 _BACKENDS = ("python", "native", "reference")
 
 
-def _get_backend(name: Optional[str] = None):
+# NOTE [half precision]
+# The native kernel computes in float32/float64 only, while torch's layers (and the lean
+# backend, which is plain tensor ops) also run float16/bfloat16 on CPU. So with backend=None,
+# data of any other dtype runs the lean backend: a swap from torch.nn that worked keeps working.
+# An explicit backend="native" keeps the kernel's own dtype error.
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _get_backend(name: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """The recurrence backend for ``name``; the ONE place that decides which backend runs.
+
+    ``dtype`` (of the data) routes float16/bfloat16 to the lean backend when ``name`` is None
+    (NOTE [half precision]).
 
     Returns the module ``_lean`` or ``packrnn._native`` (both expose ``recurrence_forward`` and
     ``recurrence_backward``), or the string ``"reference"`` for the per-step autograd path.
@@ -52,6 +63,8 @@ def _get_backend(name: Optional[str] = None):
         from packrnn import backend as selection
 
         name = selection.backend_name()
+        if name == "native" and dtype is not None and dtype not in _NATIVE_DTYPES:
+            return _lean  # NOTE [half precision]
     if name == "python":
         return _lean
     if name == "native":
@@ -316,7 +329,7 @@ def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
                          weights=weights, bias=bias, num_layers=num_layers, dropout=dropout,
                          training=training, bidirectional=bidirectional)
 
-    impl = _get_backend(backend)
+    impl = _get_backend(backend, data.dtype)
     x = data  # (N, E)
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -375,7 +388,8 @@ _COMMON_DOC = """
             when ``training``. Default 0.
         training: training mode (enables dropout). Default False.
         bidirectional: run a reverse direction too and concatenate the outputs. Default False.
-        backend: None (the selected backend), "python", "native" or "reference".
+        backend: None (the selected backend; float16/bfloat16 data always runs "python",
+            as the native kernel is float32/float64 only), "python", "native" or "reference".
 
     The output has a row for every real step only: there is no padding to hold anything.
 """
