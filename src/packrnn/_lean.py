@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from packrnn.packing import _layout_from_batch_sizes
+
 __all__ = ["recurrence_forward", "recurrence_backward"]
 
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
@@ -80,8 +82,7 @@ def _prev_row_index(batch_sizes: Tensor, reverse: bool, batch: int) -> Tensor:
     sizes = batch_sizes.to(torch.int64)
     steps = sizes.numel()
     offsets = torch.cumsum(sizes, 0) - sizes  # (T,)
-    step_of_row = torch.repeat_interleave(torch.arange(steps), sizes)  # (N,)
-    col_of_row = torch.arange(step_of_row.numel()) - offsets[step_of_row]  # (N,)
+    _, step_of_row, col_of_row = _layout_from_batch_sizes(sizes, _max_active(sizes))  # (N,), (N,)
     if reverse:
         nxt = (step_of_row + 1).clamp(max=max(steps - 1, 0))
         has_prev = (step_of_row + 1 < steps) & (col_of_row < sizes[nxt])

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence as _TorchPackedSequence
 
-from .packing import PackedSequence, as_lengths, check_packed_sequence, lengths_from_batch_sizes
+from .packing import PackedSequence, _layout_from_batch_sizes, as_lengths, check_packed_sequence
 
 __all__ = ["lengths_to_mask", "mean_pool", "max_pool", "last_step", "reverse_sequences"]
 
@@ -73,15 +73,10 @@ class _Packed:
     def __init__(self, sequence, name: str = "input") -> None:
         self.batch = check_packed_sequence(sequence, name)  # B
         self.data, self.batch_sizes, self.sorted_indices, self.unsorted_indices = sequence
-        device = self.data.device
-        steps = self.batch_sizes.numel()
-        offsets = torch.cumsum(self.batch_sizes, 0) - self.batch_sizes  # (T,) first row of step t
-        t_idx = torch.repeat_interleave(torch.arange(steps), self.batch_sizes)  # (N,)
-        self.offsets = offsets
-        self.t_idx = t_idx
-        self.j_idx = torch.arange(t_idx.numel()) - offsets[t_idx]  # (N,) sorted column of each row
-        self.sorted_lengths = lengths_from_batch_sizes(self.batch_sizes, self.batch)  # (B,) sorted
-        self.device = device
+        self.device = self.data.device
+        self.offsets = torch.cumsum(self.batch_sizes, 0) - self.batch_sizes  # (T,) first row of step t
+        # (B,) sorted lengths; row n is step t_idx[n] of sorted column j_idx[n], both (N,)
+        self.sorted_lengths, self.t_idx, self.j_idx = _layout_from_batch_sizes(self.batch_sizes, self.batch)
 
     def to_original(self, out: Tensor) -> Tensor:
         """Rows in sorted-column order -> original batch order."""

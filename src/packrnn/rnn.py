@@ -77,6 +77,14 @@ def _check_state(value, name: str, shape: tuple, like: Tensor) -> None:
         raise ValueError(f"{name}: expected device {like.device} (as the input), got {value.device}")
 
 
+def _reset_uniform(module: nn.Module) -> None:
+    """torch's RNN/cell init: every parameter ~ Uniform(-1/sqrt(H), 1/sqrt(H)), in registration
+    order (so the same seed gives torch's weights)."""
+    bound = 1.0 / math.sqrt(module.hidden_size)
+    for weight in module.parameters():
+        nn.init.uniform_(weight, -bound, bound)
+
+
 def _reject_proj_size(proj_size) -> None:
     """torch.nn.RNN / GRU raise ValueError for any ``proj_size`` keyword (even 0); so do we."""
     if proj_size is not None:
@@ -167,9 +175,7 @@ class _RNNBase(nn.Module):
 
     def reset_parameters(self) -> None:
         """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        _reset_uniform(self)
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -468,9 +474,7 @@ class _CellBase(nn.Module):
 
     def reset_parameters(self) -> None:
         """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        _reset_uniform(self)
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
