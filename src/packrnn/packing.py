@@ -358,8 +358,15 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
     ``data.size(0)``; ``sorted_indices`` / ``unsorted_indices`` are both ``None`` or inverse
     permutations of the same length ``B >= batch_sizes[0]`` on ``data``'s device.
 
+    Args:
+        sequence (PackedSequence): the batch to check.
+        name (str): the argument name used in error messages. Default: ``"sequence"``.
+
     Raises:
         TypeError / ValueError naming the offending field.
+
+    >>> check_packed_sequence(pack_sequence([torch.ones(2), torch.ones(0)]))
+    2
     """
     if not isinstance(sequence, _TorchPackedSequence):
         raise TypeError(f"{name}: expected a PackedSequence, got {type(sequence).__name__}")
@@ -434,12 +441,21 @@ def _validated(packed: PackedSequence, batch: int) -> PackedSequence:
 
 
 def packed_batch_size(sequence) -> int:
-    """Number of sequences B in a packed batch (zero-length ones included); validates it."""
+    """Number of sequences B in a packed batch (zero-length ones included); validates it.
+
+    Unlike ``batch_sizes[0]``, this counts zero-length sequences (NOTE [zero-length sequences]).
+
+    >>> packed_batch_size(pack_sequence([torch.ones(3), torch.ones(0), torch.ones(1)]))
+    3
+    """
     return check_packed_sequence(sequence)
 
 
 def packed_lengths(sequence) -> Tensor:
     """Lengths of the sequences of a packed batch, in original order, as ``(B,)`` CPU int64.
+
+    Args:
+        sequence (PackedSequence): packrnn's or torch's.
 
     >>> packed_lengths(pack_sequence([torch.ones(2), torch.ones(3)]))
     tensor([2, 3])

@@ -72,6 +72,10 @@ def collate_padded(batch: Sequence, *, padding_value: int = 0, batch_first: bool
 
     Returns:
         :class:`Batch` ``(inputs, lengths, labels)``; ``T = max(L_b)`` (0 if all are empty).
+
+    >>> collate_padded([[4, 5], [6]], padding_value=1, batch_first=True)
+    Batch(inputs=tensor([[4, 5],
+            [6, 1]]), lengths=tensor([2, 1]), labels=None)
     """
     seqs, labels = _split_items(batch)
     lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.int64)  # (B,)
@@ -86,6 +90,17 @@ def collate_packed(batch: Sequence) -> Batch:
     :func:`packrnn.pack_sequence` (sorted internally; results come back in item order through
     ``unsorted_indices``). Zero-length items are allowed (NOTE [zero-length sequences] in
     ``packrnn.packing``). Embed it with ``PackedSequence(embedding(p.data), *p[1:])``.
+
+    Args:
+        batch: as :func:`collate_padded`.
+
+    Returns:
+        :class:`Batch` ``(inputs, lengths, labels)`` with ``inputs`` a PackedSequence of
+        ``N = sum(L_b)`` ids.
+
+    >>> batch = collate_packed([(torch.tensor([4]), 0), (torch.tensor([5, 6]), 1)])
+    >>> batch.inputs.data, batch.inputs.batch_sizes, batch.lengths, batch.labels
+    (tensor([5, 4, 6]), tensor([2, 1]), tensor([1, 2]), tensor([0, 1]))
     """
     seqs, labels = _split_items(batch)
     lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.int64)  # (B,)

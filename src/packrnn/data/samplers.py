@@ -3,7 +3,7 @@
 Use them as a DataLoader's ``batch_sampler``::
 
     sampler = BucketBatchSampler(dataset.lengths, batch_size=32, seed=0)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=PadCollate())
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collate())
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         for batch in loader: ...
