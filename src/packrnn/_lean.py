@@ -161,13 +161,13 @@ def recurrence_forward(
         else:
             gates = torch.empty(max_active, 4 * hidden, **opts)  # (b0, 4H) scratch
             cells = torch.empty(max_active, hidden, **opts)  # (b0, H) scratch
-        hpre = torch.empty(max_active, hidden, **opts) if w_hr is not None else None
+        hpre = torch.empty(max_active, hidden, **opts) if w_hr is not None else None  # (b0, H)
         tanh_c = torch.empty(max_active, hidden, **opts)  # (b0, H) scratch
         for off, size in steps:
             rows = slice(off, off + size) if need_backward else slice(0, size)
             g_t = gates[rows]  # (b, 4H)
-            torch.addmm(gates_x[off : off + size], h[:size], w_hh_t, out=g_t)
-            i, f, g, o = g_t.chunk(4, 1)
+            torch.addmm(gates_x[off : off + size], h[:size], w_hh_t, out=g_t)  # (b, 4H)
+            i, f, g, o = g_t.chunk(4, 1)  # 4 x (b, H) views
             g.mul_(2.0)  # one sigmoid over all gates; g = 2 * sigmoid(2 x) - 1 = tanh(x)
             g_t.sigmoid_()
             g.mul_(2.0).sub_(1.0)
@@ -181,7 +181,7 @@ def recurrence_forward(
                 torch.mul(o, tc, out=out_t)
             else:
                 torch.mul(o, tc, out=hpre[:size])
-                torch.mm(hpre[:size], w_hr.t(), out=out_t)
+                torch.mm(hpre[:size], w_hr.t(), out=out_t)  # (b, H) x (H, P) -> (b, P)
             h[:size].copy_(out_t)
         saved = (gates, cells) if need_backward else ()
         return output, h, c, saved
@@ -191,10 +191,10 @@ def recurrence_forward(
             gates = torch.empty(rows_total, 3 * hidden, **opts)  # (N, 3H) r, z, n
             hidden_n = torch.empty(rows_total, hidden, **opts)  # (N, H) h @ w_hn^T + b_hn
         else:
-            gates = torch.empty(max_active, 3 * hidden, **opts)
-            hidden_n = torch.empty(max_active, hidden, **opts)
+            gates = torch.empty(max_active, 3 * hidden, **opts)  # (b0, 3H) scratch
+            hidden_n = torch.empty(max_active, hidden, **opts)  # (b0, H) scratch
         gh = torch.empty(max_active, 3 * hidden, **opts)  # (b0, 3H) scratch
-        bias = b_hh if b_hh is not None else torch.zeros(3 * hidden, **opts)
+        bias = b_hh if b_hh is not None else torch.zeros(3 * hidden, **opts)  # (3H,)
         for off, size in steps:
             rows = slice(off, off + size) if need_backward else slice(0, size)
             gh_t = torch.addmm(bias, h[:size], w_hh_t, out=gh[:size])  # (b, 3H)
@@ -202,9 +202,9 @@ def recurrence_forward(
             gx_t = gates_x[off : off + size]  # (b, 3H)
             torch.add(gx_t[:, : 2 * hidden], gh_t[:, : 2 * hidden], out=g_t[:, : 2 * hidden])
             g_t[:, : 2 * hidden].sigmoid_()  # r, z
-            r, z, n = g_t.chunk(3, 1)
+            r, z, n = g_t.chunk(3, 1)  # 3 x (b, H) views
             hidden_n[rows].copy_(gh_t[:, 2 * hidden :])
-            torch.addcmul(gx_t[:, 2 * hidden :], r, gh_t[:, 2 * hidden :], out=n)
+            torch.addcmul(gx_t[:, 2 * hidden :], r, gh_t[:, 2 * hidden :], out=n)  # (b, H) n pre-activation
             _tanh_(n)
             out_t = output[off : off + size]  # (b, H)
             # h' = (1 - z) * n + z * h = n + z * (h - n)
@@ -267,7 +267,7 @@ def recurrence_backward(
             rows = slice(off, off + size)
             dh_t = dh[:size].add_(grad_output[rows])  # (b, H)
             d_pre = torch.mul(dh_t, d_act[rows], out=grad_gates_x[rows])  # (b, H)
-            torch.mm(d_pre, w_hh, out=dh[:size])
+            torch.mm(d_pre, w_hh, out=dh[:size])  # (b, H) x (H, H) -> (b, H)
         grad_w_hh = grad_gates_x.t().mm(h_prev)  # (H, H_out)
         return grad_gates_x, dh, None, grad_w_hh, None, None
 
@@ -289,9 +289,9 @@ def recurrence_backward(
             if w_hr is not None:
                 d_proj[rows].copy_(dh_t)
                 dh_t = torch.mm(dh_t, w_hr, out=d_hpre[:size])  # (b, H) grad of o * tanh(c)
-            i, f, g, o = gates[rows].chunk(4, 1)
+            i, f, g, o = gates[rows].chunk(4, 1)  # 4 x (b, H)
             dg_t = grad_gates_x[rows]  # (b, 4H) grads of the gate pre-activations
-            di, df, dgg, do = dg_t.chunk(4, 1)
+            di, df, dgg, do = dg_t.chunk(4, 1)  # 4 x (b, H) views to fill
             torch.mul(dh_t, tanh_c[rows], out=do)
             # dc = dc_next + dh * o * tanh'(c), using the i slot as scratch
             dc_t = dc[:size].add_(torch.mul(dh_t, o, out=di).mul_(d_tanh_c[rows]))
@@ -300,7 +300,7 @@ def recurrence_backward(
             torch.mul(dc_t, i, out=dgg)
             dg_t.mul_(d_act[rows])
             dc_t.mul_(f)
-            torch.mm(dg_t, w_hh, out=dh[:size])
+            torch.mm(dg_t, w_hh, out=dh[:size])  # (b, 4H) x (4H, H_out) -> (b, H_out)
         grad_w_hh = grad_gates_x.t().mm(h_prev)  # (4H, H_out)
         grad_w_hr = None
         if w_hr is not None:
@@ -309,7 +309,7 @@ def recurrence_backward(
 
     if mode == "gru":
         gates, hidden_n = saved  # (N, 3H) r, z, n; (N, H) h @ w_hn^T + b_hn
-        r, z, n = gates.chunk(3, 1)
+        r, z, n = gates.chunk(3, 1)  # 3 x (N, H)
         # with dh the gradient of h' at a row:
         #   dn_pre = dh * (1 - z) * (1 - n^2)                 = dh * f_n
         #   dz_pre = dh * (h - n) * z * (1 - z)               = dh * f_z
@@ -324,8 +324,8 @@ def recurrence_backward(
             rows = slice(off, off + size)
             dh_t = dh[:size].add_(grad_output[rows])  # (b, H)
             dgh = grad_gh[rows]  # (b, 3H)
-            dr, dz, dn_r = dgh.chunk(3, 1)
-            dn = torch.mul(dh_t, f_n[rows], out=dn_all[rows])
+            dr, dz, dn_r = dgh.chunk(3, 1)  # 3 x (b, H) views to fill
+            dn = torch.mul(dh_t, f_n[rows], out=dn_all[rows])  # (b, H)
             torch.mul(dh_t, f_z[rows], out=dz)
             torch.mul(dn, f_r[rows], out=dr)
             torch.mul(dn, r[rows], out=dn_r)

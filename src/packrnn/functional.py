@@ -224,7 +224,7 @@ class _LayerFunction(torch.autograd.Function):
         grad_x = grad_gates.mm(w_ih_all) if ctx.needs_input_grad[1] else None  # (N, E)
         grad_w_ih = grad_gates.t().mm(x).chunk(num_dirs, 0)  # D x (G*H, E)
         has_bias = directions[0].b_ih is not None
-        grad_b_ih = grad_gates.sum(0).chunk(num_dirs, 0) if has_bias else [None] * num_dirs
+        grad_b_ih = grad_gates.sum(0).chunk(num_dirs, 0) if has_bias else [None] * num_dirs  # D x (G*H,)
 
         grads = []
         for k, d in enumerate(directions):
@@ -252,7 +252,7 @@ def _layer(*, mode: str, x: Tensor, batch_sizes: Tensor, directions: Sequence[_D
         ]
         output = torch.cat([r[0] for r in results], 1)  # (N, D*H_out)
         h_n = torch.stack([r[1] for r in results])  # (D, B, H_out)
-        c_n = torch.stack([r[2] for r in results]) if mode == "lstm" else None
+        c_n = torch.stack([r[2] for r in results]) if mode == "lstm" else None  # (D, B, H)
         return output, h_n, c_n
 
     spec = _LayerSpec(mode=mode, batch_sizes=batch_sizes, backend=backend)
