@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["load_library", "build_directory", "kernel_info", "recurrence_forward",
+__all__ = ["load_library", "build_directory", "kernel_info", "clear_cache", "recurrence_forward",
            "recurrence_backward"]
 
 _HERE = Path(__file__).resolve().parent
@@ -93,6 +93,13 @@ def _ops():
 def kernel_info() -> str:
     """How the loaded kernel runs: SIMD level of the float32 elementwise loops and the BLAS."""
     return _ops().kernel_info()
+
+
+def clear_cache() -> None:
+    """Free the large buffers the kernel keeps for reuse (at most ``PACKRNN_NATIVE_CACHE_MB``,
+    default 1024 MiB, of blocks released by earlier calls; 0 disables the cache)."""
+    if _loaded is not None:
+        torch.ops.packrnn.clear_cache()
 
 
 def recurrence_forward(

@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <utility>
 
 // ---------------------------------------------------------------------------------------------
 // BLAS. libtorch_cpu exports the Fortran BLAS symbols of the MKL it is built with; calling them
@@ -113,21 +115,90 @@ struct SingleThreadedBlas {
   }
 };
 
-// The O(N) buffers (tens of MB at B=256) are fresh memory on every call, and first-touch page
-// faults on 4 KiB pages cost about as much as the fused passes themselves. Large buffers are
-// therefore 2 MiB aligned and advised as transparent huge pages (the same thing torch does
-// under THP_MEM_ALLOC_ENABLE=1); small ones come from the normal allocator.
+// NOTE [Buffer cache]
+//   The O(N) buffers (tens of MB at B=256) would be fresh memory on every call: the kernel then
+//   zeroes every page on first touch, which costs ~40 % of the forward GEMMs' time. Large
+//   buffers therefore come from a small cache of blocks released by earlier calls (a training
+//   loop asks for the same sizes every step), and new blocks are 2 MiB aligned and advised as
+//   transparent huge pages (what torch does under THP_MEM_ALLOC_ENABLE=1). The cache holds at
+//   most PACKRNN_NATIVE_CACHE_MB (default 1024) MiB of free blocks; 0 disables it.
+class BufferCache {
+ public:
+  static BufferCache& instance() {
+    static BufferCache* cache = new BufferCache();  // never destroyed: deleters may run at exit
+    return *cache;
+  }
+
+  // A block of at least `len` bytes (and at most 2x): from the cache, else newly allocated.
+  std::pair<void*, size_t> take(size_t len) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      size_t best = blocks_.size();
+      for (size_t i = 0; i < blocks_.size(); ++i) {
+        const size_t have = blocks_[i].second;
+        if (have >= len && have <= 2 * len && (best == blocks_.size() || have < blocks_[best].second))
+          best = i;
+      }
+      if (best != blocks_.size()) {
+        auto block = blocks_[best];
+        blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(best));
+        cached_ -= block.second;
+        return block;
+      }
+    }
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, len) != 0) return {nullptr, 0};
+#ifdef MADV_HUGEPAGE
+    madvise(p, len, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
+#endif
+    return {p, len};
+  }
+
+  void give(void* p, size_t len) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + len <= limit_) {
+        blocks_.emplace_back(p, len);
+        cached_ += len;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  void clear() {
+    std::vector<std::pair<void*, size_t>> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(blocks_);
+      cached_ = 0;
+    }
+    for (auto& b : blocks) std::free(b.first);
+  }
+
+  static constexpr size_t kHuge = size_t(2) << 20;
+
+ private:
+  BufferCache() {
+    const char* env = std::getenv("PACKRNN_NATIVE_CACHE_MB");
+    limit_ = (env && *env) ? size_t(std::max(0L, std::atol(env))) << 20 : size_t(1024) << 20;
+  }
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> blocks_;  // (pointer, bytes) of free blocks
+  size_t cached_ = 0;
+  size_t limit_ = 0;
+};
+
+// An uninitialised (rows, cols) tensor; large ones through the buffer cache.
 at::Tensor empty_rows(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-  constexpr size_t kHuge = size_t(2) << 20;
+  constexpr size_t kHuge = BufferCache::kHuge;
   const size_t nbytes = size_t(rows) * size_t(cols) * opts.dtype().itemsize();
   if (nbytes < 2 * kHuge) return at::empty({rows, cols}, opts);
   const size_t len = (nbytes + kHuge - 1) / kHuge * kHuge;
-  void* p = nullptr;
-  if (posix_memalign(&p, kHuge, len) != 0) return at::empty({rows, cols}, opts);
-#ifdef MADV_HUGEPAGE
-  madvise(p, len, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
-#endif
-  return at::from_blob(p, {rows, cols}, [](void* q) { std::free(q); }, opts);
+  auto [p, got] = BufferCache::instance().take(len);
+  if (p == nullptr) return at::empty({rows, cols}, opts);
+  return at::from_blob(
+      p, {rows, cols}, [got = got](void* q) { BufferCache::instance().give(q, got); }, opts);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -889,6 +960,8 @@ std::vector<at::Tensor> recurrence_backward(
   });
 }
 
+void clear_cache() { BufferCache::instance().clear(); }
+
 std::string kernel_info() {
   std::string simd = cpu_has_avx2_fma() ? "avx2+fma" : "baseline";
   std::string blas = (sgemm_ != nullptr && dgemm_ != nullptr) ? "direct BLAS (sgemm_/dgemm_)"
@@ -911,4 +984,5 @@ TORCH_LIBRARY(packrnn, m) {
       "bool reverse, Tensor output, Tensor[] saved) -> Tensor[]",
       &packrnn::recurrence_backward);
   m.def("kernel_info() -> str", &packrnn::kernel_info);
+  m.def("clear_cache() -> ()", &packrnn::clear_cache);
 }

@@ -31,7 +31,8 @@
 // Buffers of recurrence_forward. Owner "caller" = tensor passed in (read only, never written);
 // "returned" = allocated here once per call and handed back; "scratch" = allocated here once per
 // call and dropped at return. No buffer is allocated inside the time loop. Buffers with N rows
-// of 4 MiB or more are 2 MiB aligned and advised as transparent huge pages (empty_rows()).
+// of 4 MiB or more come from a cache of blocks earlier calls released, else new 2 MiB aligned
+// transparent huge pages (NOTE [Buffer cache] in recurrence.cpp).
 // Threads write disjoint row ranges of every buffer (their slabs), never the same row.
 //
 //   gates_x   (N, G*H)   caller    x @ w_ih^T + b_ih (+ b_hh for rnn/lstm). Read only.
@@ -92,6 +93,9 @@ std::vector<at::Tensor> recurrence_backward(
     const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
     const at::Tensor& output, at::TensorList saved);
+
+// Frees the blocks the buffer cache holds (NOTE [Buffer cache] in recurrence.cpp).
+void clear_cache();
 
 // A short description of how the kernel was built and what it runs on (SIMD level, BLAS).
 std::string kernel_info();
