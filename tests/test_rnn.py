@@ -576,7 +576,7 @@ def _lstm_inputs(batch=3, dtype=torch.float64):
     ("hx_device", ValueError, r"hx\[0\]: expected device cpu \(as the input\), got meta"),
     ("hx_not_tuple", TypeError, r"hx: expected a tuple \(h_0, c_0\) of two tensors, got Tensor"),
     ("lengths_packed", ValueError, r"lengths: expected None for a PackedSequence input"),
-    ("lengths_count", ValueError, r"lengths"),
+    ("lengths_count", ValueError, r"lengths: expected 3 lengths \(one per sequence in the batch\), got 2"),
     ("lengths_too_long", ValueError, r"lengths: expected every length <= 5"),
     ("lengths_unbatched", ValueError, r"lengths: expected None for an unbatched 2-D input"),
     ("packed_features", ValueError, r"input.data: expected 3 features"),

@@ -92,6 +92,19 @@ def _reject_proj_size(proj_size) -> None:
                          f"LSTM, not RNN or GRU, as in torch), got {proj_size!r}")
 
 
+def _check_input_features(data: Tensor, name: str, input_size: int, weight: Tensor) -> None:
+    """Input of a layer or cell: ``input_size`` features last, the parameters' dtype and device."""
+    if data.shape[-1] != input_size:
+        raise ValueError(f"{name}: expected {input_size} features (input_size) in the last "
+                         f"dimension, got shape {tuple(data.shape)}")
+    if data.dtype != weight.dtype:
+        raise TypeError(f"{name}: expected dtype {weight.dtype} (the module's parameters), "
+                        f"got {data.dtype}")
+    if data.device != weight.device:
+        raise ValueError(f"{name}: expected device {weight.device} (the module's parameters), "
+                         f"got {data.device}")
+
+
 class _RNNBase(nn.Module):
     """Shared parameters, validation and input handling of RNN, LSTM and GRU.
 
@@ -225,18 +238,6 @@ class _RNNBase(nn.Module):
             states.append(value.unsqueeze(1) if unbatched else value)
         return states[0], (states[1] if is_lstm else None)
 
-    def _check_input_features(self, data: Tensor, name: str) -> None:
-        weight = self.weight_ih_l0
-        if data.shape[-1] != self.input_size:
-            raise ValueError(f"{name}: expected {self.input_size} features (input_size) in the "
-                             f"last dimension, got shape {tuple(data.shape)}")
-        if data.dtype != weight.dtype:
-            raise TypeError(f"{name}: expected dtype {weight.dtype} (the module's parameters), "
-                            f"got {data.dtype}")
-        if data.device != weight.device:
-            raise ValueError(f"{name}: expected device {weight.device} (the module's "
-                             f"parameters), got {data.device}")
-
     def _run(self, data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Optional[Tensor]):
         """Packed rows in sorted order -> (output rows, h_n, c_n or None) via functional."""
         common = dict(bias=self.bias, num_layers=self.num_layers, dropout=self.dropout,
@@ -269,7 +270,7 @@ class _RNNBase(nn.Module):
         if input.dim() not in (2, 3):
             raise ValueError(f"input: expected a 3-D (batched) or 2-D (unbatched) tensor, got "
                              f"shape {tuple(input.shape)}")
-        self._check_input_features(input, "input")
+        _check_input_features(input, "input", self.input_size, self.weight_ih_l0)
         unbatched = input.dim() == 2
         if unbatched:
             if lengths is not None:
@@ -312,7 +313,7 @@ class _RNNBase(nn.Module):
         if input.data.dim() != 2:
             raise ValueError(f"input.data: expected a 2-D tensor (N, E), got shape "
                              f"{tuple(input.data.shape)}")
-        self._check_input_features(input.data, "input.data")
+        _check_input_features(input.data, "input.data", self.input_size, self.weight_ih_l0)
         h0, c0 = self._prepare_hx(hx, batch, input.data, unbatched=False)
         packed_out, h_n, c_n = self._forward_sorted(input, h0, c0, batch)
         return self._finish(packed_out, h_n, c_n)
@@ -491,15 +492,7 @@ class _CellBase(nn.Module):
         if input.dim() not in (1, 2):
             raise ValueError(f"input: expected a 2-D (batched) or 1-D (unbatched) tensor, got "
                              f"shape {tuple(input.shape)}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"input: expected {self.input_size} features (input_size) in the "
-                             f"last dimension, got shape {tuple(input.shape)}")
-        if input.dtype != self.weight_ih.dtype:
-            raise TypeError(f"input: expected dtype {self.weight_ih.dtype} (the module's "
-                            f"parameters), got {input.dtype}")
-        if input.device != self.weight_ih.device:
-            raise ValueError(f"input: expected device {self.weight_ih.device} (the module's "
-                             f"parameters), got {input.device}")
+        _check_input_features(input, "input", self.input_size, self.weight_ih)
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input  # (B, E)
         shape = (self.hidden_size,) if unbatched else (x.shape[0], self.hidden_size)
