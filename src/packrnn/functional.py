@@ -14,6 +14,10 @@ direction to a backend (see NOTE [Backend contract] in ``_lean.py``):
 On CUDA (and ``backend=None``) the call is delegated to torch's cuDNN implementation with the
 same parameters.
 
+The hand-written backward of the "python" and "native" backends is once-differentiable: second
+derivatives (``create_graph=True`` through a layer, e.g. a gradient penalty) need
+``backend="reference"``; otherwise autograd reports the input as unused.
+
 Letters: T steps, B batch, N packed rows, E input size, H hidden size, P proj_size,
 H_out = P or H, G gates, L layers, D directions.
 """

@@ -109,7 +109,8 @@ class _RNNBase(nn.Module):
     """Shared parameters, validation and input handling of RNN, LSTM and GRU.
 
     ``backend`` (attribute, default None) picks the functional backend: None (the selected
-    one), "python", "native" or "reference" (the per-step readable path).
+    one), "python", "native" or "reference" (the per-step readable path, the only one that
+    supports second derivatives).
     """
 
     backend: Optional[str] = None
