@@ -228,6 +228,26 @@ def test_lean_backend_contract_direct(mode, reverse):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_reference_backend_second_derivatives_match_torch(mode):
+    # the documented route for double backward (the lean/native backward is once-differentiable)
+    module, packed, hx, weights = packed_case(mode, 1, True, batch=3)
+    hx = tuple(h[:, :3] for h in hx) if isinstance(hx, tuple) else hx[:, :3]
+    data, hx, weights, _ = leaves(packed.data, hx, weights)
+
+    def second(out, params):
+        (g,) = torch.autograd.grad(out.pow(2).sum(), data, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), [data, *params])
+
+    out, _ = call(mode, data, packed.batch_sizes, hx, weights, bidirectional=True, backend="reference")
+    with torch.no_grad():
+        for p, w in zip(module._flat_weights, weights):
+            p.copy_(w)
+    out_ref, _ = module(tnn_rnn.PackedSequence(data, packed.batch_sizes), hx)
+    for a, b in zip(second(out, weights), second(out_ref.data, module._flat_weights), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+
+
 def test_dropout_only_in_training_and_seeded():
     _, packed, hx, weights = packed_case("lstm", 3, True)
     kwargs = dict(num_layers=3, bidirectional=True, dropout=0.5)
