@@ -40,6 +40,10 @@ def test_min_freq_max_size_and_specials():
         v["b"]
     with pytest.raises(KeyError, match="'b' is not in the vocabulary"):
         v(["a", "b"])
+    # any iterable of tokens, a one-pass generator too, names the unknown token
+    with pytest.raises(KeyError, match="'b' is not in the vocabulary"):
+        v(t for t in ["a", "b"])
+    assert v(t for t in ["a"]) == [v["a"]]
 
 
 def test_empty_iterator_gives_specials_only():

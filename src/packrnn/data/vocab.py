@@ -95,6 +95,8 @@ class Vocab:
         """Indices of ``tokens``; unknown tokens give ``unk_index``."""
         if isinstance(tokens, str):
             raise TypeError("tokens: expected a list of str, got a str (wrap it in a list or tokenize it)")
+        if not isinstance(tokens, (list, tuple)):
+            tokens = list(tokens)  # a one-pass iterable is read twice when a token is unknown
         get = self._stoi.get
         unk = self.unk_index
         out = [get(t, unk) for t in tokens]
