@@ -1,5 +1,6 @@
 """packrnn.ops against naive per-sequence loops (values and gradients) and torch's LSTM."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -161,6 +162,8 @@ def test_lengths_to_mask():
     assert ops.lengths_to_mask(torch.tensor([1, 2]), 4, batch_first=True).tolist() == [
         [True, False, False, False], [True, True, False, False]]
     assert ops.lengths_to_mask([], batch_first=True).shape == (0, 0)
+    # any integer max_length (numpy's too, as for lengths)
+    assert ops.lengths_to_mask(np.array([1, 2]), np.int64(3)).shape == (3, 2)
 
 
 def test_max_pool_integer_input():
@@ -196,6 +199,8 @@ def test_errors():
         ops.mean_pool(x, [4, 2], "yes")
     with pytest.raises(ValueError, match="max_length: expected None or a non-negative int, got -1"):
         ops.lengths_to_mask([1], -1)
+    with pytest.raises(TypeError, match="max_length: expected None or a non-negative int, got 2.5"):
+        ops.lengths_to_mask([1], 2.5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

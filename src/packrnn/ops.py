@@ -17,11 +17,13 @@ Shape letters: ``T`` time, ``B`` batch, ``N`` packed rows, ``*`` trailing featur
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence as _TorchPackedSequence
 
-from .packing import PackedSequence, _layout_from_batch_sizes, as_lengths, check_packed_sequence
+from .packing import PackedSequence, _layout_from_batch_sizes, _validated, as_lengths, check_packed_sequence
 
 __all__ = ["lengths_to_mask", "mean_pool", "max_pool", "last_step", "reverse_sequences"]
 
@@ -50,8 +52,12 @@ def lengths_to_mask(
     """
     if device is None:
         device = lengths.device if isinstance(lengths, Tensor) else "cpu"
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0):
-        raise ValueError(f"max_length: expected None or a non-negative int, got {max_length!r}")
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+            raise TypeError(f"max_length: expected None or a non-negative int, got {max_length!r}")
+        if max_length < 0:
+            raise ValueError(f"max_length: expected None or a non-negative int, got {max_length!r}")
+        max_length = int(max_length)
     lengths = as_lengths(lengths, max_length=max_length)
     if max_length is None:
         max_length = int(lengths.max()) if lengths.numel() else 0
@@ -275,7 +281,8 @@ def reverse_sequences(input, lengths=None, batch_first: bool = False):
         src_t = p.sorted_lengths[p.j_idx] - 1 - p.t_idx  # (N,)
         src = p.offsets[src_t] + p.j_idx if src_t.numel() else src_t  # (N,)
         data = p.data.index_select(0, src.to(p.device))  # (N, *)
-        return PackedSequence(data, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
+        # same fields as the validated input (NOTE [validated PackedSequence] in packrnn.packing)
+        return _validated(PackedSequence(data, p.batch_sizes, p.sorted_indices, p.unsorted_indices), p.batch)
     x, lengths = _padded(input, lengths, batch_first)  # (T, B, *), (B,)
     steps = torch.arange(x.shape[0]).unsqueeze(1)  # (T, 1)
     src_t = torch.where(steps < lengths, lengths - 1 - steps, steps).to(x.device)  # (T, B)
