@@ -279,6 +279,20 @@ def test_functional_errors():
         functional.lstm(packed.data[:7], packed.batch_sizes, hx, weights)
     with pytest.raises(ValueError, match=r"batch_sizes: expected a 1-D int64 tensor, got shape \(\d+,\) dtype torch.int32"):
         functional.lstm(packed.data, packed.batch_sizes.int(), hx, weights)
+    # weights: dtype/device as data, torch's shape for each slot; the data's feature size
+    with pytest.raises(TypeError, match=r"weights\[1\] \(w_hh of layer 0\): expected dtype torch.float64 on cpu \(as data\), got torch.float32 on cpu"):
+        functional.lstm(packed.data, packed.batch_sizes, hx, [weights[0], weights[1].float(), *weights[2:]])
+    with pytest.raises(ValueError, match=r"data: expected 3 features \(as weights\[0\] \(w_ih of layer 0\)\), got shape \(8, 2\)"):
+        functional.lstm(packed.data[:, :2], packed.batch_sizes, hx, weights)
+    with pytest.raises(ValueError, match=r"weights\[3\] \(b_hh of layer 0\): expected shape \(16,\) for lstm with hidden size 4, got \(15,\)"):
+        functional.lstm(packed.data, packed.batch_sizes, hx, [*weights[:3], weights[3][:15]])
+    gru_weights = torch.nn.GRU(E, H, num_layers=2, bidirectional=True, dtype=torch.float64)._flat_weights
+    bad = list(gru_weights)
+    bad[12] = bad[12][:, :5]  # layer 1, reverse: w_ih takes 2 * H = 8 features
+    with pytest.raises(ValueError, match=r"weights\[12\] \(w_ih of layer 1, reverse\): expected shape \(12, 8\) for gru with hidden size 4, got \(12, 5\)"):
+        functional.gru(packed.data, packed.batch_sizes, None, bad, num_layers=2, bidirectional=True)
+    with pytest.raises(TypeError, match=r"weights\[2\] \(b_ih of layer 0\): expected a Tensor, got list"):
+        functional.gru(packed.data, packed.batch_sizes, None, [*gru_weights[:2], [0.0], *gru_weights[3:4]])
     # every backend gets valid batch_sizes (the python one used to run on, or fail obscurely)
     for backend in BACKENDS + ["reference"]:
         with pytest.raises(ValueError, match=r"batch_sizes: expected non-increasing entries, got \[1, 2\]"):

@@ -294,6 +294,39 @@ def _check(data: Tensor, batch_sizes: Tensor, weights: Sequence[Tensor], num_lay
     return per_dir
 
 
+def _check_weights(data: Tensor, weights: Sequence[Tensor], *, mode: str, per_dir: int,
+                   num_dirs: int, bias: bool, has_proj: bool) -> tuple[int, int]:
+    """Every weight is a tensor of data's dtype and device with torch's shape for its slot;
+    return (H, H_out)."""
+    slots = ["w_ih", "w_hh"] + (["b_ih", "b_hh"] if bias else []) + (["w_hr"] if has_proj else [])
+
+    def where(idx: int) -> str:
+        layer, direction = divmod(idx // per_dir, num_dirs)
+        return f"weights[{idx}] ({slots[idx % per_dir]} of layer {layer}{', reverse' if direction else ''})"
+
+    for idx, w in enumerate(weights):
+        if not isinstance(w, Tensor):
+            raise TypeError(f"{where(idx)}: expected a Tensor, got {type(w).__name__}")
+        if w.dtype != data.dtype or w.device != data.device:
+            raise TypeError(f"{where(idx)}: expected dtype {data.dtype} on {data.device} (as data), "
+                            f"got {w.dtype} on {w.device}")
+    w_ih, w_hh, w_last = weights[0], weights[1], weights[per_dir - 1]
+    hidden = w_hh.shape[0] // _GATES[mode] if w_hh.dim() == 2 else 0  # H
+    gates = _GATES[mode] * hidden  # G*H
+    width = w_last.shape[0] if has_proj and w_last.dim() == 2 else hidden  # H_out
+    if w_ih.dim() == 2 and data.shape[1] != w_ih.shape[1]:
+        raise ValueError(f"data: expected {w_ih.shape[1]} features (as {where(0)}), got "
+                         f"shape {tuple(data.shape)}")
+    expected = {"w_hh": (gates, width), "b_ih": (gates,), "b_hh": (gates,), "w_hr": (width, hidden)}
+    for idx, w in enumerate(weights):
+        layer_in = data.shape[1] if idx < per_dir * num_dirs else width * num_dirs
+        shape = expected.get(slots[idx % per_dir], (gates, layer_in))
+        if hidden < 1 or tuple(w.shape) != shape:
+            raise ValueError(f"{where(idx)}: expected shape {shape} for {mode} with hidden size "
+                             f"{hidden}, got {tuple(w.shape)}")
+    return hidden, width
+
+
 def _check_state(state: Tensor, name: str, sizes: tuple[int, int], min_batch: int,
                  data: Tensor) -> None:
     """An initial state is (L*D, B, width) with B >= batch_sizes[0], data's dtype and device."""
@@ -314,8 +347,8 @@ def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
     num_dirs = 2 if bidirectional else 1
     per_dir = _check(data, batch_sizes, weights, num_layers, num_dirs, bias, mode)
     has_proj = per_dir in (3, 5)
-    hidden = weights[1].shape[0] // _GATES[mode]
-    width = weights[per_dir - 1].shape[0] if has_proj else hidden  # H_out
+    hidden, width = _check_weights(data, weights, mode=mode, per_dir=per_dir, num_dirs=num_dirs,
+                                   bias=bias, has_proj=has_proj)  # H, H_out
     batch = int(batch_sizes[0]) if batch_sizes.numel() else 0
     opts = dict(dtype=data.dtype, device=data.device)
     if h0 is None:
