@@ -504,6 +504,16 @@ def _layout_from_batch_sizes(batch_sizes: Tensor, batch: int) -> tuple[Tensor, T
     return mask.sum(0), t_idx, j_idx
 
 
+def _sequence_major_steps(lengths: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Every real step in sequence-major order (the order of ``torch.cat`` of the sequences).
+
+    ``lengths`` is ``(B,)`` CPU int64, each ``<= steps``. Returns ``(b_idx, t_idx)``, both
+    ``(N,)``: row ``n`` is step ``t_idx[n]`` of sequence ``b_idx[n]``.
+    """
+    mask = lengths.unsqueeze(1) > torch.arange(steps).unsqueeze(0)  # (B, T) real step?
+    return mask.nonzero(as_tuple=True)  # (N,), (N,) row-major = sequence-major
+
+
 def _gather_steps(padded: Tensor, b_idx: Tensor, t_idx: Tensor, batch_first: bool) -> Tensor:
     """Rows ``padded[t_idx[n], b_idx[n]]`` (``[b, t]`` if ``batch_first``) as one ``(N, *)`` tensor.
 
@@ -702,10 +712,7 @@ def pad_sequence(
     if steps == 0:
         return padded.view(shape + trailing)
 
-    # concatenated rows are sequence-major: sequence b, step t -> (b, t)
-    b_idx = torch.repeat_interleave(torch.arange(batch), lengths)  # (N,)
-    starts = torch.cumsum(lengths, 0) - lengths  # (B,) first row of each sequence
-    t_idx = torch.arange(b_idx.numel()) - starts[b_idx]  # (N,)
+    b_idx, t_idx = _sequence_major_steps(lengths, steps)  # (N,), (N,) = rows of the cat
     if padding_side == "left":
         t_idx = t_idx + (steps - lengths)[b_idx]
     flat = b_idx * steps + t_idx if batch_first else t_idx * batch + b_idx  # (N,)
@@ -736,8 +743,7 @@ def unpad_sequence(padded_sequences: Tensor, lengths, batch_first: bool = False)
     batch_dim, time_dim = (0, 1) if batch_first else (1, 0)
     batch, steps = padded_sequences.size(batch_dim), padded_sequences.size(time_dim)
     lengths = as_lengths(lengths, batch, max_length=steps)
-    mask = lengths.unsqueeze(1) > torch.arange(steps).unsqueeze(0)  # (B, T)
-    b_idx, t_idx = mask.nonzero(as_tuple=True)  # (N,), (N,) sequence-major
+    b_idx, t_idx = _sequence_major_steps(lengths, steps)  # (N,), (N,)
     rows = _gather_steps(padded_sequences, b_idx, t_idx, batch_first)  # (N, *)
     return list(rows.split(lengths.tolist(), 0))
 
@@ -801,7 +807,6 @@ def unpack_sequence(packed_sequences) -> list[Tensor]:
         column = unsorted_indices.cpu()
         lengths = sorted_lengths[column]  # (B,) original order
     offsets = torch.cumsum(batch_sizes, 0) - batch_sizes  # (T,) first packed row of step t
-    mask = lengths.unsqueeze(1) > torch.arange(batch_sizes.numel()).unsqueeze(0)  # (B, T)
-    b_idx, t_idx = mask.nonzero(as_tuple=True)  # (N,), (N,) sequence-major
+    b_idx, t_idx = _sequence_major_steps(lengths, batch_sizes.numel())  # (N,), (N,)
     rows = data.index_select(0, (offsets[t_idx] + column[b_idx]).to(data.device))  # (N, *)
     return list(rows.split(lengths.tolist(), 0))
