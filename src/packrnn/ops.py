@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence as _TorchPackedSequence
 
-from .packing import PackedSequence, _layout_from_batch_sizes, _validated, as_lengths, check_packed_sequence
+from .packing import (
+    PackedSequence,
+    _check_bool,
+    _layout_from_batch_sizes,
+    _validated,
+    as_lengths,
+    check_packed_sequence,
+)
 
 __all__ = ["lengths_to_mask", "mean_pool", "max_pool", "last_step", "reverse_sequences"]
 
@@ -95,8 +102,7 @@ def _padded(input: Tensor, lengths, batch_first: bool, name: str = "input") -> t
     """Validate a padded input; return it time-major ``(T, B, *)`` and CPU lengths ``(B,)``."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: expected a PackedSequence or a padded Tensor, got {type(input).__name__}")
-    if not isinstance(batch_first, bool):
-        raise TypeError(f"batch_first: expected a bool, got {batch_first!r}")
+    _check_bool(batch_first, "batch_first")
     if input.dim() < 2:
         raise ValueError(f"{name}: expected a padded tensor with at least 2 dimensions (T, B, *), got shape {tuple(input.shape)}")
     x = input.transpose(0, 1) if batch_first else input  # (T, B, *)
@@ -209,8 +215,7 @@ def last_step(input, lengths=None, batch_first: bool = False, *, bidirectional: 
     >>> last_step(torch.tensor([[1., 2., 3.], [4., 5., 0.]]), [3, 2], batch_first=True)
     tensor([3., 5.])
     """
-    if not isinstance(bidirectional, bool):
-        raise TypeError(f"bidirectional: expected a bool, got {bidirectional!r}")
+    _check_bool(bidirectional, "bidirectional")
     if _is_packed(input, lengths):
         p = _Packed(input)
         _check_halves(p.data, bidirectional)

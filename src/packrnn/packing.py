@@ -476,9 +476,11 @@ def _check_tensor(value, name: str, min_dim: int) -> None:
         )
 
 
-def _check_bool(value, name: str) -> None:
+def _check_bool(value, name: str) -> bool:
+    """A flag must be a real bool (``1`` or ``"yes"`` are mistakes); shared with rnn.py and ops.py."""
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value
 
 
 def _layout_from_lengths(sorted_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -39,6 +39,7 @@ from torch.nn.utils.rnn import PackedSequence as _TorchPackedSequence
 from packrnn import _reference, functional
 from packrnn.packing import (
     PackedSequence,
+    _check_bool,
     _validated,
     as_lengths,
     check_packed_sequence,
@@ -57,12 +58,6 @@ def _check_int(value, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return int(value)
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {value!r}")
-    return value
 
 
 def _check_state(value, name: str, shape: tuple, like: Tensor) -> None:
