@@ -421,6 +421,21 @@ def test_device_and_dtype_arguments(dtype):
     assert all(p.dtype == dtype and p.device.type == "cpu" for p in module.parameters())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", ["lstm_proj", "gru"])
+def test_non_contiguous_input_and_hx_match_torch(kind, form, backend):
+    torch.manual_seed(22)
+    module, reference = make_pair(kind, num_layers=2, bidirectional=True, batch_first=True)
+    module.backend = backend
+    x = padded_input(False, torch.float64).transpose(0, 1)  # (B, T, E) view of a (T, B, E) buffer
+    hx = tuple(h.detach().transpose(0, 1).contiguous().transpose(0, 1)  # same shape, strided
+               for h in as_tuple(make_hx(kind, 2, True, len(LENGTHS), torch.float64)))
+    assert not x.is_contiguous() and not hx[0].is_contiguous()
+    compare(module, reference, form=form, x=x, hx=hx if len(hx) == 2 else hx[0], lengths=LENGTHS,
+            batch_first=True, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_half_precision_runs_like_torch(kind, dtype):
