@@ -458,6 +458,18 @@ def test_half_precision_runs_like_torch(kind, dtype):
     torch.testing.assert_close(x_half.grad.float(), x32.grad, rtol=0, atol=4e-2)
 
 
+def test_module_to_float64_after_construction_matches_torch():
+    # parameters are read at every forward, so .to()/.double() after construction just works
+    torch.manual_seed(23)
+    module = packrnn.LSTM(E, H, num_layers=2, bidirectional=True, proj_size=P).double()
+    reference = torch.nn.LSTM(E, H, num_layers=2, bidirectional=True, proj_size=P).to(torch.float64)
+    reference.load_state_dict(module.state_dict())
+    assert all(p.dtype == torch.float64 for p in module.parameters())
+    x = padded_input(False, torch.float64)
+    compare(module, reference, form="padded+lengths", x=x, hx=None, lengths=LENGTHS,
+            batch_first=False, dtype=torch.float64)
+
+
 # ---------------------------------------------------------------------------------------------
 # dropout between layers
 # ---------------------------------------------------------------------------------------------
