@@ -247,6 +247,44 @@ def test_contract_errors(change, error, match):
         _native.recurrence_forward(**args)
 
 
+@native_only
+def test_buffer_cache_reuse_and_clear():
+    # N * 4H floats >= 4 MiB: output, saved and gradient buffers go through the buffer cache, so
+    # the second call gets the first call's (stale) blocks and must overwrite every row.
+    from packrnn import _native
+
+    for seed in (0, 1, 2):
+        if seed == 2:
+            _native.clear_cache()
+        case = make_case("lstm", [40] * 48 + [9] * 16, hidden=128, dtype=torch.float32,
+                         seed=seed)
+        assert case["gates_x"].numel() * 4 >= 4 << 20
+        ours = _native.recurrence_forward(**case, reverse=seed == 1, need_backward=True)
+        lean = _lean.recurrence_forward(**case, reverse=seed == 1, need_backward=True)
+        torch.testing.assert_close(ours[0], lean[0], **TOL[torch.float32])
+        grads = dict(grad_output=torch.ones_like(ours[0]), grad_h_n=torch.zeros_like(ours[1]),
+                     grad_c_n=torch.zeros_like(ours[2]))
+        rest = {k: v for k, v in case.items() if k != "gates_x"}
+        g_ours = _native.recurrence_backward(**grads, **rest, reverse=seed == 1, output=ours[0],
+                                             saved=ours[3])
+        g_lean = _lean.recurrence_backward(**grads, **rest, reverse=seed == 1, output=lean[0],
+                                           saved=lean[3])
+        torch.testing.assert_close(g_ours[0], g_lean[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g_ours[3], g_lean[3], rtol=1e-4, atol=1e-3)
+
+
+@native_only
+@pytest.mark.parametrize("rows, cols", [(3, 5), (4096, 512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_buffer(rows, cols, dtype):
+    from packrnn import _native
+
+    x = _native.empty(rows, cols, dtype)
+    assert x.shape == (rows, cols) and x.dtype == dtype and x.is_contiguous()
+    x.fill_(1.5)  # writable end to end
+    assert x.sum().item() == 1.5 * rows * cols
+
+
 # --------------------------------------------------------------------------------------------
 # Module level: packrnn layers on the native backend vs torch.nn (copied weights).
 

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["load_library", "build_directory", "kernel_info", "clear_cache", "recurrence_forward",
+__all__ = ["load_library", "build_directory", "kernel_info", "clear_cache", "empty",
+           "recurrence_forward",
            "recurrence_backward"]
 
 _HERE = Path(__file__).resolve().parent
@@ -100,6 +101,12 @@ def clear_cache() -> None:
     default 1024 MiB, of blocks released by earlier calls; 0 disables the cache)."""
     if _loaded is not None:
         torch.ops.packrnn.clear_cache()
+
+
+def empty(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """An uninitialised contiguous ``(rows, cols)`` CPU tensor; large ones (>= 4 MiB) come from
+    the kernel's buffer cache, so a training loop's per-step buffers skip page faults."""
+    return _ops().empty_buffer(rows, cols, dtype)
 
 
 def recurrence_forward(

@@ -962,6 +962,12 @@ std::vector<at::Tensor> recurrence_backward(
 
 void clear_cache() { BufferCache::instance().clear(); }
 
+at::Tensor empty_buffer(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "empty_buffer: expected non-negative sizes, got (",
+                    rows, ", ", cols, ")");
+  return empty_rows(rows, cols, at::TensorOptions().dtype(dtype));
+}
+
 std::string kernel_info() {
   std::string simd = cpu_has_avx2_fma() ? "avx2+fma" : "baseline";
   std::string blas = (sgemm_ != nullptr && dgemm_ != nullptr) ? "direct BLAS (sgemm_/dgemm_)"
@@ -985,4 +991,5 @@ TORCH_LIBRARY(packrnn, m) {
       &packrnn::recurrence_backward);
   m.def("kernel_info() -> str", &packrnn::kernel_info);
   m.def("clear_cache() -> ()", &packrnn::clear_cache);
+  m.def("empty_buffer(int rows, int cols, ScalarType dtype) -> Tensor", &packrnn::empty_buffer);
 }

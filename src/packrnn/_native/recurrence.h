@@ -97,6 +97,10 @@ std::vector<at::Tensor> recurrence_backward(
 // Frees the blocks the buffer cache holds (NOTE [Buffer cache] in recurrence.cpp).
 void clear_cache();
 
+// An uninitialised contiguous (rows, cols) CPU tensor; large ones come from the buffer cache.
+// For callers whose big per-call outputs (e.g. the input projection) should skip page faults.
+at::Tensor empty_buffer(int64_t rows, int64_t cols, at::ScalarType dtype);
+
 // A short description of how the kernel was built and what it runs on (SIMD level, BLAS).
 std::string kernel_info();
 
