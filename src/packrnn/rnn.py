@@ -388,8 +388,9 @@ class RNN(_RNNBase):
 class LSTM(_RNNBase):
     """LSTM over variable-length sequences (torch's gate order i, f, g, o).
 
-    c_t = f * c_{t-1} + i * g,  h_t = o * tanh(c_t), then h_t W_hr^T if ``proj_size`` > 0.
-    Computes only the real steps.
+    [i, f, g, o] = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh, split in four; i, f, o through
+    sigmoid and g through tanh;  c_t = f * c_{t-1} + i * g,  h_t = o * tanh(c_t), then
+    h_t W_hr^T if ``proj_size`` > 0. Computes only the real steps.
     {doc}
     >>> import torch, packrnn
     >>> lstm = packrnn.LSTM(2, 3, batch_first=True)
@@ -408,7 +409,8 @@ class LSTM(_RNNBase):
 class GRU(_RNNBase):
     """GRU over variable-length sequences (torch's gate order r, z, n).
 
-    n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn)),  h_t = (1 - z) * n + z * h_{t-1}.
+    r = sigmoid(x_t W_ir^T + b_ir + h_{t-1} W_hr^T + b_hr), z likewise with the z blocks,
+    n = tanh(x_t W_in^T + b_in + r * (h_{t-1} W_hn^T + b_hn)),  h_t = (1 - z) * n + z * h_{t-1}.
     Computes only the real steps.
     {doc}
     >>> import torch, packrnn
