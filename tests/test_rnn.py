@@ -293,10 +293,12 @@ def test_all_sequences_empty():
     assert torch.equal(h_n, hx[0]) and torch.equal(c_n, hx[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["lstm_proj", "gru"])
-def test_empty_batch_matches_torch(kind):
+def test_empty_batch_matches_torch(kind, backend):
     # B = 0: torch returns empty outputs and states; with or without (empty) lengths, so do we
     module, reference = make_pair(kind, num_layers=2, bidirectional=True, batch_first=True)
+    module.backend = backend
     x = torch.randn(0, T, E, dtype=torch.float64)
     out_ref, state_ref = reference(x)
     for lengths in (None, []):
@@ -305,10 +307,12 @@ def test_empty_batch_matches_torch(kind):
         assert [s.shape for s in as_tuple(state)] == [s.shape for s in as_tuple(state_ref)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lengths", [None, [0, 0]])
-def test_no_time_steps_keeps_initial_state(lengths):
+def test_no_time_steps_keeps_initial_state(lengths, backend):
     # T = 0 (torch refuses it): every sequence is empty, so the final state is hx
     module, _ = make_pair("lstm", num_layers=2, bidirectional=True)
+    module.backend = backend
     x = torch.randn(0, 2, E, dtype=torch.float64)
     hx = make_hx("lstm", 2, True, 2, torch.float64)
     out, (h_n, c_n) = module(x, hx, lengths=lengths)
