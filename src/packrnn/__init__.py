@@ -23,6 +23,7 @@ from .packing import (
 )
 
 from . import functional
+from .backend import backend_info, backend_name
 from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 from .ops import last_step, lengths_to_mask, max_pool, mean_pool, reverse_sequences
@@ -60,6 +61,9 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "functional",
+    # which recurrence backend runs (PACKRNN_BACKEND = auto | native | python)
+    "backend_name",
+    "backend_info",
     # packed-aware ops
     "lengths_to_mask",
     "mean_pool",
