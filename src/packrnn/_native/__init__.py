@@ -12,6 +12,7 @@ The two functions take exactly the arguments of the backend contract, by keyword
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -32,6 +33,7 @@ _SOURCES = ("recurrence.cpp", "recurrence.h")
 _CFLAGS = ("-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)
 
+_log = logging.getLogger("packrnn")
 _lock = threading.Lock()
 _loaded: Optional[str] = None
 
@@ -71,8 +73,12 @@ def load_library(verbose: bool = False) -> str:
 
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
+        name = f"packrnn_native_{_source_hash()}"
+        if not (directory / f"{name}.so").exists():
+            _log.info("packrnn: compiling the native recurrence kernel into %s (first use only, "
+                      "~20 s)", directory)
         path = cpp_extension.load(
-            name=f"packrnn_native_{_source_hash()}",
+            name=name,
             sources=[str(_HERE / "recurrence.cpp")],
             extra_cflags=list(_CFLAGS),
             extra_ldflags=list(_LDFLAGS),
