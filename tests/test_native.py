@@ -403,3 +403,46 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "['python', 'python', 'python'] 1" in result.stdout
     assert "raised: True" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark module (smoke tests only: nothing is timed here).
+
+def test_lognormal_lengths_follow_the_protocol():
+    from packrnn.bench import lognormal_lengths
+
+    torch.manual_seed(0)
+    lengths = lognormal_lengths(4000)
+    assert lengths.dtype == torch.int64
+    assert int(lengths.min()) >= 5 and int(lengths.max()) <= 200
+    assert 38 <= float(lengths.float().median()) <= 42
+
+
+def test_bench_config_errors():
+    from packrnn.bench import BenchConfig
+
+    with pytest.raises(ValueError, match="kind: expected 'lstm', 'gru' or 'rnn_tanh'"):
+        BenchConfig("x", "transformer", 4, 3, 5)
+    with pytest.raises(ValueError, match="batch: expected a positive int, got 0"):
+        BenchConfig("x", "lstm", 0, 3, 5)
+
+
+def test_run_bench_tiny_prints_the_table():
+    from packrnn.bench import BenchConfig, run_bench
+
+    lines = []
+    config = BenchConfig("tiny", "gru", 3, 4, 5, num_layers=2, bidirectional=True)
+    (result,) = run_bench([config], repeats=1, threads=1, memory=False, out=lines.append)
+    text = "\n".join(lines)
+    assert "backend" in text and "matmul peak" in text and config.label in text
+    assert set(result.train) == set(result.infer) == {"packrnn", "torch_padded", "torch_packed"}
+    assert all(v > 0 for v in result.train.values())
+    assert result.real_steps <= result.padded_steps
+
+
+def test_step_memory_is_measured_in_a_subprocess():
+    from packrnn.bench import BenchConfig, measure_step_memory
+
+    megabytes = measure_step_memory(BenchConfig("tiny", "lstm", 64, 32, 64), "packrnn",
+                                    threads=1)
+    assert megabytes >= 0

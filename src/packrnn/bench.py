@@ -253,11 +253,22 @@ def _memory_child(config_dict: dict, variant: str, threads: int) -> float:
 
 def run_bench(configs: Sequence[BenchConfig] = CONFIGS, repeats: int = 5, threads: int = 2,
               memory: bool = True, out=print) -> list[BenchResult]:
-    """Run the benchmark, print the tables with ``out`` (None: silent), return the results."""
+    """Run the benchmark, print the tables with ``out`` (None: silent), return the results.
+
+    Uses ``threads`` intra-op threads while it runs and restores the previous setting after.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_bench(configs, repeats, threads, memory, out or (lambda *_: None))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_bench(configs: Sequence[BenchConfig], repeats: int, threads: int, memory: bool,
+               say: Callable[[str], None]) -> list[BenchResult]:
     from packrnn import backend
 
-    say = out or (lambda *_: None)
-    torch.set_num_threads(threads)
     say(f"packrnn bench: backend {backend.backend_info()}")
     say(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs visible, "
         f"torch {torch.__version__}, {threads} threads")
