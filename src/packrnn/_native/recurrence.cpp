@@ -476,6 +476,7 @@ PR_INLINE void rnn_bwd_rows(const RnnBwd<T>& a, int64_t r0, int64_t r1) {
 
 // Run-time dispatch of the float kernels to an AVX2+FMA build of the same loops when the CPU has
 // it (portable binary, no -march=native); double always uses the baseline build (libm).
+#if defined(__x86_64__) || defined(__i386__)
 bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
@@ -495,6 +496,13 @@ bool cpu_has_avx2_fma() {
     }                                                                                        \
   }                                                                                          \
   void NAME##_run(const ARGS<double>& a, int64_t r0, int64_t r1) { NAME<double>(a, r0, r1); }
+#else  // other architectures: the baseline build only (the compiler's default vector width)
+bool cpu_has_avx2_fma() { return false; }
+
+#define PACKRNN_KERNEL(NAME, ARGS)                                                           \
+  void NAME##_run(const ARGS<float>& a, int64_t r0, int64_t r1) { NAME<float>(a, r0, r1); }  \
+  void NAME##_run(const ARGS<double>& a, int64_t r0, int64_t r1) { NAME<double>(a, r0, r1); }
+#endif
 
 PACKRNN_KERNEL(lstm_fwd_rows, LstmFwd)
 PACKRNN_KERNEL(lstm_bwd_rows, LstmBwd)
