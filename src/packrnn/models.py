@@ -61,9 +61,32 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
 
 
+class DictConfig:
+    """Mixin for config dataclasses: a plain dict (JSON, checkpoints) and back.
+
+    ``_config_name`` names the config in errors, e.g. "model config".
+    """
+
+    _config_name = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{cls._config_name}: expected keys among {sorted(names)}, got {unknown}")
+        return cls(**d)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(DictConfig):
     """Architecture of a ``SequenceClassifier`` (saved in checkpoints; JSON-friendly)."""
+
+    _config_name = "model config"
 
     vocab_size: int  # rows of the embedding table (including the specials <pad>, <unk>)
     num_classes: int  # number of labels; the linear layer's output size
@@ -111,17 +134,6 @@ class ModelConfig:
         """Size of the pooled features fed to the linear layer: H, or 2H if bidirectional."""
         return self.hidden_size * (2 if self.bidirectional else 1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"model config: expected keys among {sorted(names)}, got {unknown}")
-        return cls(**d)
 
 
 class SequenceClassifier(nn.Module):

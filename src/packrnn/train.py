@@ -54,7 +54,7 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_
                          load_checkpoint, save_checkpoint)
 from .data import (BucketBatchSampler, Collate, DistributedBucketBatchSampler, LabelMap,
                    TextClassificationDataset, Vocab, get_tokenizer, load_text_classification)
-from .models import CELLS, EXECUTIONS, POOLINGS, ModelConfig, SequenceClassifier
+from .models import CELLS, EXECUTIONS, POOLINGS, DictConfig, ModelConfig, SequenceClassifier
 
 __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", "predict",
            "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
@@ -96,8 +96,10 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf,
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Everything a training run needs; ``packrnn train`` builds one from its flags."""
+
+    _config_name = "train config"
 
     # -- data ---------------------------------------------------------------------------------
     train_path: str  # labelled training file
@@ -203,16 +205,6 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"train config: expected keys among {sorted(names)}, got {unknown}")
-        return cls(**d)
 
     def model_config(self, vocab_size: int, num_classes: int, padding_idx: int | None) -> ModelConfig:
         return ModelConfig(
