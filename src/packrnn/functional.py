@@ -49,6 +49,9 @@ _BACKENDS = ("python", "native", "reference")
 # An explicit backend="native" keeps the kernel's own dtype error.
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
+# Whether packrnn.backend exists is fixed for the process; find_spec costs ~2 us per call.
+_HAS_SELECTION = importlib.util.find_spec("packrnn.backend") is not None
+
 
 def _get_backend(name: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """The recurrence backend for ``name``; the ONE place that decides which backend runs.
@@ -62,7 +65,7 @@ def _get_backend(name: Optional[str] = None, dtype: Optional[torch.dtype] = None
     if name is None:
         # packrnn.backend (PACKRNN_BACKEND, backend_name()) decides when it exists; an error
         # inside it must surface, so only its absence falls back to the lean backend.
-        if importlib.util.find_spec("packrnn.backend") is None:
+        if not _HAS_SELECTION:
             return _lean
         from packrnn import backend as selection
 
@@ -134,15 +137,17 @@ def _project(mode: str, x: Tensor, directions: Sequence[_Direction],
     if hasattr(backend, "empty") and x.device.type == "cpu":
         # The native backend's buffer cache: this (N, D*G*H) output is fresh memory every call
         # otherwise, and its page faults cost ~10 % of an inference forward at B=256.
-        out = backend.empty(num_dirs * rows, width, x.dtype).view(num_dirs, rows, width)
+        out = backend.empty(num_dirs * rows, width, x.dtype)  # (D*N, G*H)
     if num_dirs == 1:
         w_ih, b = directions[0].w_ih, biases[0]
-        out0 = None if out is None else out[0]
+        out0 = out  # (N, G*H) or None
         if b is None:
             return [torch.mm(x, w_ih.t(), out=out0)]  # [(N, G*H)]
         return [torch.addmm(b, x, w_ih.t(), out=out0)]  # [(N, G*H)]
     w_t = torch.stack([d.w_ih for d in directions]).transpose(1, 2)  # (D, E, G*H)
     xs = x.unsqueeze(0).expand(num_dirs, -1, -1)  # (D, N, E)
+    if out is not None:
+        out = out.view(num_dirs, rows, width)  # (D, N, G*H)
     if biases[0] is None:
         gates = torch.bmm(xs, w_t, out=out)  # (D, N, G*H)
     else:
@@ -215,7 +220,8 @@ class _LayerFunction(torch.autograd.Function):
             (grad_gx, grad_h0, grad_c0, grad_w_hh, grad_b_hh_gru,
              grad_w_hr) = spec.backend.recurrence_backward(
                 mode=spec.mode,
-                grad_output=grad_output[:, k * width : (k + 1) * width].contiguous(),
+                grad_output=(grad_output if num_dirs == 1
+                             else grad_output[:, k * width : (k + 1) * width]).contiguous(),
                 grad_h_n=grad_h_n[k].contiguous(),
                 grad_c_n=grad_c_n[k].contiguous() if spec.mode == "lstm" else None,
                 batch_sizes=spec.batch_sizes,
@@ -286,15 +292,20 @@ def _layer(*, mode: str, x: Tensor, batch_sizes: Tensor, directions: Sequence[_D
 
 
 def _check(data: Tensor, batch_sizes: Tensor, weights: Sequence[Tensor], num_layers: int,
-           num_directions: int, bias: bool, mode: str) -> int:
-    """Validate the functional arguments; return the number of weights per layer-direction."""
+           num_directions: int, bias: bool, mode: str, batch_sizes_checked: bool = False) -> int:
+    """Validate the functional arguments; return the number of weights per layer-direction.
+
+    ``batch_sizes_checked``: the caller (a packrnn layer) already validated ``batch_sizes``
+    against ``data`` (check_packed_sequence, or built them itself); skip those tensor ops.
+    """
     if not isinstance(data, Tensor) or data.dim() != 2:
         raise ValueError(f"data: expected a 2-D tensor (N, E), got "
                          f"{tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__}")
-    check_batch_sizes(batch_sizes)
-    if int(batch_sizes.sum()) != data.shape[0]:
-        raise ValueError(f"batch_sizes: expected to sum to data.shape[0] = {data.shape[0]}, "
-                         f"got {int(batch_sizes.sum())}")
+    if not batch_sizes_checked:
+        check_batch_sizes(batch_sizes)
+        if int(batch_sizes.sum()) != data.shape[0]:
+            raise ValueError(f"batch_sizes: expected to sum to data.shape[0] = {data.shape[0]}, "
+                             f"got {int(batch_sizes.sum())}")
     if num_layers < 1:
         raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
     per_dir, extra = divmod(len(weights), num_layers * num_directions)
@@ -356,9 +367,13 @@ def _check_state(state: Tensor, name: str, sizes: tuple[int, int], min_batch: in
 
 def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
          c0: Optional[Tensor], weights: Sequence[Tensor], bias: bool, num_layers: int,
-         dropout: float, training: bool, bidirectional: bool, backend: Optional[str]):
+         dropout: float, training: bool, bidirectional: bool, backend: Optional[str],
+         batch_sizes_checked: bool = False):
+    """The body of rnn/lstm/gru; packrnn's layers call it directly (see ``_check`` for
+    ``batch_sizes_checked``). Returns (output (N, D*H_out), h_n, c_n or None)."""
     num_dirs = 2 if bidirectional else 1
-    per_dir = _check(data, batch_sizes, weights, num_layers, num_dirs, bias, mode)
+    per_dir = _check(data, batch_sizes, weights, num_layers, num_dirs, bias, mode,
+                     batch_sizes_checked)
     has_proj = per_dir in (3, 5)
     hidden, width = _check_weights(data, weights, mode=mode, per_dir=per_dir, num_dirs=num_dirs,
                                    bias=bias, has_proj=has_proj)  # H, H_out
@@ -403,8 +418,11 @@ def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
             c_n.append(layer_c)
         if training and dropout > 0 and layer < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)  # (N, D*H_out), between layers only
-    h_out = torch.cat(h_n, 0)  # (L*D, B, H_out)
-    c_out = torch.cat(c_n, 0) if mode == "lstm" else None  # (L*D, B, H)
+    # One layer: its states are fresh tensors already, no need to copy them through cat.
+    h_out = h_n[0] if num_layers == 1 else torch.cat(h_n, 0)  # (L*D, B, H_out)
+    c_out = None
+    if mode == "lstm":
+        c_out = c_n[0] if num_layers == 1 else torch.cat(c_n, 0)  # (L*D, B, H)
     return x, h_out, c_out
 
 

@@ -235,21 +235,16 @@ class _RNNBase(nn.Module):
         return states[0], (states[1] if is_lstm else None)
 
     def _run(self, data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Optional[Tensor]):
-        """Packed rows in sorted order -> (output rows, h_n, c_n or None) via functional."""
-        common = dict(bias=self.bias, num_layers=self.num_layers, dropout=self.dropout,
-                      training=self.training, bidirectional=self.bidirectional,
-                      backend=self.backend)
-        weights = self._flat_weights
-        if self.mode == "LSTM":
-            out, (h_n, c_n) = functional.lstm(data, batch_sizes, (h0, c0), weights, **common)
-            return out, h_n, c_n
-        if self.mode == "GRU":
-            out, h_n = functional.gru(data, batch_sizes, h0, weights, **common)
-        else:
-            nonlinearity = "tanh" if self.mode == "RNN_TANH" else "relu"
-            out, h_n = functional.rnn(data, batch_sizes, h0, weights,
-                                      nonlinearity=nonlinearity, **common)
-        return out, h_n, None
+        """Packed rows in sorted order -> (output rows, h_n, c_n or None) via functional.
+
+        Calls the body of functional.rnn/lstm/gru directly: ``batch_sizes`` is valid here (a
+        checked PackedSequence's, or built by ``forward``), so functional skips re-checking it.
+        """
+        return functional._run(
+            mode=self.mode.lower(), data=data, batch_sizes=batch_sizes, h0=h0, c0=c0,
+            weights=self._flat_weights, bias=self.bias, num_layers=self.num_layers,
+            dropout=self.dropout, training=self.training, bidirectional=self.bidirectional,
+            backend=self.backend, batch_sizes_checked=True)
 
     def _finish(self, output, h_n: Tensor, c_n: Optional[Tensor]):
         if self.mode == "LSTM":
@@ -296,7 +291,7 @@ class _RNNBase(nn.Module):
             return self._finish(output, h_n, c_n)
 
         packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first)
-        packed_out, h_n, c_n = self._forward_sorted(packed, h0, c0, batch)
+        packed_out, h_n, c_n = self._forward_sorted(packed, h0, c0, batch, zero_state=hx is None)
         output, _ = pad_packed_sequence(packed_out, batch_first=self.batch_first,
                                         total_length=steps)
         return self._finish(output, h_n, c_n)
@@ -311,13 +306,16 @@ class _RNNBase(nn.Module):
                              f"{tuple(input.data.shape)}")
         _check_input_features(input.data, "input.data", self.input_size, self.weight_ih_l0)
         h0, c0 = self._prepare_hx(hx, batch, input.data, unbatched=False)
-        packed_out, h_n, c_n = self._forward_sorted(input, h0, c0, batch)
+        packed_out, h_n, c_n = self._forward_sorted(input, h0, c0, batch, zero_state=hx is None)
         return self._finish(packed_out, h_n, c_n)
 
-    def _forward_sorted(self, packed, h0: Tensor, c0: Optional[Tensor], batch: int):
-        """Run a packed batch of ``batch`` sequences; states in and out in original order."""
+    def _forward_sorted(self, packed, h0: Tensor, c0: Optional[Tensor], batch: int,
+                        zero_state: bool = False):
+        """Run a packed batch of ``batch`` sequences; states in and out in original order.
+
+        ``zero_state``: h0 / c0 are the all-zero default (hx was None)."""
         sorted_indices, unsorted_indices = packed.sorted_indices, packed.unsorted_indices
-        if sorted_indices is not None:
+        if sorted_indices is not None and not zero_state:  # zeros need no reordering
             h0 = h0.index_select(1, sorted_indices)
             c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
         out, h_n, c_n = self._run(packed.data, packed.batch_sizes, h0, c0)
