@@ -86,7 +86,7 @@ def _kill_at(step_to_die: int):
 def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, kill_step):
     # 240 texts / 16 = 15 batches per epoch; checkpoints every 4 steps and every epoch.
     # Two layers with dropout, so the saved RNG states matter.
-    kw = dict(checkpoint_every_steps=4, dropout=0.25, num_layers=2, epochs=2)
+    kw = dict(checkpoint_every_steps=4, dropout=0.25, num_layers=2, epochs=2, lr_decay=0.5)
     straight = train(config(data, tmp_path / "straight", **kw))
     out = tmp_path / "killed"
     with pytest.raises(Killed):
@@ -102,6 +102,13 @@ def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, kill_step):
     wb = load_checkpoint(out)["model_state"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+
+
+def test_lr_decays_per_epoch(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, epochs=3, lr=0.01, lr_decay=0.5))
+    groups = load_checkpoint(out)["optimizer_state"]["adam"]["param_groups"]
+    assert [g["lr"] for g in groups] == [0.01 * 0.5 ** 2] * len(groups)  # epoch 3: lr * decay**2
 
 
 def test_resume_finished_run_returns_its_metrics_and_extends(data, tmp_path):
@@ -144,6 +151,8 @@ def test_existing_output_is_refused_unless_overwrite(data, tmp_path):
 @pytest.mark.parametrize("kw, match", [
     (dict(epochs=0), r"epochs: expected an int >= 1, got 0"),
     (dict(lr=-1.0), r"lr: expected a number > 0.0, got -1.0"),
+    (dict(lr_decay=0.0), r"lr_decay: expected a number > 0.0 and <= 1.0, got 0.0"),
+    (dict(lr_decay=1.5), r"lr_decay: expected a number > 0.0 and <= 1.0, got 1.5"),
     (dict(model="transformer"), r"model: expected one of rnn, lstm, gru, got 'transformer'"),
     (dict(pooling="sum"), r"pooling: expected one of last, mean, max, mean_padded, got 'sum'"),
     (dict(pooling="mean_padded"), r"pooling: expected 'mean_padded' only with execution='padded'"),

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="(default: 16)")
     t.add_argument("--epochs", type=_positive_int, default=1, metavar="N", help="(default: 1)")
     t.add_argument("--lr", type=_float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    t.add_argument("--lr-decay", type=_float, default=1.0, metavar="F",
+                   help="multiply the learning rate by F after every epoch (default: 1, constant)")
     t.add_argument("--weight-decay", type=_float, default=0.0, help="(default: 0)")
     t.add_argument("--grad-clip", type=_float, metavar="NORM", help="clip the gradient norm")
     t.add_argument("--seed", type=int, default=0, help="(default: 0)")
@@ -177,7 +179,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         bidirectional=a.bidirectional, dropout=a.dropout, pooling=a.pooling,
         execution=a.execution, vectors=a.vectors, freeze_embedding=a.freeze_embedding,
         sparse_embedding=a.sparse_embedding,
-        batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay,
+        batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, lr_decay=a.lr_decay, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, seed=a.seed, bucket=a.bucket, max_tokens=a.max_tokens,
         eval_batch_size=a.eval_batch_size, checkpoint_every_steps=a.checkpoint_every,
         resume=a.resume, overwrite=a.overwrite, num_workers=a.num_workers, device=a.device,

@@ -91,6 +91,8 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf,
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bound = f"> {low}" if low_open else f">= {low}"
+        if math.isfinite(high):
+            bound += f" and <= {high}"
         raise ValueError(f"{name}: expected a number {bound}" + (" or None" if allow_none else "")
                          + f", got {value!r}")
 
@@ -129,7 +131,8 @@ class TrainConfig(DictConfig):
     # -- optimisation -------------------------------------------------------------------------
     batch_size: int = 16  # sequences per batch (per process under torchrun)
     epochs: int = 1  # passes over the training data
-    lr: float = 1e-3  # Adam learning rate
+    lr: float = 1e-3  # Adam learning rate of the first epoch
+    lr_decay: float = 1.0  # multiply the learning rate by this after every epoch (epoch e: lr * lr_decay**e)
     weight_decay: float = 0.0  # Adam weight decay
     grad_clip: float | None = None  # clip the gradient's global norm to this; None: no clipping
     seed: int = 0  # seeds model init, batch order and dropout: same seed, same run
@@ -184,6 +187,7 @@ class TrainConfig(DictConfig):
         _check_pos_int("num_workers", self.num_workers, minimum=0)
         _check_pos_int("seed", self.seed, minimum=0)
         _check_number("lr", self.lr, 0.0, low_open=True)
+        _check_number("lr_decay", self.lr_decay, 0.0, 1.0, low_open=True)
         _check_number("weight_decay", self.weight_decay, 0.0)
         _check_number("grad_clip", self.grad_clip, 0.0, allow_none=True, low_open=True)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
@@ -552,6 +556,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             train_ds, batch_sampler=todo, num_workers=cfg.num_workers, collate_fn=collate,
             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         bar = _progress(cfg, ctx, total=len(batches), initial=step_in_epoch, epoch=epoch)
+        # A function of the epoch alone, so a resumed run gets the same rate (no scheduler state).
+        optimizer.set_lr(cfg.lr * cfg.lr_decay ** epoch)
         net.train()
         t0 = time.perf_counter()
         for inputs, lengths, labels in loader:
@@ -669,6 +675,11 @@ class _Adam:
     def step(self) -> None:
         for opt in self.optimizers.values():
             opt.step()
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
