@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as D
+from .backend import backend_name
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_write_json,
                          load_checkpoint, save_checkpoint)
 from .data import (BucketBatchSampler, Collate, DistributedBucketBatchSampler, LabelMap,
@@ -478,6 +479,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
         if test_ds is not None:
             msg += f", {len(test_ds)} test texts"
         print(msg, file=sys.stderr)
+    # Resolve (and on first use build) the recurrence backend here, not inside the first epoch's
+    # timer, and say which one runs.
+    backend = "cuDNN" if ctx.device.type == "cuda" else backend_name()
+    if ctx.is_main:
+        print(f"packrnn: recurrent backend {backend}", file=sys.stderr)
         for ds in (train_ds, test_ds):
             if ds is not None and ds.skipped:
                 print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
