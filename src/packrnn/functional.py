@@ -155,6 +155,12 @@ def _project(mode: str, x: Tensor, directions: Sequence[_Direction],
     return list(gates.unbind(0))  # D x (N, G*H), each contiguous
 
 
+def _direction_args(spec: _LayerSpec, d: _Direction, k: int) -> dict:
+    """The backend keywords that forward and backward share for direction ``k`` (1 = reverse)."""
+    return dict(mode=spec.mode, batch_sizes=spec.batch_sizes, h0=d.h0, c0=d.c0, w_hh=d.w_hh,
+                b_hh=d.b_hh if spec.mode == "gru" else None, w_hr=d.w_hr, reverse=k == 1)
+
+
 def _run_directions(spec: _LayerSpec, x: Tensor, directions: Sequence[_Direction],
                     need_backward: bool):
     """Forward of one layer: projections, then the backend's time loop per direction."""
@@ -162,17 +168,7 @@ def _run_directions(spec: _LayerSpec, x: Tensor, directions: Sequence[_Direction
     results = []
     for k, (d, gates_x) in enumerate(zip(directions, gates)):
         results.append(spec.backend.recurrence_forward(
-            mode=spec.mode,
-            gates_x=gates_x,
-            batch_sizes=spec.batch_sizes,
-            h0=d.h0,
-            c0=d.c0,
-            w_hh=d.w_hh,
-            b_hh=d.b_hh if spec.mode == "gru" else None,
-            w_hr=d.w_hr,
-            reverse=k == 1,
-            need_backward=need_backward,
-        ))
+            **_direction_args(spec, d, k), gates_x=gates_x, need_backward=need_backward))
     outputs = [r[0] for r in results]
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)  # (N, D*H_out)
     h_n = torch.stack([r[1] for r in results])  # (D, B, H_out)
@@ -219,18 +215,11 @@ class _LayerFunction(torch.autograd.Function):
             width = outputs[k].shape[1]
             (grad_gx, grad_h0, grad_c0, grad_w_hh, grad_b_hh_gru,
              grad_w_hr) = spec.backend.recurrence_backward(
-                mode=spec.mode,
+                **_direction_args(spec, d, k),
                 grad_output=(grad_output if num_dirs == 1
                              else grad_output[:, k * width : (k + 1) * width]).contiguous(),
                 grad_h_n=grad_h_n[k].contiguous(),
                 grad_c_n=grad_c_n[k].contiguous() if spec.mode == "lstm" else None,
-                batch_sizes=spec.batch_sizes,
-                h0=d.h0,
-                c0=d.c0,
-                w_hh=d.w_hh,
-                b_hh=d.b_hh if spec.mode == "gru" else None,
-                w_hr=d.w_hr,
-                reverse=k == 1,
                 output=outputs[k],
                 saved=saved[k],
             )
