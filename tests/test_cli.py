@@ -13,6 +13,9 @@ from packrnn.cli import main
 from test_train import write_agnews
 
 FAST = ["--no-progress", "--no-plot", "--threads", "1", "--embed-dim", "16", "--hidden-size", "16"]
+# The run of the `trained` fixture (after --train/--test), repeated to resume it.
+RUN = ["--model", "gru", "--epochs", "3", "--lr", "0.01", "--batch-size", "16", "--bucket",
+       "--pooling", "max", "--embed-dropout", "0.1", *FAST]
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +23,8 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     train_path, test_path = write_agnews(d / "train.csv", 200, 0), write_agnews(d / "test.csv", 60, 1)
     out = d / "run"
-    code = main(["train", "--train", str(train_path), "--test", str(test_path), "--model", "gru",
-                 "--epochs", "3", "--lr", "0.01", "--batch-size", "16", "--bucket",
-                 "--pooling", "max", "--output", str(out), *FAST])
+    code = main(["train", "--train", str(train_path), "--test", str(test_path), *RUN,
+                 "--output", str(out)])
     assert code == 0
     return train_path, test_path, out
 
@@ -40,13 +42,14 @@ def test_train_writes_the_run(trained, capsys):
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     config = json.loads((out / "config.json").read_text())
-    assert (config["model"], config["pooling"], config["bucket"]) == ("gru", "max", True)
+    assert (config["model"], config["pooling"], config["bucket"], config["embed_dropout"]) == \
+        ("gru", "max", True, 0.1)
 
 
 def test_train_refuses_existing_output_then_resumes(trained, capsys):
     train_path, test_path, out = trained
-    argv = ["train", "--train", str(train_path), "--model", "gru", "--epochs", "3", "--lr", "0.01",
-            "--bucket", "--pooling", "max", "--test", str(test_path), "--output", str(out), *FAST]
+    argv = ["train", "--train", str(train_path), "--test", str(test_path), *RUN,
+            "--output", str(out)]
     capsys.readouterr()
     assert main(argv) == 2
     line = one_error_line(capsys.readouterr().err)

@@ -170,6 +170,35 @@ def test_every_configuration_runs_forward_and_backward(cell, layers, bidirection
     assert all(p.grad is not None for p in ours.parameters())
 
 
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_embed_dropout_drops_the_embedded_tokens(execution):
+    """Training mode: the recurrent layer sees dropout(embedding) -- the same as a torch oracle
+    that applies F.dropout to the embedded tokens (the real rows when packed, every position
+    when padded) with the same RNG state. Eval mode is the model without dropout."""
+    ours = model(cell="lstm", execution=execution, embed_dropout=0.5, dtype=torch.float64)
+    oracle = TorchLesson("lstm", "packed").double()
+    oracle.load_state_dict(ours.state_dict())
+    ids, lengths = batch(3)
+    ours.train()
+    torch.manual_seed(7)
+    got = ours(ids, lengths)
+    torch.manual_seed(7)
+    if execution == "packed":
+        packed_ids = pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
+        emb = torch.nn.functional.dropout(oracle.embedding(packed_ids.data), p=0.5)  # (N, E)
+        rnn_input = torch.nn.utils.rnn.PackedSequence(
+            emb, packed_ids.batch_sizes, packed_ids.sorted_indices, packed_ids.unsorted_indices)
+    else:
+        rnn_input = torch.nn.functional.dropout(oracle.embedding(ids), p=0.5)  # (B, T, E)
+    _, (h_n, _) = oracle.rnn(rnn_input)
+    torch.testing.assert_close(got, oracle.fc(h_n[-1]))
+    ours.eval()
+    plain = model(cell="lstm", execution=execution, dtype=torch.float64)
+    plain.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(ids, lengths), plain(ids, lengths))
+    assert not torch.allclose(got, ours(ids, lengths))  # the training-mode result was dropped out
+
+
 @pytest.mark.parametrize("kw, error, match", [
     (dict(cell="transformer"), ValueError, r"cell: expected one of rnn, lstm, gru, got 'transformer'"),
     (dict(pooling="sum"), ValueError, r"pooling: expected one of last, mean, max, mean_padded, got 'sum'"),
@@ -179,6 +208,8 @@ def test_every_configuration_runs_forward_and_backward(cell, layers, bidirection
     (dict(hidden_size=0), ValueError, r"hidden_size: expected an int >= 1, got 0"),
     (dict(num_layers=1.5), TypeError, r"num_layers: expected an int, got float 1.5"),
     (dict(dropout=1.0), ValueError, r"dropout: expected a number in \[0, 1\), got 1.0"),
+    (dict(embed_dropout=-0.1), ValueError, r"embed_dropout: expected a number in \[0, 1\), got -0.1"),
+    (dict(embed_dropout="0.1"), ValueError, r"embed_dropout: expected a number in \[0, 1\), got '0.1'"),
     (dict(padding_idx=V), ValueError, rf"padding_idx: expected < vocab_size \({V}\), got {V}"),
     (dict(nonlinearity="gelu"), ValueError, r"nonlinearity: expected one of tanh, relu, got 'gelu'"),
     (dict(bidirectional=1), TypeError, r"bidirectional: expected a bool, got 1"),

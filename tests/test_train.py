@@ -65,8 +65,8 @@ def test_loss_falls_and_files_written(data, tmp_path):
 
 
 def test_same_seed_same_run(data, tmp_path):
-    a = train(config(data, tmp_path / "a", epochs=1, dropout=0.3))
-    b = train(config(data, tmp_path / "b", epochs=1, dropout=0.3))
+    a = train(config(data, tmp_path / "a", epochs=1, dropout=0.3, embed_dropout=0.2))
+    b = train(config(data, tmp_path / "b", epochs=1, dropout=0.3, embed_dropout=0.2))
     assert a[0].train_loss == b[0].train_loss and a[0].test_accuracy == b[0].test_accuracy
 
 
@@ -86,7 +86,8 @@ def _kill_at(step_to_die: int):
 def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, kill_step):
     # 240 texts / 16 = 15 batches per epoch; checkpoints every 4 steps and every epoch.
     # Two layers with dropout, so the saved RNG states matter.
-    kw = dict(checkpoint_every_steps=4, dropout=0.25, num_layers=2, epochs=2, lr_decay=0.5)
+    kw = dict(checkpoint_every_steps=4, dropout=0.25, embed_dropout=0.1, num_layers=2, epochs=2,
+              lr_decay=0.5)
     straight = train(config(data, tmp_path / "straight", **kw))
     out = tmp_path / "killed"
     with pytest.raises(Killed):
@@ -157,6 +158,7 @@ def test_existing_output_is_refused_unless_overwrite(data, tmp_path):
     (dict(pooling="sum"), r"pooling: expected one of last, mean, max, mean_padded, got 'sum'"),
     (dict(pooling="mean_padded"), r"pooling: expected 'mean_padded' only with execution='padded'"),
     (dict(dropout=1.0), r"dropout: expected a number in \[0, 1\), got 1.0"),
+    (dict(embed_dropout=1.0), r"embed_dropout: expected a number in \[0, 1\), got 1.0"),
     (dict(format="xml"), r"format: expected one of agnews, csv, tsv, jsonl, got 'xml'"),
     (dict(resume=True, overwrite=True), r"resume/overwrite: expected at most one of them"),
     (dict(max_tokens=100), r"max_tokens: expected only together with bucket=True"),

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden size per direction (default: 32)")
     t.add_argument("--dropout", type=_float, default=0.0, metavar="P",
                    help="dropout between layers and before the output layer (default: 0)")
+    t.add_argument("--embed-dropout", type=_float, default=0.0, metavar="P",
+                   help="dropout on the embedded tokens, the recurrent input (default: 0)")
     t.add_argument("--pooling", choices=["last", "mean", "max", "mean_padded"], default="last",
                    help="features for the classifier: last state, mean or max over the real "
                         "steps, or the lesson's mean over padded outputs (default: last)")
@@ -176,7 +178,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         skip_bad_rows=bool(a.skip_bad_rows), tokenizer=a.tokenizer, min_freq=a.min_freq,
         max_vocab_size=a.max_vocab, max_length=a.max_length, model=a.model,
         embed_dim=a.embed_dim, hidden_size=a.hidden_size, num_layers=a.layers,
-        bidirectional=a.bidirectional, dropout=a.dropout, pooling=a.pooling,
+        bidirectional=a.bidirectional, dropout=a.dropout,
+        embed_dropout=a.embed_dropout, pooling=a.pooling,
         execution=a.execution, vectors=a.vectors, freeze_embedding=a.freeze_embedding,
         sparse_embedding=a.sparse_embedding,
         batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, lr_decay=a.lr_decay, weight_decay=a.weight_decay,

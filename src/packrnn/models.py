@@ -56,6 +56,12 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
+def _check_probability(name: str, value: Any) -> None:
+    """A dropout probability: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
@@ -96,6 +102,7 @@ class ModelConfig(DictConfig):
     num_layers: int = 1  # stacked recurrent layers
     bidirectional: bool = False  # add a reverse direction; features become 2H
     dropout: float = 0.0  # dropout between recurrent layers and before the linear layer
+    embed_dropout: float = 0.0  # dropout on the embedded tokens (the recurrent layer's input)
     pooling: str = "last"  # "last" | "mean" | "max" | "mean_padded"; see NOTE in models.py
     execution: str = "packed"  # "packed" (real steps only) or "padded" (every position)
     padding_idx: int | None = 0  # embedding row of <pad>: zero and never updated; None: none
@@ -116,9 +123,8 @@ class ModelConfig(DictConfig):
         for name in ("bidirectional", "freeze_embedding", "sparse_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "embed_dropout"):
+            _check_probability(name, getattr(self, name))
         if self.padding_idx is not None:
             _check_int("padding_idx", self.padding_idx, 0)
             if self.padding_idx >= self.vocab_size:
@@ -140,7 +146,7 @@ class SequenceClassifier(nn.Module):
     r"""Classify token sequences of different lengths: embedding, RNN/LSTM/GRU, pooling, linear.
 
     .. math::
-        x_t = \mathrm{Emb}[w_t],\quad o_{1..L}, h_n = \mathrm{RNN}(x_{1..L}),\quad
+        x_t = \mathrm{dropout_e}(\mathrm{Emb}[w_t]),\quad o_{1..L}, h_n = \mathrm{RNN}(x_{1..L}),\quad
         z = \mathrm{pool}(o, h_n),\quad \mathrm{logits} = W\,\mathrm{dropout}(z) + b
 
     Pooling (see NOTE [padding in the lesson's classifiers] in this module):
@@ -184,6 +190,7 @@ class SequenceClassifier(nn.Module):
             self.rnn = LSTM(c.embed_dim, c.hidden_size, **kwargs)
         else:
             self.rnn = GRU(c.embed_dim, c.hidden_size, **kwargs)
+        self.embed_dropout = nn.Dropout(c.embed_dropout)
         self.dropout = nn.Dropout(c.dropout)
         self.fc = nn.Linear(c.feature_size, c.num_classes)
 
@@ -217,7 +224,7 @@ class SequenceClassifier(nn.Module):
 
     def _forward_packed(self, packed_ids: PackedSequence) -> Tensor:
         c = self.config
-        emb = self.embedding(packed_ids.data.long())  # (N, E): real steps only
+        emb = self.embed_dropout(self.embedding(packed_ids.data.long()))  # (N, E): real steps only
         packed = PackedSequence(emb, packed_ids.batch_sizes, packed_ids.sorted_indices,
                                 packed_ids.unsorted_indices)
         out, h = self.rnn(packed)  # out.data (N, D); h_n (layers*dirs, B, H)
@@ -229,7 +236,7 @@ class SequenceClassifier(nn.Module):
 
     def _forward_padded(self, ids: Tensor, lengths: Tensor) -> Tensor:
         c = self.config
-        emb = self.embedding(ids.long())  # (B, T, E), padding embedded too
+        emb = self.embed_dropout(self.embedding(ids.long()))  # (B, T, E), padding embedded too
         out, h = self.rnn(emb)  # (B, T, D): every position, padding included
         if c.pooling == "last":
             z = self._last_state(h)  # state after all T positions (NOTE above)

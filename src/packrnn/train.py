@@ -55,7 +55,8 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_
                          load_checkpoint, save_checkpoint)
 from .data import (BucketBatchSampler, Collate, DistributedBucketBatchSampler, LabelMap,
                    TextClassificationDataset, Vocab, get_tokenizer, load_text_classification)
-from .models import CELLS, EXECUTIONS, POOLINGS, DictConfig, ModelConfig, SequenceClassifier
+from .models import (CELLS, EXECUTIONS, POOLINGS, DictConfig, ModelConfig, SequenceClassifier,
+                     _check_probability)
 
 __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", "predict",
            "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
@@ -124,6 +125,7 @@ class TrainConfig(DictConfig):
     num_layers: int = 1  # stacked recurrent layers
     bidirectional: bool = False  # add a reverse direction
     dropout: float = 0.0  # between recurrent layers and before the linear layer
+    embed_dropout: float = 0.0  # on the embedded tokens, before the first recurrent layer
     pooling: str = "last"  # "last" | "mean" | "max" | "mean_padded"
     execution: str = "packed"  # "packed" (real steps only) or "padded" (the lesson's)
     vectors: str | None = None  # word2vec/GloVe text file to initialise the embedding from
@@ -191,9 +193,8 @@ class TrainConfig(DictConfig):
         _check_number("lr_decay", self.lr_decay, 0.0, 1.0, low_open=True)
         _check_number("weight_decay", self.weight_decay, 0.0)
         _check_number("grad_clip", self.grad_clip, 0.0, allow_none=True, low_open=True)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "embed_dropout"):
+            _check_probability(name, getattr(self, name))
         if self.max_tokens is not None and not self.bucket:
             raise ValueError("max_tokens: expected only together with bucket=True, got bucket=False")
         if self.resume and self.overwrite:
@@ -215,7 +216,8 @@ class TrainConfig(DictConfig):
         return ModelConfig(
             vocab_size=vocab_size, num_classes=num_classes, embed_dim=self.embed_dim,
             hidden_size=self.hidden_size, cell=self.model, num_layers=self.num_layers,
-            bidirectional=self.bidirectional, dropout=float(self.dropout), pooling=self.pooling,
+            bidirectional=self.bidirectional, dropout=float(self.dropout),
+            embed_dropout=float(self.embed_dropout), pooling=self.pooling,
             execution=self.execution, padding_idx=padding_idx,
             freeze_embedding=self.freeze_embedding, sparse_embedding=self.sparse_embedding,
         )
