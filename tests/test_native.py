@@ -286,6 +286,125 @@ def test_empty_buffer(rows, cols, dtype):
 
 
 # --------------------------------------------------------------------------------------------
+# The per-layer entry points: both directions in one call (NOTE [Direction tasks]).
+
+@pytest.fixture
+def num_threads(request):
+    """torch.set_num_threads(param) for the test, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+# lengths, H, extra (zero-length) rows: the first is big enough for the parallel path (several
+# slabs per direction at 3 threads), B=1 is one long sequence (parallel path too: one slab per
+# direction), the last has zero-length rows and an all-zero-length batch (T = 0).
+DIRECTION_CASES = {
+    "many": ([8] * 20 + [5] * 60 + [2] * 70, 45, 3),
+    "B=1": ([250], 64, 0),
+    "zero-length": ([5, 3, 3, 1], 6, 2),
+    "T=0": ([], 6, 2),
+}
+
+
+def direction_cases(mode: str, case: str, dtype) -> list[dict]:
+    """Two directions' contract arguments on the same batch_sizes (make_case, seeds 0 and 1)."""
+    lengths, hidden, extra = DIRECTION_CASES[case]
+    proj = hidden // 2 if mode == "lstm_proj" else 0
+    out = []
+    for seed in (0, 1):
+        if lengths:
+            d = make_case(mode, lengths, hidden=hidden, dtype=dtype, extra_rows=extra, proj=proj,
+                          seed=seed)
+        else:  # T = 0: make_case needs one step; keep its states and weights, drop its rows
+            d = make_case(mode, [1], hidden=hidden, dtype=dtype, extra_rows=extra - 1, proj=proj,
+                          seed=seed)
+            d.update(gates_x=d["gates_x"][:0], batch_sizes=torch.zeros(0, dtype=torch.int64))
+        out.append(d)
+    return out
+
+
+@native_only
+@pytest.mark.parametrize("num_threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("case", list(DIRECTION_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_directions_call_equals_single_direction_calls(mode, dtype, case, num_threads):
+    """recurrence_{forward,backward}_directions == one recurrence_{forward,backward} call per
+    direction (direction 1 reversed); absent gradients (None) == zero gradients."""
+    from packrnn import _native
+
+    dirs = direction_cases(mode, case, dtype)
+    kind, batch_sizes = dirs[0]["mode"], dirs[0]["batch_sizes"]
+    per_dir = [{k: v for k, v in d.items() if k not in ("mode", "batch_sizes")} for d in dirs]
+    singles = [_native.recurrence_forward(**d, reverse=k == 1, need_backward=True)
+               for k, d in enumerate(dirs)]
+    together = _native.recurrence_forward_directions(
+        mode=kind, batch_sizes=batch_sizes, need_backward=True, directions=per_dir)
+    inference = _native.recurrence_forward_directions(
+        mode=kind, batch_sizes=batch_sizes, need_backward=False, directions=per_dir)
+    tol = TOL[dtype]
+    assert len(together) == len(inference) == 2
+    for one, both, infer in zip(singles, together, inference):
+        assert len(both[3]) == len(one[3]) and infer[3] == ()
+        for a, b, c in zip(one[:3] + one[3], both[:3] + both[3], infer[:3] + (None,) * 3):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, **tol)
+            if c is not None:
+                torch.testing.assert_close(c, a, **tol)
+
+    g = torch.Generator().manual_seed(5)
+
+    def rand_like(t):
+        return torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype)
+
+    # the layer's gradient of output is (N, 2*H_out): each direction gets a column block view
+    grad_layer = rand_like(torch.cat([r[0] for r in singles], 1))
+    width = singles[0][0].shape[1]
+    for used in ("output", "h_n", "c_n"):
+        if used == "c_n" and kind != "lstm":
+            continue
+        given, zeros = [], []
+        for k, (d, r) in enumerate(zip(per_dir, singles)):
+            block = grad_layer[:, k * width : (k + 1) * width]  # (N, H_out) view
+            grad = dict(grad_output=block if used == "output" else None,
+                        grad_h_n=rand_like(r[1]) if used == "h_n" else None,
+                        grad_c_n=rand_like(r[2]) if used == "c_n" else None)
+            common = {key: d[key] for key in ("h0", "c0", "w_hh", "b_hh", "w_hr")}
+            given.append(dict(grad, **common, output=together[k][0], saved=together[k][3]))
+            explicit = {name: (t.contiguous() if t is not None else torch.zeros_like(like))
+                        for (name, t), like in zip(grad.items(), r[:3]) if like is not None}
+            zeros.append(_native.recurrence_backward(
+                mode=kind, batch_sizes=batch_sizes, **{"grad_c_n": None, **explicit}, **common,
+                reverse=k == 1, output=r[0], saved=r[3]))
+        both = _native.recurrence_backward_directions(mode=kind, batch_sizes=batch_sizes,
+                                                      directions=given)
+        for one, two in zip(zeros, both):
+            for a, b in zip(one, two, strict=True):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{used}: {m}")
+
+
+@native_only
+def test_directions_call_errors():
+    from packrnn import _native
+
+    (d0, d1) = direction_cases("lstm", "zero-length", torch.float64)
+    per_dir = [{k: v for k, v in d.items() if k not in ("mode", "batch_sizes")} for d in (d0, d1)]
+    args = dict(mode="lstm", batch_sizes=d0["batch_sizes"], need_backward=False)
+    with pytest.raises(ValueError, match="directions: expected 1 or 2 entries, got 3"):
+        _native.recurrence_forward_directions(**args, directions=per_dir + per_dir[:1])
+    with pytest.raises(TypeError, match=r"directions\[1\]: expected the keys"):
+        _native.recurrence_forward_directions(**args, directions=[per_dir[0], {"gates_x": None}])
+    bad = dict(per_dir[1], h0=per_dir[1]["h0"].float())
+    with pytest.raises(TypeError, match="h0: expected dtype"):
+        _native.recurrence_forward_directions(**args, directions=[per_dir[0], bad])
+
+
+# --------------------------------------------------------------------------------------------
 # Module level: packrnn layers on the native backend vs torch.nn (copied weights).
 
 def _torch_layer(kind, **kwargs):

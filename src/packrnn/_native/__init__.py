@@ -5,8 +5,9 @@ once with ``torch.utils.cpp_extension.load`` into a cache directory keyed by the
 a hash of the sources and flags, so later processes only load the shared library. Selection and
 fallback (``PACKRNN_BACKEND``) live in ``packrnn.backend``; this module only builds and calls.
 
-The two functions take exactly the arguments of the backend contract, by keyword (see NOTE
-[Backend contract] in ``packrnn._lean``), and return the same structure as the lean backend.
+The contract's functions take exactly its arguments, by keyword (see NOTE [Backend contract] in
+``packrnn._lean``), and return the same structure as the lean backend; the ``_directions`` forms
+run all directions of a layer in one kernel call.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["load_library", "build_directory", "kernel_info", "clear_cache", "empty",
-           "recurrence_forward",
-           "recurrence_backward"]
+           "recurrence_forward", "recurrence_backward", "recurrence_forward_directions",
+           "recurrence_backward_directions"]
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("recurrence.cpp", "recurrence.h")
@@ -115,6 +116,45 @@ def empty(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     return _ops().empty_buffer(rows, cols, dtype)
 
 
+def _forward_result(mode: str, out: list[Tensor]):
+    """(output, h_n, c_n or None, saved) from one direction's [output, h_n, (c_n), saved...]."""
+    if mode == "lstm":
+        return out[0], out[1], out[2], tuple(out[3:])
+    return out[0], out[1], None, tuple(out[2:])
+
+
+def _backward_result(mode: str, has_proj: bool, out: list[Tensor]):
+    """The contract's 6-tuple from one direction's [grad_gates_x, grad_h0, (grad_c0), grad_w_hh,
+    (grad_b_hh), (grad_w_hr)]."""
+    out = list(out)
+    grad_gates_x, grad_h0 = out.pop(0), out.pop(0)
+    grad_c0 = out.pop(0) if mode == "lstm" else None
+    grad_w_hh = out.pop(0)
+    grad_b_hh = out.pop(0) if mode == "gru" else None
+    grad_w_hr = out.pop(0) if has_proj else None
+    return grad_gates_x, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr
+
+
+_FORWARD_KEYS = ("gates_x", "h0", "c0", "w_hh", "b_hh", "w_hr")
+_BACKWARD_KEYS = ("grad_output", "grad_h_n", "grad_c_n", "h0", "c0", "w_hh", "b_hh", "w_hr",
+                  "output", "saved")
+
+
+def _check_directions(directions: Sequence[dict], keys: tuple[str, ...]) -> None:
+    """Each direction names exactly ``keys`` (as the lean backend's keyword call would)."""
+    if len(directions) not in (1, 2):
+        raise ValueError(f"directions: expected 1 or 2 entries, got {len(directions)}")
+    for k, d in enumerate(directions):
+        if sorted(d) != sorted(keys):
+            raise TypeError(f"directions[{k}]: expected the keys {sorted(keys)}, got {sorted(d)}")
+
+
+def _per_direction(flat: list[Tensor], num_dirs: int) -> list[list[Tensor]]:
+    """Split the kernel's concatenated per-direction results (the same count each)."""
+    n = len(flat) // num_dirs
+    return [flat[k * n : (k + 1) * n] for k in range(num_dirs)]
+
+
 def recurrence_forward(
     *,
     mode: str,
@@ -137,16 +177,34 @@ def recurrence_forward(
     out = _ops().recurrence_forward(
         mode, gates_x, batch_sizes, h0, c0, w_hh, b_hh, w_hr, bool(reverse), bool(need_backward)
     )
-    if mode == "lstm":
-        return out[0], out[1], out[2], tuple(out[3:])
-    return out[0], out[1], None, tuple(out[2:])
+    return _forward_result(mode, out)
+
+
+def recurrence_forward_directions(
+    *, mode: str, batch_sizes: Tensor, need_backward: bool, directions: Sequence[dict]
+) -> list[tuple[Tensor, Tensor, Optional[Tensor], tuple[Tensor, ...]]]:
+    """Every direction of one layer (backend contract) in one kernel call, the directions
+    running concurrently (NOTE [Direction tasks] in recurrence.cpp).
+
+    ``directions[k]`` holds direction k's keywords of :func:`recurrence_forward` (``gates_x,
+    h0, c0, w_hh, b_hh, w_hr``); direction 1 runs reversed. Returns one
+    :func:`recurrence_forward` result per direction.
+    """
+    _check_directions(directions, _FORWARD_KEYS)
+    out = _ops().recurrence_forward_directions(
+        mode, batch_sizes,
+        [d["gates_x"] for d in directions], [d["h0"] for d in directions],
+        [d["c0"] for d in directions], [d["w_hh"] for d in directions],
+        [d["b_hh"] for d in directions], [d["w_hr"] for d in directions], bool(need_backward),
+    )
+    return [_forward_result(mode, r) for r in _per_direction(out, len(directions))]
 
 
 def recurrence_backward(
     *,
     mode: str,
-    grad_output: Tensor,
-    grad_h_n: Tensor,
+    grad_output: Optional[Tensor],
+    grad_h_n: Optional[Tensor],
     grad_c_n: Optional[Tensor],
     batch_sizes: Tensor,
     h0: Tensor,
@@ -160,18 +218,36 @@ def recurrence_backward(
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward through time of :func:`recurrence_forward` (backend contract), in C++.
 
+    A None gradient counts as zero; ``grad_output`` may be a column block of a wider tensor
+    (its rows are read in place).
+
     Returns ``(grad_gates_x (N, G*H), grad_h0 (B, H_out), grad_c0 (B, H) or None,
     grad_w_hh (G*H, H_out), grad_b_hh (G*H,) for gru else None, grad_w_hr (P, H) or None)``.
     """
-    out = list(
-        _ops().recurrence_backward(
-            mode, grad_output, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
-            bool(reverse), output, list(saved),
-        )
+    out = _ops().recurrence_backward(
+        mode, grad_output, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
+        bool(reverse), output, list(saved),
     )
-    grad_gates_x, grad_h0 = out.pop(0), out.pop(0)
-    grad_c0 = out.pop(0) if mode == "lstm" else None
-    grad_w_hh = out.pop(0)
-    grad_b_hh = out.pop(0) if mode == "gru" else None
-    grad_w_hr = out.pop(0) if w_hr is not None else None
-    return grad_gates_x, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr
+    return _backward_result(mode, w_hr is not None, out)
+
+
+def recurrence_backward_directions(
+    *, mode: str, batch_sizes: Tensor, directions: Sequence[dict]
+) -> list[tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]]:
+    """Backward of :func:`recurrence_forward_directions`, the directions concurrently.
+
+    ``directions[k]`` holds direction k's keywords of :func:`recurrence_backward` but
+    ``reverse`` (``grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr, output,
+    saved``). Returns one :func:`recurrence_backward` result per direction.
+    """
+    _check_directions(directions, _BACKWARD_KEYS)
+    out = _ops().recurrence_backward_directions(
+        mode, batch_sizes,
+        [d["grad_output"] for d in directions], [d["grad_h_n"] for d in directions],
+        [d["grad_c_n"] for d in directions], [d["h0"] for d in directions],
+        [d["c0"] for d in directions], [d["w_hh"] for d in directions],
+        [d["b_hh"] for d in directions], [d["w_hr"] for d in directions],
+        [d["output"] for d in directions], [t for d in directions for t in d["saved"]],
+    )
+    return [_backward_result(mode, d["w_hr"] is not None, r)
+            for d, r in zip(directions, _per_direction(out, len(directions)))]

@@ -580,15 +580,22 @@ Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch)
 
 // NOTE [Row slabs]
 //   Sequences are independent of each other: row b at step t reads only row b's own state. So
-//   the rows [0, b_0) are cut ONCE into one contiguous slab per thread and every thread runs the
-//   whole time loop on its slab (at step t it updates slab ∩ [0, b_t)). There is no
-//   synchronisation between threads inside the loop -- no barrier per step, and a thread that
-//   the OS delays holds up no one else. Sorted rows make early slabs long-lived, so the cut
-//   balances work: each row costs its length, and each step a slab is active costs a fixed
-//   overhead (GEMM call, streaming the weights) of kStepOverheadRows rows.
+//   the rows [0, b_0) are cut ONCE into contiguous slabs and every task runs the whole time loop
+//   on its slab (at step t it updates slab ∩ [0, b_t)). There is no synchronisation between
+//   threads inside the loop -- no barrier per step, and a thread that the OS delays holds up no
+//   one else. Sorted rows make early slabs long-lived, so the cut balances work: each row costs
+//   its length, and each step a slab is active costs a fixed overhead (GEMM call, streaming the
+//   weights) of kStepOverheadRows rows.
+//
+// NOTE [Direction tasks]
+//   The directions of a bidirectional layer are independent too, so one call runs them all in
+//   ONE parallel region: its tasks are (direction, slab) pairs, with threads / D slabs per
+//   direction (one whole direction per thread when threads <= D). A whole direction per thread
+//   beats splitting each direction's rows: bigger per-step GEMMs, each thread streams only its
+//   own w_hh, and both tasks have the same work.
 constexpr double kStepOverheadRows = 4.0;
-// Below this many FLOPs in the whole loop one thread does everything (fork/join, and the
-// smaller GEMMs of split slabs, would cost more than they save).
+// Below this many FLOPs in the whole loop (all directions) one thread does everything
+// (fork/join, and the smaller GEMMs of split slabs, would cost more than they save).
 constexpr double kMinParallelFlops = 4e6;
 // BLAS threads for the GEMMs over all rows only above this many FLOPs.
 constexpr double kMinThreadedGemmFlops = 8e6;
@@ -597,17 +604,15 @@ struct Slab {
   int64_t r0, r1;
 };
 
-std::vector<Slab> make_slabs(const Layout& L, double flops_per_row_step) {
+// Cuts rows [0, b_0) into at most `parts` slabs of balanced work (NOTE [Row slabs]).
+std::vector<Slab> make_slabs(const Layout& L, int64_t parts) {
   const int64_t b0 = L.max_active;
-  const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || b0 < 2 || double(L.rows) * flops_per_row_step < kMinParallelFlops) {
-    return {{0, b0}};
-  }
+  if (parts <= 1 || b0 < 2) return {{0, b0}};
   // len[b] = number of steps row b is active (rows are sorted longest first).
   std::vector<int64_t> len(b0, 0);
   for (int64_t b_t : L.sizes) len[b_t - 1] += 1;
   for (int64_t b = b0 - 2; b >= 0; --b) len[b] += len[b + 1];
-  // Smallest max-slab-cost that fits into `threads` slabs (greedy check + bisection).
+  // Smallest max-slab-cost that fits into `parts` slabs (greedy check + bisection).
   auto cut = [&](double budget, std::vector<Slab>* out) {
     int64_t slabs = 0, r0 = 0;
     while (r0 < b0) {
@@ -623,32 +628,43 @@ std::vector<Slab> make_slabs(const Layout& L, double flops_per_row_step) {
   double lo = 0, hi = double(L.rows) + kStepOverheadRows * len[0];
   for (int it = 0; it < 50 && hi - lo > 0.5; ++it) {
     const double mid = 0.5 * (lo + hi);
-    (cut(mid, nullptr) <= threads ? hi : lo) = mid;
+    (cut(mid, nullptr) <= parts ? hi : lo) = mid;
   }
   std::vector<Slab> slabs;
   cut(hi, &slabs);
   return slabs;
 }
 
-// Runs the whole time loop once per slab, slabs in parallel (NOTE [Row slabs]). `order` lists
-// the steps in visiting order; body(t, r0, r1) does step t on rows [r0, r1) (never empty).
-template <typename F>
-void run_slabs(const std::vector<Slab>& slabs, const Layout& L, bool ascending, const F& body) {
+// Runs the time loop of every job (one direction each) on every slab, all (job, slab) tasks in
+// one parallel region (NOTE [Row slabs], NOTE [Direction tasks]). A job offers ascending() (its
+// visiting order), flops_per_row_step() and step(t, r0, r1): step t on rows [r0, r1) (never
+// empty), called concurrently for disjoint row ranges and different jobs.
+template <typename Job>
+void run_jobs(const std::vector<Job>& jobs, const Layout& L) {
   const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
-  auto loop = [&](const Slab& slab) {
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+  double flops = 0;
+  for (const Job& job : jobs) flops += double(L.rows) * job.flops_per_row_step();
+  const int64_t threads = at::get_num_threads();
+  const bool parallel = threads > 1 && flops >= kMinParallelFlops;
+  const auto slabs = make_slabs(L, parallel ? threads / n_jobs : 1);
+  std::vector<std::pair<const Job*, Slab>> tasks;
+  for (const Job& job : jobs)
+    for (const Slab& slab : slabs) tasks.emplace_back(&job, slab);
+  auto loop = [&](const Job& job, const Slab& slab) {
     SingleThreadedBlas guard;  // each thread (or the one thread) runs its own BLAS calls
     for (int64_t k = 0; k < T_steps; ++k) {
-      const int64_t t = ascending ? k : T_steps - 1 - k;
+      const int64_t t = job.ascending() ? k : T_steps - 1 - k;
       const int64_t r1 = std::min(slab.r1, L.sizes[t]);
-      if (slab.r0 < r1) body(t, slab.r0, r1);
+      if (slab.r0 < r1) job.step(t, slab.r0, r1);
     }
   };
-  if (slabs.size() == 1) {
-    loop(slabs[0]);
+  if (!parallel || tasks.size() == 1) {
+    for (const auto& task : tasks) loop(*task.first, task.second);
     return;
   }
-  at::parallel_for(0, static_cast<int64_t>(slabs.size()), 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t i = s0; i < s1; ++i) loop(slabs[i]);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) loop(*tasks[i].first, tasks[i].second);
   });
 }
 
@@ -709,47 +725,71 @@ Dims check_common(const std::string& mode_name, const at::Tensor& w_hh, const at
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward time loop.
+// The time loops. A call runs one job per direction (NOTE [Direction tasks]); a job owns that
+// direction's buffers (recurrence.h) and does one step on a row range.
+
+// The tensors of one direction of a forward call, checked and contiguous.
+struct ForwardArgs {
+  at::Tensor gates_x;               // (N, G*H)
+  at::Tensor h0;                    // (B, H_out)
+  std::optional<at::Tensor> c0;     // (B, H) lstm
+  at::Tensor w_hh;                  // (G*H, H_out)
+  std::optional<at::Tensor> b_hh;   // (G*H,) gru
+  std::optional<at::Tensor> w_hr;   // (P, H) lstm with proj
+  bool reverse;
+};
+
+// Forward time loop of one direction.
 template <typename T>
-std::vector<at::Tensor> forward_impl(const Dims& d, const Layout& L, const at::Tensor& gates_x,
-                                     const at::Tensor& h0, const std::optional<at::Tensor>& c0,
-                                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                                     const std::optional<at::Tensor>& w_hr, bool reverse,
-                                     bool need_backward) {
-  const int64_t N = L.rows, H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
-  const int64_t b0 = L.max_active;
-  const auto opts = gates_x.options();
-  const bool lstm = d.mode == Mode::kLstm, gru = d.mode == Mode::kGru;
-  const bool relu = d.mode == Mode::kRnnRelu;
+struct ForwardJob {
+  Dims d;
+  bool reverse, need_backward;
+  const Layout* L;
+  ForwardArgs in;  // keeps the inputs alive
+  at::Tensor output, h_n, c_n, S, act, cells, r_all, bias;
+  int64_t act_width;
+  const T *gx, *whh, *whr, *bias_p;
+  T *out, *h, *c, *s, *act_p, *cells_p, *r_p;
 
-  at::Tensor output = empty_rows(N, Hout, opts);     // (N, H_out)
-  at::Tensor h_n = h0.clone();                        // (B, H_out) running state
-  at::Tensor c_n = lstm ? c0->clone() : at::Tensor();  // (B, H)
-  at::Tensor S = at::empty({b0, GH}, opts);           // (b_0, G*H) scratch
-  const int64_t act_width = gru ? 4 * H : GH;
-  at::Tensor act;                                     // (N | b_0, act_width)
-  if (lstm || gru) act = empty_rows(need_backward ? N : b0, act_width, opts);
-  at::Tensor cells, r_all;
-  if (lstm && need_backward) cells = empty_rows(N, H, opts);  // (N, H)
-  if (lstm && P > 0) r_all = empty_rows(need_backward ? N : b0, H, opts);  // (N | b_0, H)
-  at::Tensor bias = gru ? (b_hh.has_value() ? b_hh->contiguous() : at::zeros({GH}, opts))
-                        : at::Tensor();
+  ForwardJob(const Dims& dims, const Layout& layout, ForwardArgs args, bool need_bwd)
+      : d(dims), reverse(args.reverse), need_backward(need_bwd), L(&layout),
+        in(std::move(args)) {
+    const int64_t N = L->rows, H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
+    const int64_t b0 = L->max_active;
+    const auto opts = in.gates_x.options();
+    const bool lstm = d.mode == Mode::kLstm, gru = d.mode == Mode::kGru;
+    output = empty_rows(N, Hout, opts);                        // (N, H_out)
+    h_n = in.h0.clone();                                       // (B, H_out) running state
+    if (lstm) c_n = in.c0->clone();                            // (B, H)
+    S = at::empty({b0, GH}, opts);                             // (b_0, G*H) scratch
+    act_width = gru ? 4 * H : GH;
+    if (lstm || gru) act = empty_rows(need_backward ? N : b0, act_width, opts);  // (N | b_0, .)
+    if (lstm && need_backward) cells = empty_rows(N, H, opts);                    // (N, H)
+    if (lstm && P > 0) r_all = empty_rows(need_backward ? N : b0, H, opts);       // (N | b_0, H)
+    if (gru) bias = in.b_hh.has_value() ? *in.b_hh : at::zeros({GH}, opts);       // (G*H,)
 
-  const T* gx = gates_x.data_ptr<T>();
-  const T* whh = w_hh.data_ptr<T>();
-  const T* whr = P > 0 ? w_hr->data_ptr<T>() : nullptr;
-  T* out = output.data_ptr<T>();
-  T* h = h_n.data_ptr<T>();
-  T* c = lstm ? c_n.data_ptr<T>() : nullptr;
-  T* s = S.data_ptr<T>();
-  T* act_p = act.defined() ? act.data_ptr<T>() : nullptr;
-  T* cells_p = cells.defined() ? cells.data_ptr<T>() : nullptr;
-  T* r_p = r_all.defined() ? r_all.data_ptr<T>() : nullptr;
-  const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
+    gx = in.gates_x.data_ptr<T>();
+    whh = in.w_hh.data_ptr<T>();
+    whr = P > 0 ? in.w_hr->data_ptr<T>() : nullptr;
+    bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
+    out = output.data_ptr<T>();
+    h = h_n.data_ptr<T>();
+    c = lstm ? c_n.data_ptr<T>() : nullptr;
+    s = S.data_ptr<T>();
+    act_p = act.defined() ? act.data_ptr<T>() : nullptr;
+    cells_p = cells.defined() ? cells.data_ptr<T>() : nullptr;
+    r_p = r_all.defined() ? r_all.data_ptr<T>() : nullptr;
+  }
 
-  const auto slabs = make_slabs(L, double(2 * GH * Hout + 2 * P * H + 16 * GH));
-  run_slabs(slabs, L, /*ascending=*/!reverse, [&](int64_t t, int64_t r0, int64_t r1) {
-    const int64_t off = L.offsets[t];
+  bool ascending() const { return !reverse; }
+  double flops_per_row_step() const {
+    const int64_t GH = d.G * d.H;
+    return double(2 * GH * d.Hout + 2 * d.P * d.H + 16 * GH);
+  }
+
+  void step(int64_t t, int64_t r0, int64_t r1) const {
+    const int64_t H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
+    const int64_t off = L->offsets[t];
     const int64_t m = r1 - r0;
     // Row bases of this step (NOTE [Active prefix]).
     const T* gx_t = gx + off * GH;
@@ -761,7 +801,7 @@ std::vector<at::Tensor> forward_impl(const Dims& d, const Layout& L, const at::T
     prefetch_rows(gx_t + r0 * GH, m * GH * sizeof(T));
     // S[r0:r1] = h[r0:r1] @ w_hh^T: (m, H_out) x (H_out, G*H)
     gemm_rm<T>(false, true, m, GH, Hout, h + r0 * Hout, Hout, whh, Hout, T(0), s + r0 * GH, GH);
-    if (lstm) {
+    if (d.mode == Mode::kLstm) {
       T* hr = P > 0 ? r_t : out_t;
       lstm_fwd_rows_run(LstmFwd<T>{gx_t, s, act_t, c, hr, P > 0 ? H : Hout, H}, r0, r1);
       if (cells_p) copy_rows<T>(cells_p + off * H, H, c, H, r0, r1, H);
@@ -770,73 +810,106 @@ std::vector<at::Tensor> forward_impl(const Dims& d, const Layout& L, const at::T
         gemm_rm<T>(false, true, m, P, H, r_t + r0 * H, H, whr, H, T(0), out_t + r0 * P, P);
       }
       copy_rows<T>(h, Hout, out_t, Hout, r0, r1, Hout);
-    } else if (gru) {
+    } else if (d.mode == Mode::kGru) {
       gru_fwd_rows_run(GruFwd<T>{gx_t, s, bias_p, act_t, h, out_t, H}, r0, r1);
     } else {
-      rnn_fwd_rows_run(RnnFwd<T>{gx_t, s, h, out_t, H, relu}, r0, r1);
-    }
-  });
-
-  std::vector<at::Tensor> result{output, h_n};
-  if (lstm) result.push_back(c_n);
-  if (need_backward) {
-    if (lstm) {
-      result.push_back(act);
-      result.push_back(cells);
-      if (P > 0) result.push_back(r_all);
-    } else if (gru) {
-      result.push_back(act);
+      rnn_fwd_rows_run(RnnFwd<T>{gx_t, s, h, out_t, H, d.mode == Mode::kRnnRelu}, r0, r1);
     }
   }
-  return result;
-}
 
-// Backward time loop.
+  // [output, h_n, (c_n if lstm), saved...]
+  std::vector<at::Tensor> result() const {
+    std::vector<at::Tensor> result{output, h_n};
+    if (d.mode == Mode::kLstm) result.push_back(c_n);
+    if (need_backward) {
+      if (d.mode == Mode::kLstm) {
+        result.push_back(act);
+        result.push_back(cells);
+        if (d.P > 0) result.push_back(r_all);
+      } else if (d.mode == Mode::kGru) {
+        result.push_back(act);
+      }
+    }
+    return result;
+  }
+};
+
+// The tensors of one direction of a backward call, checked; everything but grad_output is
+// contiguous (grad_output's rows are, at any row stride: a column block of the layer's grad).
+struct BackwardArgs {
+  std::optional<at::Tensor> grad_output;  // (N, H_out); None = zeros
+  std::optional<at::Tensor> grad_h_n;     // (B, H_out); None = zeros
+  std::optional<at::Tensor> grad_c_n;     // (B, H) lstm; None = zeros
+  at::Tensor h0;                          // (B, H_out)
+  std::optional<at::Tensor> c0;           // (B, H) lstm
+  at::Tensor w_hh;                        // (G*H, H_out)
+  std::optional<at::Tensor> w_hr;         // (P, H) lstm with proj
+  bool reverse;
+  at::Tensor output;                      // (N, H_out) forward's
+  std::vector<at::Tensor> saved;          // forward's
+};
+
+// Backward time loop of one direction; finish() does the GEMMs over all rows after the loop.
 template <typename T>
-std::vector<at::Tensor> backward_impl(const Dims& d, const Layout& L,
-                                      const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                                      const std::optional<at::Tensor>& grad_c_n,
-                                      const at::Tensor& h0, const std::optional<at::Tensor>& c0,
-                                      const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                                      bool reverse, const at::Tensor& output,
-                                      const std::vector<at::Tensor>& saved) {
-  const int64_t N = L.rows, H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
-  const int64_t b0 = L.max_active;
-  const auto opts = output.options();
-  const bool lstm = d.mode == Mode::kLstm, gru = d.mode == Mode::kGru;
-  const bool relu = d.mode == Mode::kRnnRelu;
+struct BackwardJob {
+  Dims d;
+  bool reverse;
+  const Layout* L;
+  BackwardArgs in;  // keeps the inputs alive
+  at::Tensor grad_gates_x, grad_gh, h_prev, dh_t, dc_t, d_proj, DR;
+  int64_t act_width, ld_gout;
+  const T *gout, *whh, *whr, *out, *h0p, *c0p, *act, *cells, *r_all;
+  T *dgx, *dgh, *hprev, *dh, *dc, *dproj, *dr_scratch;
 
-  at::Tensor grad_gates_x = empty_rows(N, GH, opts);                 // (N, G*H)
-  at::Tensor grad_gh = gru ? empty_rows(N, GH, opts) : grad_gates_x;  // (N, G*H) aliases for rnn/lstm
-  at::Tensor h_prev = empty_rows(N, Hout, opts);                     // (N, H_out)
-  at::Tensor dh_t = grad_h_n.clone();                                  // (B, H_out)
-  at::Tensor dc_t = lstm ? grad_c_n->clone() : at::Tensor();           // (B, H)
-  at::Tensor d_proj = P > 0 ? empty_rows(N, P, opts) : at::Tensor();  // (N, P)
-  at::Tensor DR = P > 0 ? at::empty({b0, H}, opts) : at::Tensor();     // (b_0, H)
+  BackwardJob(const Dims& dims, const Layout& layout, BackwardArgs args)
+      : d(dims), reverse(args.reverse), L(&layout), in(std::move(args)) {
+    const int64_t N = L->rows, H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
+    const int64_t b0 = L->max_active;
+    const auto opts = in.output.options();
+    const bool lstm = d.mode == Mode::kLstm, gru = d.mode == Mode::kGru;
+    grad_gates_x = empty_rows(N, GH, opts);                     // (N, G*H)
+    grad_gh = gru ? empty_rows(N, GH, opts) : grad_gates_x;      // (N, G*H) aliases for rnn/lstm
+    h_prev = empty_rows(N, Hout, opts);                          // (N, H_out)
+    dh_t = in.grad_h_n ? in.grad_h_n->clone(at::MemoryFormat::Contiguous)
+                       : at::zeros({d.B, Hout}, opts);           // (B, H_out)
+    if (lstm) {
+      dc_t = in.grad_c_n ? in.grad_c_n->clone(at::MemoryFormat::Contiguous)
+                         : at::zeros({d.B, H}, opts);            // (B, H)
+    }
+    if (P > 0) d_proj = empty_rows(N, P, opts);                  // (N, P)
+    if (P > 0) DR = at::empty({b0, H}, opts);                    // (b_0, H)
 
-  const T* gout = grad_output.data_ptr<T>();
-  const T* whh = w_hh.data_ptr<T>();
-  const T* whr = P > 0 ? w_hr->data_ptr<T>() : nullptr;
-  const T* out = output.data_ptr<T>();
-  const T* h0p = h0.data_ptr<T>();
-  const T* c0p = lstm ? c0->data_ptr<T>() : nullptr;
-  const T* act = (lstm || gru) ? saved[0].data_ptr<T>() : nullptr;
-  const T* cells = lstm ? saved[1].data_ptr<T>() : nullptr;
-  const T* r_all = P > 0 ? saved[2].data_ptr<T>() : nullptr;
-  T* dgx = grad_gates_x.data_ptr<T>();
-  T* dgh = grad_gh.data_ptr<T>();
-  T* hprev = h_prev.data_ptr<T>();
-  T* dh = dh_t.data_ptr<T>();
-  T* dc = lstm ? dc_t.data_ptr<T>() : nullptr;
-  T* dproj = P > 0 ? d_proj.data_ptr<T>() : nullptr;
-  T* dr_scratch = P > 0 ? DR.data_ptr<T>() : nullptr;
-  const int64_t act_width = gru ? 4 * H : GH;
+    gout = in.grad_output ? in.grad_output->data_ptr<T>() : nullptr;
+    ld_gout = in.grad_output ? in.grad_output->stride(0) : 0;
+    whh = in.w_hh.data_ptr<T>();
+    whr = P > 0 ? in.w_hr->data_ptr<T>() : nullptr;
+    out = in.output.data_ptr<T>();
+    h0p = in.h0.data_ptr<T>();
+    c0p = lstm ? in.c0->data_ptr<T>() : nullptr;
+    act = (lstm || gru) ? in.saved[0].data_ptr<T>() : nullptr;
+    cells = lstm ? in.saved[1].data_ptr<T>() : nullptr;
+    r_all = P > 0 ? in.saved[2].data_ptr<T>() : nullptr;
+    dgx = grad_gates_x.data_ptr<T>();
+    dgh = grad_gh.data_ptr<T>();
+    hprev = h_prev.data_ptr<T>();
+    dh = dh_t.data_ptr<T>();
+    dc = lstm ? dc_t.data_ptr<T>() : nullptr;
+    dproj = P > 0 ? d_proj.data_ptr<T>() : nullptr;
+    dr_scratch = P > 0 ? DR.data_ptr<T>() : nullptr;
+    act_width = gru ? 4 * H : GH;
+  }
 
-  const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
-  const auto slabs = make_slabs(L, double(2 * GH * Hout + 2 * P * H + 24 * GH));
   // Backward visits the steps in the opposite order of forward.
-  run_slabs(slabs, L, /*ascending=*/reverse, [&](int64_t t, int64_t r0, int64_t r1) {
-    const int64_t bt = L.sizes[t], off = L.offsets[t];
+  bool ascending() const { return reverse; }
+  double flops_per_row_step() const {
+    const int64_t GH = d.G * d.H;
+    return double(2 * GH * d.Hout + 2 * d.P * d.H + 24 * GH);
+  }
+
+  void step(int64_t t, int64_t r0, int64_t r1) const {
+    const int64_t H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
+    const int64_t T_steps = static_cast<int64_t>(L->sizes.size());
+    const int64_t bt = L->sizes[t], off = L->offsets[t];
     const int64_t m = r1 - r0;
     // Where each row's previous state lives: rows [0, split) in `output` / `cells` at packed
     // offset prev_off, rows [split, b_t) in the initial state (reverse direction only:
@@ -844,19 +917,19 @@ std::vector<at::Tensor> backward_impl(const Dims& d, const Layout& L,
     int64_t split = 0, prev_off = 0;
     if (!reverse && t > 0) {
       split = bt;
-      prev_off = L.offsets[t - 1];
+      prev_off = L->offsets[t - 1];
     } else if (reverse && t + 1 < T_steps) {
-      split = L.sizes[t + 1];
-      prev_off = L.offsets[t + 1];
+      split = L->sizes[t + 1];
+      prev_off = L->offsets[t + 1];
     }
     // h_prev rows of this step (input of the grad_w_hh GEMM; gru's elementwise needs them).
     T* hprev_t = hprev + off * Hout;
     const int64_t mid = std::clamp(split, r0, r1);
     copy_rows<T>(hprev_t, Hout, out + prev_off * Hout, Hout, r0, mid, Hout);
     copy_rows<T>(hprev_t, Hout, h0p, Hout, mid, r1, Hout);
-    // dh[r0:r1] += grad_output rows: the grad of this step's new h.
-    add_rows<T>(dh, Hout, gout + off * Hout, Hout, r0, r1, Hout);
-    if (lstm) {
+    // dh[r0:r1] += grad_output rows: the grad of this step's new h (absent: zero).
+    if (gout) add_rows<T>(dh, Hout, gout + off * ld_gout, ld_gout, r0, r1, Hout);
+    if (d.mode == Mode::kLstm) {
       const T* dr = dh;
       int64_t ld_dr = Hout;
       if (P > 0) {
@@ -873,7 +946,7 @@ std::vector<at::Tensor> backward_impl(const Dims& d, const Layout& L,
       // dh[r0:r1] = dgates rows @ w_hh: (m, 4H) x (4H, H_out)
       gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
                  dh + r0 * Hout, Hout);
-    } else if (gru) {
+    } else if (d.mode == Mode::kGru) {
       gru_bwd_rows_run(GruBwd<T>{act + off * act_width, hprev_t, dh, dgx + off * GH,
                                  dgh + off * GH, H},
                        r0, r1);
@@ -881,100 +954,238 @@ std::vector<at::Tensor> backward_impl(const Dims& d, const Layout& L,
       gemm_rm<T>(false, false, m, Hout, GH, dgh + (off + r0) * GH, GH, whh, Hout, T(1),
                  dh + r0 * Hout, Hout);
     } else {
-      rnn_bwd_rows_run(RnnBwd<T>{out + off * Hout, dh, dgx + off * GH, H, relu}, r0, r1);
+      rnn_bwd_rows_run(RnnBwd<T>{out + off * Hout, dh, dgx + off * GH, H,
+                                 d.mode == Mode::kRnnRelu},
+                       r0, r1);
       gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
                  dh + r0 * Hout, Hout);
     }
-  });
-
-  // The GEMMs over all rows use BLAS's own threads unless they are small.
-  std::optional<SingleThreadedBlas> serial_blas;
-  if (2.0 * GH * Hout * N < kMinThreadedGemmFlops) serial_blas.emplace();
-  // grad_w_hh = grad_gh^T @ h_prev: (G*H, N) x (N, H_out), one GEMM over all rows.
-  at::Tensor grad_w_hh = at::empty({GH, Hout}, opts);
-  gemm_rm<T>(true, false, GH, Hout, N, dgh, GH, hprev, Hout, T(0), grad_w_hh.data_ptr<T>(), Hout);
-
-  std::vector<at::Tensor> result{grad_gates_x, dh_t};
-  if (lstm) result.push_back(dc_t);
-  result.push_back(grad_w_hh);
-  if (gru) result.push_back(grad_gh.sum(0));  // (3H,)
-  if (P > 0) {
-    // grad_w_hr = d_proj^T @ r: (P, N) x (N, H)
-    at::Tensor grad_w_hr = at::empty({P, H}, opts);
-    gemm_rm<T>(true, false, P, H, N, dproj, P, r_all, H, T(0), grad_w_hr.data_ptr<T>(), H);
-    result.push_back(grad_w_hr);
   }
-  return result;
+
+  // After the loop: [grad_gates_x, grad_h0, (grad_c0 if lstm), grad_w_hh, (grad_b_hh if gru),
+  // (grad_w_hr if proj)].
+  std::vector<at::Tensor> finish() const {
+    const int64_t N = L->rows, H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
+    const auto opts = in.output.options();
+    // The GEMMs over all rows use BLAS's own threads unless they are small.
+    std::optional<SingleThreadedBlas> serial_blas;
+    if (2.0 * GH * Hout * N < kMinThreadedGemmFlops) serial_blas.emplace();
+    // grad_w_hh = grad_gh^T @ h_prev: (G*H, N) x (N, H_out), one GEMM over all rows.
+    at::Tensor grad_w_hh = at::empty({GH, Hout}, opts);
+    gemm_rm<T>(true, false, GH, Hout, N, dgh, GH, hprev, Hout, T(0), grad_w_hh.data_ptr<T>(),
+               Hout);
+    std::vector<at::Tensor> result{grad_gates_x, dh_t};
+    if (d.mode == Mode::kLstm) result.push_back(dc_t);
+    result.push_back(grad_w_hh);
+    if (d.mode == Mode::kGru) result.push_back(grad_gh.sum(0));  // (3H,)
+    if (P > 0) {
+      // grad_w_hr = d_proj^T @ r: (P, N) x (N, H)
+      at::Tensor grad_w_hr = at::empty({P, H}, opts);
+      gemm_rm<T>(true, false, P, H, N, dproj, P, r_all, H, T(0), grad_w_hr.data_ptr<T>(), H);
+      result.push_back(grad_w_hr);
+    }
+    return result;
+  }
+};
+
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? std::optional<at::Tensor>(x->contiguous()) : x;
+}
+
+// Checks the directions of a forward call and runs them in one parallel region; returns the
+// results of direction 0, then 1, ... (each [output, h_n, (c_n), saved...]).
+std::vector<at::Tensor> forward_directions(const std::string& mode, const at::Tensor& batch_sizes,
+                                           std::vector<ForwardArgs> dirs, bool need_backward) {
+  TORCH_CHECK_VALUE(!dirs.empty(), "gates_x: expected at least one direction, got none");
+  std::vector<Dims> dims;
+  std::optional<Layout> layout;
+  for (auto& a : dirs) {
+    const Dims d = check_common(mode, a.w_hh, a.h0, a.c0, a.b_hh, a.w_hr);
+    const auto dtype = dirs[0].w_hh.scalar_type();
+    TORCH_CHECK_TYPE(a.w_hh.scalar_type() == dtype, "w_hh: expected the dtype ", dtype,
+                     " of the first direction, got ", a.w_hh.scalar_type());
+    TORCH_CHECK_VALUE(a.gates_x.dim() == 2, "gates_x: expected shape (N, ", d.G * d.H, "), got ",
+                      a.gates_x.sizes());
+    check_tensor(a.gates_x, "gates_x", dtype, {a.gates_x.size(0), d.G * d.H});
+    Layout L = make_layout(batch_sizes, a.gates_x.size(0), d.B);
+    if (!layout) layout = std::move(L);
+    a.gates_x = a.gates_x.contiguous();
+    a.h0 = a.h0.contiguous();
+    a.c0 = contiguous(a.c0);
+    a.w_hh = a.w_hh.contiguous();
+    a.b_hh = contiguous(a.b_hh);
+    a.w_hr = contiguous(a.w_hr);
+    dims.push_back(d);
+  }
+  return AT_DISPATCH_FLOATING_TYPES(dirs[0].w_hh.scalar_type(), "packrnn_forward", [&] {
+    std::vector<ForwardJob<scalar_t>> jobs;
+    jobs.reserve(dirs.size());
+    for (size_t k = 0; k < dirs.size(); ++k)
+      jobs.emplace_back(dims[k], *layout, std::move(dirs[k]), need_backward);
+    run_jobs(jobs, *layout);
+    std::vector<at::Tensor> result;
+    for (const auto& job : jobs)
+      for (auto& x : job.result()) result.push_back(std::move(x));
+    return result;
+  });
+}
+
+// The same for backward (each direction's result as BackwardJob::finish()).
+std::vector<at::Tensor> backward_directions(const std::string& mode,
+                                            const at::Tensor& batch_sizes,
+                                            std::vector<BackwardArgs> dirs,
+                                            const std::vector<std::optional<at::Tensor>>& b_hh) {
+  TORCH_CHECK_VALUE(!dirs.empty(), "output: expected at least one direction, got none");
+  std::vector<Dims> dims;
+  std::optional<Layout> layout;
+  for (size_t k = 0; k < dirs.size(); ++k) {
+    BackwardArgs& a = dirs[k];
+    const Dims d = check_common(mode, a.w_hh, a.h0, a.c0, b_hh[k], a.w_hr);
+    const auto dtype = dirs[0].w_hh.scalar_type();
+    TORCH_CHECK_TYPE(a.w_hh.scalar_type() == dtype, "w_hh: expected the dtype ", dtype,
+                     " of the first direction, got ", a.w_hh.scalar_type());
+    TORCH_CHECK_VALUE(a.output.dim() == 2, "output: expected shape (N, ", d.Hout, "), got ",
+                      a.output.sizes());
+    const int64_t N = a.output.size(0), H = d.H;
+    check_tensor(a.output, "output", dtype, {N, d.Hout});
+    if (a.grad_output) check_tensor(*a.grad_output, "grad_output", dtype, {N, d.Hout});
+    if (a.grad_h_n) check_tensor(*a.grad_h_n, "grad_h_n", dtype, {d.B, d.Hout});
+    size_t want = 0;
+    if (d.mode == Mode::kLstm) {
+      if (a.grad_c_n) check_tensor(*a.grad_c_n, "grad_c_n", dtype, {d.B, H});
+      want = d.P > 0 ? 3 : 2;
+    } else {
+      TORCH_CHECK_VALUE(!a.grad_c_n, "grad_c_n: expected None for mode '", mode,
+                        "', got a tensor");
+      if (d.mode == Mode::kGru) want = 1;
+    }
+    TORCH_CHECK_VALUE(a.saved.size() == want, "saved: expected the ", want,
+                      " tensors recurrence_forward(need_backward=True) returned, got ",
+                      a.saved.size());
+    if (d.mode == Mode::kLstm) {
+      check_tensor(a.saved[0], "saved[0]", dtype, {N, 4 * H});
+      check_tensor(a.saved[1], "saved[1]", dtype, {N, H});
+      if (d.P > 0) check_tensor(a.saved[2], "saved[2]", dtype, {N, H});
+    } else if (d.mode == Mode::kGru) {
+      check_tensor(a.saved[0], "saved[0]", dtype, {N, 4 * H});
+    }
+    Layout L = make_layout(batch_sizes, N, d.B);
+    if (!layout) layout = std::move(L);
+    // grad_output: its rows must be contiguous, any row stride (BackwardArgs).
+    if (a.grad_output && a.grad_output->size(1) > 1 && a.grad_output->stride(1) != 1)
+      a.grad_output = a.grad_output->contiguous();
+    a.h0 = a.h0.contiguous();
+    a.c0 = contiguous(a.c0);
+    a.w_hh = a.w_hh.contiguous();
+    a.w_hr = contiguous(a.w_hr);
+    a.output = a.output.contiguous();
+    for (auto& x : a.saved) x = x.contiguous();
+    dims.push_back(d);
+  }
+  return AT_DISPATCH_FLOATING_TYPES(dirs[0].w_hh.scalar_type(), "packrnn_backward", [&] {
+    std::vector<BackwardJob<scalar_t>> jobs;
+    jobs.reserve(dirs.size());
+    for (size_t k = 0; k < dirs.size(); ++k)
+      jobs.emplace_back(dims[k], *layout, std::move(dirs[k]));
+    run_jobs(jobs, *layout);
+    std::vector<at::Tensor> result;
+    for (const auto& job : jobs)
+      for (auto& x : job.finish()) result.push_back(std::move(x));
+    return result;
+  });
 }
 
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
+namespace {
+
+void check_count(size_t got, size_t want, const char* name) {
+  TORCH_CHECK_VALUE(got == want, name, ": expected one entry per direction (", want, "), got ",
+                    got);
+}
+
+std::vector<std::optional<at::Tensor>> to_vector(const c10::List<std::optional<at::Tensor>>& xs) {
+  std::vector<std::optional<at::Tensor>> out;
+  for (const auto& x : xs) out.push_back(x);
+  return out;
+}
+
+}  // namespace
+
 std::vector<at::Tensor> recurrence_forward(
     const std::string& mode, const at::Tensor& gates_x, const at::Tensor& batch_sizes,
     const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
     bool need_backward) {
-  const Dims d = check_common(mode, w_hh, h0, c0, b_hh, w_hr);
-  const auto dtype = w_hh.scalar_type();
-  TORCH_CHECK_VALUE(gates_x.dim() == 2, "gates_x: expected shape (N, ", d.G * d.H, "), got ",
-                    gates_x.sizes());
-  check_tensor(gates_x, "gates_x", dtype, {gates_x.size(0), d.G * d.H});
-  const Layout L = make_layout(batch_sizes, gates_x.size(0), d.B);
-  auto cont = [](const std::optional<at::Tensor>& x) {
-    return x.has_value() ? std::optional<at::Tensor>(x->contiguous()) : x;
-  };
-  return AT_DISPATCH_FLOATING_TYPES(dtype, "packrnn_recurrence_forward", [&] {
-    return forward_impl<scalar_t>(d, L, gates_x.contiguous(), h0.contiguous(), cont(c0),
-                                  w_hh.contiguous(), cont(b_hh), cont(w_hr), reverse,
-                                  need_backward);
-  });
+  return forward_directions(mode, batch_sizes, {ForwardArgs{gates_x, h0, c0, w_hh, b_hh, w_hr,
+                                                            reverse}},
+                            need_backward);
+}
+
+std::vector<at::Tensor> recurrence_forward_directions(
+    const std::string& mode, const at::Tensor& batch_sizes, at::TensorList gates_x,
+    at::TensorList h0, const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
+    const c10::List<std::optional<at::Tensor>>& b_hh,
+    const c10::List<std::optional<at::Tensor>>& w_hr, bool need_backward) {
+  const size_t D = gates_x.size();
+  TORCH_CHECK_VALUE(D == 1 || D == 2, "gates_x: expected 1 or 2 directions, got ", D);
+  check_count(h0.size(), D, "h0");
+  check_count(c0.size(), D, "c0");
+  check_count(w_hh.size(), D, "w_hh");
+  check_count(b_hh.size(), D, "b_hh");
+  check_count(w_hr.size(), D, "w_hr");
+  std::vector<ForwardArgs> dirs;
+  for (size_t k = 0; k < D; ++k) {
+    dirs.push_back(ForwardArgs{gates_x[k], h0[k], c0.get(k), w_hh[k], b_hh.get(k), w_hr.get(k),
+                               /*reverse=*/k == 1});
+  }
+  return forward_directions(mode, batch_sizes, std::move(dirs), need_backward);
 }
 
 std::vector<at::Tensor> recurrence_backward(
-    const std::string& mode, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& batch_sizes, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
-    const at::Tensor& output, at::TensorList saved) {
-  const Dims d = check_common(mode, w_hh, h0, c0, b_hh, w_hr);
-  const auto dtype = w_hh.scalar_type();
-  TORCH_CHECK_VALUE(output.dim() == 2, "output: expected shape (N, ", d.Hout, "), got ",
-                    output.sizes());
-  const int64_t N = output.size(0);
-  check_tensor(output, "output", dtype, {N, d.Hout});
-  check_tensor(grad_output, "grad_output", dtype, {N, d.Hout});
-  check_tensor(grad_h_n, "grad_h_n", dtype, {d.B, d.Hout});
-  const int64_t H = d.H;
-  size_t want = 0;
-  if (d.mode == Mode::kLstm) {
-    TORCH_CHECK_VALUE(grad_c_n.has_value(), "grad_c_n: expected a (B, H) tensor, got None");
-    check_tensor(*grad_c_n, "grad_c_n", dtype, {d.B, H});
-    want = d.P > 0 ? 3 : 2;
-  } else if (d.mode == Mode::kGru) {
-    want = 1;
+    const std::string& mode, const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_h_n, const std::optional<at::Tensor>& grad_c_n,
+    const at::Tensor& batch_sizes, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, const at::Tensor& output,
+    at::TensorList saved) {
+  return backward_directions(
+      mode, batch_sizes,
+      {BackwardArgs{grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, reverse, output,
+                    saved.vec()}},
+      {b_hh});
+}
+
+std::vector<at::Tensor> recurrence_backward_directions(
+    const std::string& mode, const at::Tensor& batch_sizes,
+    const c10::List<std::optional<at::Tensor>>& grad_output,
+    const c10::List<std::optional<at::Tensor>>& grad_h_n,
+    const c10::List<std::optional<at::Tensor>>& grad_c_n, at::TensorList h0,
+    const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
+    const c10::List<std::optional<at::Tensor>>& b_hh,
+    const c10::List<std::optional<at::Tensor>>& w_hr, at::TensorList output,
+    at::TensorList saved) {
+  const size_t D = output.size();
+  TORCH_CHECK_VALUE(D == 1 || D == 2, "output: expected 1 or 2 directions, got ", D);
+  check_count(grad_output.size(), D, "grad_output");
+  check_count(grad_h_n.size(), D, "grad_h_n");
+  check_count(grad_c_n.size(), D, "grad_c_n");
+  check_count(h0.size(), D, "h0");
+  check_count(c0.size(), D, "c0");
+  check_count(w_hh.size(), D, "w_hh");
+  check_count(b_hh.size(), D, "b_hh");
+  check_count(w_hr.size(), D, "w_hr");
+  TORCH_CHECK_VALUE(saved.size() % D == 0, "saved: expected the same number of tensors for each ",
+                    "of the ", D, " directions, got ", saved.size(), " in all");
+  const size_t per_dir = saved.size() / D;
+  std::vector<BackwardArgs> dirs;
+  for (size_t k = 0; k < D; ++k) {
+    dirs.push_back(BackwardArgs{grad_output.get(k), grad_h_n.get(k), grad_c_n.get(k), h0[k],
+                                c0.get(k), w_hh[k], w_hr.get(k), /*reverse=*/k == 1, output[k],
+                                saved.slice(k * per_dir, per_dir).vec()});
   }
-  TORCH_CHECK_VALUE(saved.size() == want, "saved: expected the ", want,
-                    " tensors recurrence_forward(need_backward=True) returned, got ",
-                    saved.size());
-  if (d.mode == Mode::kLstm) {
-    check_tensor(saved[0], "saved[0]", dtype, {N, 4 * H});
-    check_tensor(saved[1], "saved[1]", dtype, {N, H});
-    if (d.P > 0) check_tensor(saved[2], "saved[2]", dtype, {N, H});
-  } else if (d.mode == Mode::kGru) {
-    check_tensor(saved[0], "saved[0]", dtype, {N, 4 * H});
-  }
-  const Layout L = make_layout(batch_sizes, N, d.B);
-  std::vector<at::Tensor> saved_c;
-  for (const auto& x : saved) saved_c.push_back(x.contiguous());
-  auto cont = [](const std::optional<at::Tensor>& x) {
-    return x.has_value() ? std::optional<at::Tensor>(x->contiguous()) : x;
-  };
-  return AT_DISPATCH_FLOATING_TYPES(dtype, "packrnn_recurrence_backward", [&] {
-    return backward_impl<scalar_t>(d, L, grad_output.contiguous(), grad_h_n.contiguous(),
-                                   cont(grad_c_n), h0.contiguous(), cont(c0), w_hh.contiguous(),
-                                   cont(w_hr), reverse, output.contiguous(), saved_c);
-  });
+  return backward_directions(mode, batch_sizes, std::move(dirs), to_vector(b_hh));
 }
 
 void clear_cache() { BufferCache::instance().clear(); }
@@ -994,18 +1205,29 @@ std::string kernel_info() {
 
 }  // namespace packrnn
 
-// Thin binding: torch.ops.packrnn.recurrence_forward / recurrence_backward. Registered through
-// the dispatcher (no pybind11), which keeps the build to one small translation unit.
+// Thin binding: torch.ops.packrnn.recurrence_forward / recurrence_backward and their
+// _directions forms. Registered through the dispatcher (no pybind11), which keeps the build to
+// one small translation unit.
 TORCH_LIBRARY(packrnn, m) {
   m.def(
       "recurrence_forward(str mode, Tensor gates_x, Tensor batch_sizes, Tensor h0, Tensor? c0, "
       "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, bool reverse, bool need_backward) -> Tensor[]",
       &packrnn::recurrence_forward);
   m.def(
-      "recurrence_backward(str mode, Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, "
+      "recurrence_backward(str mode, Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor batch_sizes, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
       "bool reverse, Tensor output, Tensor[] saved) -> Tensor[]",
       &packrnn::recurrence_backward);
+  m.def(
+      "recurrence_forward_directions(str mode, Tensor batch_sizes, Tensor[] gates_x, "
+      "Tensor[] h0, Tensor?[] c0, Tensor[] w_hh, Tensor?[] b_hh, Tensor?[] w_hr, "
+      "bool need_backward) -> Tensor[]",
+      &packrnn::recurrence_forward_directions);
+  m.def(
+      "recurrence_backward_directions(str mode, Tensor batch_sizes, Tensor?[] grad_output, "
+      "Tensor?[] grad_h_n, Tensor?[] grad_c_n, Tensor[] h0, Tensor?[] c0, Tensor[] w_hh, "
+      "Tensor?[] b_hh, Tensor?[] w_hr, Tensor[] output, Tensor[] saved) -> Tensor[]",
+      &packrnn::recurrence_backward_directions);
   m.def("kernel_info() -> str", &packrnn::kernel_info);
   m.def("clear_cache() -> ()", &packrnn::clear_cache);
   m.def("empty_buffer(int rows, int cols, ScalarType dtype) -> Tensor", &packrnn::empty_buffer);

@@ -1,4 +1,4 @@
-// packrnn native backend: the time loop of one recurrent layer in one direction, on CPU.
+// packrnn native backend: the time loop of one recurrent layer, each direction, on CPU.
 //
 // Implements the backend contract (see NOTE [Backend contract] in src/packrnn/_lean.py, which is
 // the readable Python version of the same algorithm): the caller has already done every GEMM
@@ -14,12 +14,17 @@
 //   [0, b_t), and packed rows [off_t, off_t + b_t) hold them in the same order. Every buffer
 //   below is therefore touched as one contiguous row range per step.
 //
-// Threads (NOTE [Row slabs] in recurrence.cpp): sequences never read each other's state, so the
-// rows are cut once into one contiguous slab per thread, balanced by work, and each thread runs
-// the WHOLE time loop on its slab -- per step: recurrent GEMM (single-threaded BLAS call), one
-// fused elementwise pass (gate nonlinearities + state update), and the projection GEMM for LSTM
-// with proj_size. One parallel region per call, no barrier per step. Small problems run on one
-// thread.
+// Threads (NOTE [Row slabs] and NOTE [Direction tasks] in recurrence.cpp): sequences never read
+// each other's state, and the directions of a bidirectional layer never read each other's
+// either. One call runs every direction of a layer (the _directions ops; the single-direction
+// ops are the same code with one direction): the rows are cut once into about threads / D
+// contiguous slabs per direction, balanced by work (one whole direction per thread when
+// threads <= D), and each (direction, slab) task runs the WHOLE time loop of its direction on
+// its slab -- per step: recurrent GEMM (single-threaded BLAS call), one fused elementwise pass
+// (gate nonlinearities + state update), and the projection GEMM for LSTM with proj_size. One
+// parallel region per call, no barrier per step. Small problems run on one thread. Each
+// direction has its own buffers below; the GEMMs over all rows after the backward loop run per
+// direction, after the parallel region.
 //
 // Per step (forward):   S[0:b_t] = h[0:b_t] @ w_hh^T                 one GEMM  (b_t, G*H)
 //                       fused pass: gates = act(gates_x rows + S), update h (and c), write output
@@ -34,6 +39,7 @@
 // of 4 MiB or more come from a cache of blocks earlier calls released, else new 2 MiB aligned
 // transparent huge pages (NOTE [Buffer cache] in recurrence.cpp).
 // Threads write disjoint row ranges of every buffer (their slabs), never the same row.
+// Every buffer below is one direction's.
 //
 //   gates_x   (N, G*H)   caller    x @ w_ih^T + b_ih (+ b_hh for rnn/lstm). Read only.
 //   w_hh      (G*H, H_out) caller  recurrent weight; S = h @ w_hh^T.
@@ -55,14 +61,19 @@
 //                                  the projection GEMM (scratch (b_0, H) when not need_backward).
 //
 // Buffers of recurrence_backward (forward's `output` and `saved` are read only):
+//   grad_output (N, H_out) caller  read only; None = zero. Its rows must be contiguous but the
+//                                  row stride is free: a direction's column block of the
+//                                  layer's (N, D*H_out) gradient is read in place.
+//   grad_h_n, grad_c_n   caller    read only (cloned into dh / dc); None = zero.
 //   grad_gates_x (N, G*H) returned gradient of the pre-activations, = gradient of gates_x.
 //   grad_gh   (N, G*H)   scratch   gru only: gradient of S + b_hh (differs from grad_gates_x in
 //                                  the n block: r * grad). For rnn/lstm it ALIASES grad_gates_x.
 //   h_prev    (N, H_out) scratch   the state each row started from (output row of the previous
 //                                  step of the same sequence, or h0); input of grad_w_hh's GEMM.
-//   dh        (B, H_out) returned  grad_h0: clone of grad_h_n; on rows [0, b_t) it accumulates
-//                                  grad_output and is replaced by the recurrent gradient.
-//   dc        (B, H)     returned  grad_c0 (lstm): clone of grad_c_n, same scheme.
+//   dh        (B, H_out) returned  grad_h0: clone of grad_h_n (zeros if None); on rows
+//                                  [0, b_t) it accumulates grad_output and is replaced by the
+//                                  recurrent gradient.
+//   dc        (B, H)     returned  grad_c0 (lstm): clone of grad_c_n (zeros if None), same scheme.
 //   d_proj    (N, P)     scratch   lstm with proj: dh of every row (input of grad_w_hr's GEMM).
 //   DR        (b_0, H)   scratch   lstm with proj: dh @ w_hr of the current step.
 //   grad_w_hh (G*H, H_out), grad_b_hh (G*H,) (gru), grad_w_hr (P, H) returned.
@@ -78,21 +89,47 @@
 
 namespace packrnn {
 
-// Returns [output, h_n, (c_n if lstm), saved...]; saved is backend-private (see above).
+// One direction (reverse = run t = T-1..0). Returns [output, h_n, (c_n if lstm), saved...];
+// saved is backend-private (see above).
 std::vector<at::Tensor> recurrence_forward(
     const std::string& mode, const at::Tensor& gates_x, const at::Tensor& batch_sizes,
     const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
     bool need_backward);
 
-// Returns [grad_gates_x, grad_h0, (grad_c0 if lstm), grad_w_hh, (grad_b_hh if gru),
-//          (grad_w_hr if lstm with proj)].
+// Every direction of one layer in one parallel region (NOTE [Direction tasks]): each list has one
+// entry per direction (1 or 2), direction 1 runs reversed. Returns the results of
+// recurrence_forward for direction 0, then for direction 1, concatenated (same count each).
+std::vector<at::Tensor> recurrence_forward_directions(
+    const std::string& mode, const at::Tensor& batch_sizes, at::TensorList gates_x,
+    at::TensorList h0, const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
+    const c10::List<std::optional<at::Tensor>>& b_hh,
+    const c10::List<std::optional<at::Tensor>>& w_hr, bool need_backward);
+
+// One direction. grad_output, grad_h_n, grad_c_n: None means zero (the loss did not use that
+// output); grad_output may be a column block of a wider tensor (rows contiguous, any row
+// stride). Returns [grad_gates_x, grad_h0, (grad_c0 if lstm), grad_w_hh, (grad_b_hh if gru),
+// (grad_w_hr if lstm with proj)].
 std::vector<at::Tensor> recurrence_backward(
-    const std::string& mode, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& batch_sizes, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
-    const at::Tensor& output, at::TensorList saved);
+    const std::string& mode, const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_h_n, const std::optional<at::Tensor>& grad_c_n,
+    const at::Tensor& batch_sizes, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, const at::Tensor& output,
+    at::TensorList saved);
+
+// Every direction of one layer, as recurrence_forward_directions: one entry per direction in
+// each list; `saved` is the directions' saved tensors concatenated (the same count each).
+// Returns the results of recurrence_backward per direction, concatenated.
+std::vector<at::Tensor> recurrence_backward_directions(
+    const std::string& mode, const at::Tensor& batch_sizes,
+    const c10::List<std::optional<at::Tensor>>& grad_output,
+    const c10::List<std::optional<at::Tensor>>& grad_h_n,
+    const c10::List<std::optional<at::Tensor>>& grad_c_n, at::TensorList h0,
+    const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
+    const c10::List<std::optional<at::Tensor>>& b_hh,
+    const c10::List<std::optional<at::Tensor>>& w_hr, at::TensorList output,
+    at::TensorList saved);
 
 // Frees the blocks the buffer cache holds (NOTE [Buffer cache] in recurrence.cpp).
 void clear_cache();
