@@ -167,6 +167,26 @@ def test_backend_agrees_with_reference_and_torch(mode, bias, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode, used", [(m, u) for m in MODES for u in ("output", "h_n", "c_n")
+                                        if u != "c_n" or m.startswith("lstm")])
+def test_loss_of_one_output_matches_reference(mode, used, backend):
+    """A loss of the output alone, or of h_n or c_n alone: the unused outputs' gradients reach
+    the backend as None (NOTE [Absent gradients]) and count as zero."""
+    _, packed, hx, weights = packed_case(mode, 2, True, batch=4)
+    grads = {}
+    for name in ("reference", backend):
+        data, hx_, weights_, inputs = leaves(packed.data, hx, weights)
+        out, states = call(mode, data, packed.batch_sizes, hx_, weights_, num_layers=2,
+                           bidirectional=True, backend=name)
+        chosen = {"output": out, "h_n": states[0], "c_n": states[-1]}[used]
+        torch.manual_seed(3)
+        loss = (torch.randn_like(chosen) * chosen).sum()
+        grads[name] = torch.autograd.grad(loss, inputs)
+    for a, b in zip(grads[backend], grads["reference"], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
 def test_inference_path_equals_training_path(mode, backend):
     _, packed, hx, weights = packed_case(mode, 2, True)

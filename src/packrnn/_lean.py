@@ -1,9 +1,9 @@
 """The pure-PyTorch "lean" recurrence backend: the time loop of one layer in one direction.
 
-This module implements the backend contract (``recurrence_forward`` / ``recurrence_backward``,
-see NOTE [Backend contract] below) with plain tensor operations. It is the default where the
-native kernel is not available and the fast path that the per-step reference in
-``_reference.py`` checks.
+This module implements the backend contract (``recurrence_forward`` / ``recurrence_backward`` and
+their per-layer ``_directions`` forms, see NOTE [Backend contract] below) with plain tensor
+operations. It is the default where the native kernel is not available and the fast path that
+the per-step reference in ``_reference.py`` checks.
 
 What makes it lean:
 
@@ -26,18 +26,29 @@ NOTE [Backend contract]
     its own last step. Either way, after the loop the state buffer is h_n.
     ``gates_x`` holds ``x @ w_ih^T + b_ih`` (+ ``b_hh`` folded in for rnn/lstm; gru passes
     ``b_hh`` separately because ``r`` multiplies ``h @ w_hn^T + b_hn``).
+
+    Entry points. ``recurrence_forward`` / ``recurrence_backward`` run one direction and define
+    the semantics. ``functional`` calls only the per-layer forms, ``recurrence_forward_directions``
+    / ``recurrence_backward_directions``: ``directions`` is a list with one dict of the
+    per-direction keywords for each direction (direction 1 is the reverse one), and the result
+    is a list with one per-direction result each. A backend may run the directions
+    concurrently (the native kernel does: one parallel region); this one loops over them.
+    Gradients handed to backward may be None where the loss did not use that output (h_n,
+    c_n, or the output rows): they count as zero. ``grad_output`` may be a non-contiguous
+    column block of the layer's (N, D*H_out) gradient.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from packrnn.packing import _layout_from_batch_sizes
 
-__all__ = ["recurrence_forward", "recurrence_backward"]
+__all__ = ["recurrence_forward", "recurrence_backward", "recurrence_forward_directions",
+           "recurrence_backward_directions"]
 
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 
@@ -97,6 +108,11 @@ def _prev_row_index(batch_sizes: Tensor, reverse: bool, batch: int) -> Tensor:
 def _gather_prev(init: Tensor, rows: Tensor, index: Tensor) -> Tensor:
     """Each row's previous state, (N, X), from the initial states (B, X) and all rows (N, X)."""
     return torch.cat([init, rows], 0).index_select(0, index)  # (N, X)
+
+
+def _add_grad(dh: Tensor, grad_output: Optional[Tensor], rows: slice) -> Tensor:
+    """dh += grad_output[rows] in place (nothing when grad_output is None: zero); returns dh."""
+    return dh if grad_output is None else dh.add_(grad_output[rows])
 
 
 def recurrence_forward(
@@ -220,8 +236,8 @@ def recurrence_forward(
 def recurrence_backward(
     *,
     mode: str,
-    grad_output: Tensor,
-    grad_h_n: Tensor,
+    grad_output: Optional[Tensor],
+    grad_h_n: Optional[Tensor],
     grad_c_n: Optional[Tensor],
     batch_sizes: Tensor,
     h0: Tensor,
@@ -236,9 +252,9 @@ def recurrence_backward(
     """Backward through time of ``recurrence_forward`` (same arguments, see NOTE [Backend contract]).
 
     Args:
-        grad_output: (N, H_out) gradient of ``output``.
-        grad_h_n: (B, H_out) gradient of ``h_n``.
-        grad_c_n: (B, H) gradient of ``c_n`` (lstm), else None.
+        grad_output: (N, H_out) gradient of ``output`` (any strides), or None for zero.
+        grad_h_n: (B, H_out) gradient of ``h_n``, or None for zero.
+        grad_c_n: (B, H) gradient of ``c_n`` (lstm), or None (zero; always None otherwise).
         output, saved: what ``recurrence_forward(need_backward=True)`` returned.
 
     Returns:
@@ -253,7 +269,9 @@ def recurrence_backward(
     h_prev = _gather_prev(h0, output, prev_index)  # (N, H_out) state each row started from
     grad_gates_x = torch.empty(output.shape[0], w_hh.shape[0], dtype=output.dtype,
                                device=output.device)  # (N, G*H)
-    dh = grad_h_n.clone()  # (B, H_out) gradient of the running state
+    opts = dict(dtype=output.dtype, device=output.device)
+    # (B, H_out) gradient of the running state
+    dh = grad_h_n.clone() if grad_h_n is not None else torch.zeros(h0.shape, **opts)
 
     # The derivative factors of every row are computed once, vectorised over all N rows; the
     # loop then only chains them through time (a handful of ops into preallocated slices, and
@@ -265,7 +283,7 @@ def recurrence_backward(
             d_act = (output > 0).to(output.dtype)  # (N, H) relu' at each row
         for off, size in steps:
             rows = slice(off, off + size)
-            dh_t = dh[:size].add_(grad_output[rows])  # (b, H)
+            dh_t = _add_grad(dh[:size], grad_output, rows)  # (b, H)
             d_pre = torch.mul(dh_t, d_act[rows], out=grad_gates_x[rows])  # (b, H)
             torch.mm(d_pre, w_hh, out=dh[:size])  # (b, H) x (H, H) -> (b, H)
         grad_w_hh = grad_gates_x.t().mm(h_prev)  # (H, H_out)
@@ -279,13 +297,14 @@ def recurrence_backward(
         d_act = gates * (1.0 - gates)  # (N, 4H) sigmoid' of i, f, o ...
         g_all = gates[:, 2 * hidden : 3 * hidden]
         torch.mul(g_all, g_all, out=d_act[:, 2 * hidden : 3 * hidden]).neg_().add_(1.0)  # tanh' of g
-        dc = grad_c_n.clone()  # (B, H) gradient of the running cell state
+        # (B, H) gradient of the running cell state
+        dc = grad_c_n.clone() if grad_c_n is not None else torch.zeros(c0.shape, **opts)
         d_proj = torch.empty_like(output) if w_hr is not None else None  # (N, P) grad of h'
         d_hpre = torch.empty(_max_active(batch_sizes), hidden, dtype=output.dtype,
                              device=output.device) if w_hr is not None else None  # (b0, H)
         for off, size in steps:
             rows = slice(off, off + size)
-            dh_t = dh[:size].add_(grad_output[rows])  # (b, H_out)
+            dh_t = _add_grad(dh[:size], grad_output, rows)  # (b, H_out)
             if w_hr is not None:
                 d_proj[rows].copy_(dh_t)
                 dh_t = torch.mm(dh_t, w_hr, out=d_hpre[:size])  # (b, H) grad of o * tanh(c)
@@ -322,7 +341,7 @@ def recurrence_backward(
         dn_all = torch.empty_like(hidden_n)  # (N, H) dn_pre
         for off, size in steps:
             rows = slice(off, off + size)
-            dh_t = dh[:size].add_(grad_output[rows])  # (b, H)
+            dh_t = _add_grad(dh[:size], grad_output, rows)  # (b, H)
             dgh = grad_gh[rows]  # (b, 3H)
             dr, dz, dn_r = dgh.chunk(3, 1)  # 3 x (b, H) views to fill
             dn = torch.mul(dh_t, f_n[rows], out=dn_all[rows])  # (b, H)
@@ -338,3 +357,33 @@ def recurrence_backward(
         return grad_gates_x, dh, None, grad_w_hh, grad_b_hh, None
 
     raise ValueError(f"mode: expected one of {sorted(_GATES)}, got {mode!r}")
+
+
+def recurrence_forward_directions(
+    *, mode: str, batch_sizes: Tensor, need_backward: bool, directions: Sequence[dict]
+) -> list[tuple[Tensor, Tensor, Optional[Tensor], tuple[Tensor, ...]]]:
+    """Every direction of one layer: ``directions[k]`` holds direction k's keywords of
+    :func:`recurrence_forward` but ``reverse`` (``gates_x, h0, c0, w_hh, b_hh, w_hr``);
+    direction 1 runs reversed. Returns one :func:`recurrence_forward` result per direction.
+    """
+    _check_directions(directions)
+    return [recurrence_forward(mode=mode, batch_sizes=batch_sizes, need_backward=need_backward,
+                               reverse=k == 1, **d)
+            for k, d in enumerate(directions)]
+
+
+def recurrence_backward_directions(
+    *, mode: str, batch_sizes: Tensor, directions: Sequence[dict]
+) -> list[tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]]:
+    """Backward of :func:`recurrence_forward_directions`: ``directions[k]`` holds direction k's
+    keywords of :func:`recurrence_backward` but ``reverse`` (``grad_output, grad_h_n, grad_c_n,
+    h0, c0, w_hh, b_hh, w_hr, output, saved``). Returns one result per direction.
+    """
+    _check_directions(directions)
+    return [recurrence_backward(mode=mode, batch_sizes=batch_sizes, reverse=k == 1, **d)
+            for k, d in enumerate(directions)]
+
+
+def _check_directions(directions: Sequence[dict]) -> None:
+    if len(directions) not in (1, 2):
+        raise ValueError(f"directions: expected 1 or 2 entries, got {len(directions)}")

@@ -59,8 +59,9 @@ def _get_backend(name: Optional[str] = None, dtype: Optional[torch.dtype] = None
     ``dtype`` (of the data) routes float16/bfloat16 to the lean backend when ``name`` is None
     (NOTE [half precision]).
 
-    Returns the module ``_lean`` or ``packrnn._native`` (both expose ``recurrence_forward`` and
-    ``recurrence_backward``), or the string ``"reference"`` for the per-step autograd path.
+    Returns the module ``_lean`` or ``packrnn._native`` (both implement NOTE [Backend contract],
+    ``recurrence_forward_directions`` / ``recurrence_backward_directions``), or the string
+    ``"reference"`` for the per-step autograd path.
     """
     if name is None:
         # packrnn.backend (PACKRNN_BACKEND, backend_name()) decides when it exists; an error
@@ -155,20 +156,21 @@ def _project(mode: str, x: Tensor, directions: Sequence[_Direction],
     return list(gates.unbind(0))  # D x (N, G*H), each contiguous
 
 
-def _direction_args(spec: _LayerSpec, d: _Direction, k: int) -> dict:
-    """The backend keywords that forward and backward share for direction ``k`` (1 = reverse)."""
-    return dict(mode=spec.mode, batch_sizes=spec.batch_sizes, h0=d.h0, c0=d.c0, w_hh=d.w_hh,
-                b_hh=d.b_hh if spec.mode == "gru" else None, w_hr=d.w_hr, reverse=k == 1)
+def _direction_args(spec: _LayerSpec, d: _Direction) -> dict:
+    """The per-direction backend keywords that forward and backward share."""
+    return dict(h0=d.h0, c0=d.c0, w_hh=d.w_hh, b_hh=d.b_hh if spec.mode == "gru" else None,
+                w_hr=d.w_hr)
 
 
 def _run_directions(spec: _LayerSpec, x: Tensor, directions: Sequence[_Direction],
                     need_backward: bool):
-    """Forward of one layer: projections, then the backend's time loop per direction."""
+    """Forward of one layer: projections, then the backend's time loop of every direction
+    (one call: the backend may run the directions concurrently)."""
     gates = _project(spec.mode, x, directions, spec.backend)
-    results = []
-    for k, (d, gates_x) in enumerate(zip(directions, gates)):
-        results.append(spec.backend.recurrence_forward(
-            **_direction_args(spec, d, k), gates_x=gates_x, need_backward=need_backward))
+    results = spec.backend.recurrence_forward_directions(
+        mode=spec.mode, batch_sizes=spec.batch_sizes, need_backward=need_backward,
+        directions=[dict(_direction_args(spec, d), gates_x=gates_x)
+                    for d, gates_x in zip(directions, gates)])
     outputs = [r[0] for r in results]
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)  # (N, D*H_out)
     h_n = torch.stack([r[1] for r in results])  # (D, B, H_out)
@@ -186,6 +188,7 @@ class _LayerFunction(torch.autograd.Function):
     def forward(ctx, spec: _LayerSpec, x: Tensor, *flat: Optional[Tensor]):
         directions = _unflatten(flat)
         output, h_n, c_n, outputs, saved = _run_directions(spec, x, directions, True)
+        ctx.set_materialize_grads(False)  # NOTE [Absent gradients]
         ctx.spec = spec
         ctx.num_flat = len(flat)
         ctx.saved_counts = [len(s) for s in saved]
@@ -196,7 +199,8 @@ class _LayerFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor] = None):
+    def backward(ctx, grad_output: Optional[Tensor], grad_h_n: Optional[Tensor],
+                 grad_c_n: Optional[Tensor] = None):
         spec: _LayerSpec = ctx.spec
         stored = ctx.saved_tensors
         x = stored[0]
@@ -210,21 +214,23 @@ class _LayerFunction(torch.autograd.Function):
             saved.append(tuple(rest[start : start + count]))
             start += count
 
-        grads_gx, per_dir = [], []
-        for k, d in enumerate(directions):
-            width = outputs[k].shape[1]
-            (grad_gx, grad_h0, grad_c0, grad_w_hh, grad_b_hh_gru,
-             grad_w_hr) = spec.backend.recurrence_backward(
-                **_direction_args(spec, d, k),
-                grad_output=(grad_output if num_dirs == 1
-                             else grad_output[:, k * width : (k + 1) * width]).contiguous(),
-                grad_h_n=grad_h_n[k].contiguous(),
-                grad_c_n=grad_c_n[k].contiguous() if spec.mode == "lstm" else None,
-                output=outputs[k],
-                saved=saved[k],
-            )
-            grads_gx.append(grad_gx)  # (N, G*H)
-            per_dir.append((grad_h0, grad_c0, grad_w_hh, grad_b_hh_gru, grad_w_hr))
+        # NOTE [Absent gradients]: with materialize_grads off, the gradient of an output the
+        # loss did not use (often h_n, c_n) arrives as None and the backend treats it as zero,
+        # instead of autograd allocating zeros for it. grad_output's column block of each
+        # direction is passed as a view; the backends read its rows in place.
+        width = outputs[0].shape[1]  # H_out
+        results = spec.backend.recurrence_backward_directions(
+            mode=spec.mode, batch_sizes=spec.batch_sizes, directions=[
+                dict(_direction_args(spec, d),
+                     grad_output=(None if grad_output is None
+                                  else grad_output[:, k * width : (k + 1) * width]),
+                     grad_h_n=None if grad_h_n is None else grad_h_n[k],
+                     grad_c_n=None if grad_c_n is None else grad_c_n[k],
+                     output=outputs[k], saved=saved[k])
+                for k, d in enumerate(directions)])
+        grads_gx = [r[0] for r in results]  # D x (N, G*H)
+        # D x (grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr)
+        per_dir = [r[1:] for r in results]
 
         # Everything that is linear in the input rows: GEMMs over all N rows, per direction
         # (grad_x accumulates both directions; same FLOPs as one GEMM over the concatenated
