@@ -64,8 +64,8 @@ from packrnn.train import TrainConfig, train  # noqa: E402
 # Kept in one place: --recommended runs exactly this, and prints it as a command line. It needs
 # a learning rate that decays per epoch (TrainConfig.lr_decay / --lr-decay).
 RECOMMENDED = dict(model="lstm", bidirectional=True, embed_dim=128, hidden_size=128,
-                   pooling="max", batch_size=64, lr=1e-2, lr_decay=0.3, epochs=3, bucket=True,
-                   min_freq=2)
+                   embed_dropout=0.4, pooling="max", batch_size=64, lr=1e-2, lr_decay=0.3,
+                   epochs=3, bucket=True, min_freq=2)
 
 
 def _load() -> str:
