@@ -843,6 +843,7 @@ struct BackwardArgs {
   at::Tensor h0;                          // (B, H_out)
   std::optional<at::Tensor> c0;           // (B, H) lstm
   at::Tensor w_hh;                        // (G*H, H_out)
+  std::optional<at::Tensor> b_hh;         // (G*H,) gru: only checked (its gradient is a sum)
   std::optional<at::Tensor> w_hr;         // (P, H) lstm with proj
   bool reverse;
   at::Tensor output;                      // (N, H_out) forward's
@@ -1033,14 +1034,12 @@ std::vector<at::Tensor> forward_directions(const std::string& mode, const at::Te
 // The same for backward (each direction's result as BackwardJob::finish()).
 std::vector<at::Tensor> backward_directions(const std::string& mode,
                                             const at::Tensor& batch_sizes,
-                                            std::vector<BackwardArgs> dirs,
-                                            const std::vector<std::optional<at::Tensor>>& b_hh) {
+                                            std::vector<BackwardArgs> dirs) {
   TORCH_CHECK_VALUE(!dirs.empty(), "output: expected at least one direction, got none");
   std::vector<Dims> dims;
   std::optional<Layout> layout;
-  for (size_t k = 0; k < dirs.size(); ++k) {
-    BackwardArgs& a = dirs[k];
-    const Dims d = check_common(mode, a.w_hh, a.h0, a.c0, b_hh[k], a.w_hr);
+  for (auto& a : dirs) {
+    const Dims d = check_common(mode, a.w_hh, a.h0, a.c0, a.b_hh, a.w_hr);
     const auto dtype = dirs[0].w_hh.scalar_type();
     TORCH_CHECK_TYPE(a.w_hh.scalar_type() == dtype, "w_hh: expected the dtype ", dtype,
                      " of the first direction, got ", a.w_hh.scalar_type());
@@ -1105,12 +1104,6 @@ void check_count(size_t got, size_t want, const char* name) {
                     got);
 }
 
-std::vector<std::optional<at::Tensor>> to_vector(const c10::List<std::optional<at::Tensor>>& xs) {
-  std::vector<std::optional<at::Tensor>> out;
-  for (const auto& x : xs) out.push_back(x);
-  return out;
-}
-
 }  // namespace
 
 std::vector<at::Tensor> recurrence_forward(
@@ -1152,9 +1145,8 @@ std::vector<at::Tensor> recurrence_backward(
     at::TensorList saved) {
   return backward_directions(
       mode, batch_sizes,
-      {BackwardArgs{grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, reverse, output,
-                    saved.vec()}},
-      {b_hh});
+      {BackwardArgs{grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr, reverse, output,
+                    saved.vec()}});
 }
 
 std::vector<at::Tensor> recurrence_backward_directions(
@@ -1182,10 +1174,11 @@ std::vector<at::Tensor> recurrence_backward_directions(
   std::vector<BackwardArgs> dirs;
   for (size_t k = 0; k < D; ++k) {
     dirs.push_back(BackwardArgs{grad_output.get(k), grad_h_n.get(k), grad_c_n.get(k), h0[k],
-                                c0.get(k), w_hh[k], w_hr.get(k), /*reverse=*/k == 1, output[k],
+                                c0.get(k), w_hh[k], b_hh.get(k), w_hr.get(k), /*reverse=*/k == 1,
+                                output[k],
                                 saved.slice(k * per_dir, per_dir).vec()});
   }
-  return backward_directions(mode, batch_sizes, std::move(dirs), to_vector(b_hh));
+  return backward_directions(mode, batch_sizes, std::move(dirs));
 }
 
 void clear_cache() { BufferCache::instance().clear(); }
