@@ -154,10 +154,11 @@ def test_contract_matches_autograd_oracle(mode, dtype, reverse, extra_rows):
 
 
 @native_only
+@pytest.mark.parametrize("num_threads", [2], indirect=True)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("mode", MODES)
-def test_contract_parallel_and_vector_paths(mode, dtype, reverse):
+def test_contract_parallel_and_vector_paths(mode, dtype, reverse, num_threads):
     # 150 active rows and H = 37 (not a multiple of any vector width): steps are split over
     # threads and the fused loops run their vector body and their remainder.
     g = torch.Generator().manual_seed(3)
@@ -290,11 +291,16 @@ def test_empty_buffer(rows, cols, dtype):
 
 @pytest.fixture
 def num_threads(request):
-    """torch.set_num_threads(param) for the test, restored after."""
+    """torch.set_num_threads(param) and packrnn.set_kernel_threads(param) for the test (so the
+    kernel splits even small calls over that many threads), restored after."""
+    import packrnn
+
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
+    packrnn.set_kernel_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+    packrnn.set_kernel_threads(None)
 
 
 # lengths, H, extra (zero-length) rows: the first is big enough for the parallel path (several

@@ -23,7 +23,7 @@ from .packing import (
 )
 
 from . import functional
-from .backend import backend_info, backend_name
+from .backend import backend_info, backend_name, kernel_threads, set_kernel_threads
 from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 from .ops import last_step, lengths_to_mask, max_pool, mean_pool, reverse_sequences
@@ -64,6 +64,9 @@ __all__ = [
     # which recurrence backend runs (PACKRNN_BACKEND = auto | native | python)
     "backend_name",
     "backend_info",
+    # threads of the native kernel (PACKRNN_NUM_THREADS = auto | N)
+    "set_kernel_threads",
+    "kernel_threads",
     # packed-aware ops
     "lengths_to_mask",
     "mean_pool",

@@ -108,6 +108,28 @@ def _fake_layer(mode, batch_sizes, x, w_ih, bias, h0, c0, w_hh, b_hh, w_hr, need
                          padded)
 
 
+def _fake_stack(mode, batch_sizes, x, weights, h0, c0, num_layers, bidirectional, has_bias,
+                padded):
+    """Shapes of stack_forward: [output (N, D*H_out), h_n (L*D, B, H_out), (c_n (L*D, B, H) for
+    lstm)]; absent states are zeros of B = batch_sizes[0] (padded layout: N / T) rows."""
+    num_dirs = 2 if bidirectional else 1
+    per = len(weights) // (num_layers * num_dirs)
+    hidden = weights[1].shape[0] // _GATES[mode]
+    width = weights[per - 1].shape[0] if per in (3, 5) else hidden  # H_out
+    steps = batch_sizes.shape[0]
+    if h0 is not None:
+        batch = h0.shape[1]
+    elif padded:
+        batch = x.shape[0] // steps if steps else 0
+    else:
+        batch = batch_sizes[0] if steps else 0  # data-dependent under tracing: pass h0 there
+    slots = num_layers * num_dirs
+    result = [x.new_empty(x.shape[0], num_dirs * width), x.new_empty(slots, batch, width)]
+    if mode == "lstm":
+        result.append(x.new_empty(slots, batch, hidden))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd of layer_forward (one layer: projections + time loop of every direction).
 #
@@ -256,6 +278,7 @@ def register() -> None:
         torch.library.register_fake("packrnn::recurrence_forward", _fake_single_forward)
         torch.library.register_fake("packrnn::recurrence_backward", _fake_single_backward)
         torch.library.register_fake("packrnn::layer_forward", _fake_layer)
+        torch.library.register_fake("packrnn::stack_forward", _fake_stack)
         torch.library.register_autograd("packrnn::layer_forward", _backward_layer,
                                         setup_context=_setup_layer)
         _registered = True

@@ -10,7 +10,9 @@ The environment variable ``PACKRNN_BACKEND`` chooses:
 
 ``backend_name()`` says which one runs; ``backend_info()`` adds the details that ``packrnn bench``
 prints. ``functional.py`` asks ``backend_name()`` on every call, so the variable can be changed
-at run time (the build result is cached per process).
+at run time (the build result is cached per process). ``set_kernel_threads()`` (or
+``PACKRNN_NUM_THREADS``) overrides how many threads the native kernel uses (by default chosen
+from each call's work size).
 
 >>> import packrnn
 >>> packrnn.backend_name() in ("native", "python")
@@ -26,7 +28,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ENV_VAR", "backend_name", "backend_info", "native_error"]
+__all__ = ["ENV_VAR", "backend_name", "backend_info", "native_error", "set_kernel_threads",
+           "kernel_threads"]
 
 ENV_VAR = "PACKRNN_BACKEND"
 _CHOICES = ("auto", "native", "python")
@@ -103,6 +106,48 @@ def backend_name() -> str:
     return "python"
 
 
+def set_kernel_threads(threads: Optional[int] = None) -> None:
+    """How many threads the native kernel may use, for every later call in this process.
+
+    By default (``None``, or the environment variable ``PACKRNN_NUM_THREADS=auto``) each call
+    decides from its work size: one thread per ~20 MFLOP of its time loop, at most
+    ``torch.get_num_threads()``, and BLAS threads for its GEMMs over all rows only from
+    ~8 MFLOP on; so a small call (one sentence, a small batch) runs on the calling thread and
+    wakes no thread pool. An int ``n >= 1`` (or ``PACKRNN_NUM_THREADS=n``) replaces that rule:
+    1 runs every call single-threaded; ``n > 1`` splits every time loop that can be split over up
+    to ``min(n, torch.get_num_threads())`` threads. The python backend is not affected.
+
+    Args:
+        threads: None for auto (default), or a positive int.
+
+    >>> import packrnn
+    >>> packrnn.set_kernel_threads(1); packrnn.kernel_threads()
+    1
+    >>> packrnn.set_kernel_threads(None); packrnn.kernel_threads() is None
+    True
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads: expected None (auto) or a positive int, got {threads!r}")
+    from packrnn import _native
+
+    _native.set_kernel_threads(threads or 0)
+
+
+def kernel_threads() -> Optional[int]:
+    """The native kernel's threads setting: None for auto (see ``set_kernel_threads``)."""
+    from packrnn import _native
+
+    return _native.kernel_threads() or None
+
+
+def _threads_info() -> str:
+    setting = kernel_threads()
+    if setting is None:
+        return "kernel threads auto (from the work size, at most torch's)"
+    return f"kernel threads {setting} (set)"
+
+
 def backend_info() -> str:
     """One line for ``packrnn bench``: the backend in use and what it runs on."""
     threads = torch.get_num_threads()
@@ -111,6 +156,6 @@ def backend_info() -> str:
         from packrnn import _native
 
         return (f"native (C++ time loop; {_native.kernel_info()}; torch {torch.__version__}, "
-                f"{threads} threads; cache {_native.build_directory()})")
+                f"{threads} threads, {_threads_info()}; cache {_native.build_directory()})")
     why = "forced by PACKRNN_BACKEND=python" if _requested() == "python" else native_error()
     return f"python (lean PyTorch time loop; {why}; torch {torch.__version__}, {threads} threads)"

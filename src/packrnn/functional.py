@@ -34,6 +34,7 @@ H_out = P or H, G gates, L layers, D directions.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
@@ -438,6 +439,11 @@ def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
             batch_sizes_checked=True, dropout_rows=(data.shape[0], rows))
         full = out.new_zeros(data.shape[0], out.shape[1]).index_copy(0, rows, out)  # (T*B, .)
         return full, h_out, c_out
+    if _stacked(impl, training and dropout > 0 and num_layers > 1, data, h0, c0, *weights):
+        # NOTE [Stacked inference]: every layer and direction in one operator call.
+        return impl.stack_forward(mode=mode, batch_sizes=batch_sizes, x=data, weights=weights,
+                                  h0=h0, c0=c0, num_layers=num_layers,
+                                  bidirectional=bidirectional, bias=bias, padded=padded)
     x = data  # (N, E)
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -467,6 +473,47 @@ def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
     if mode == "lstm":
         c_out = c_n[0] if num_layers == 1 else torch.cat(c_n, 0)  # (L*D, B, H)
     return x, h_out, c_out
+
+
+# NOTE [Stacked inference]
+# Without gradients and without dropout, the native backend runs all layers and directions of a
+# call in one operator (stack_forward): a one-sequence forward has few rows, so the per-call
+# costs of one operator per layer (Python, dispatch, checks, allocations) would be a large part
+# of its time. Same kernels, same numbers as the per-layer path.
+def _stacked(impl, dropout_between_layers: bool, *tensors: Optional[Tensor]) -> bool:
+    """Whether a call runs as one stacked inference operator (NOTE [Stacked inference])."""
+    if dropout_between_layers or not hasattr(impl, "stack_forward"):
+        return False
+    return not (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in tensors))
+
+
+# NOTE [Inference lane]
+# A module called without gradients on a padded batch without lengths or hx (every step real:
+# one sentence, or a batch of equal lengths) goes straight to the stacked operator: no state
+# tensors to build (the kernel makes the zeros), no batch_sizes to build (cached per shape),
+# no Python re-check of the module's own weights (the operator checks every shape). At B = 1
+# these per-call costs are otherwise as large as the kernel's work.
+@functools.lru_cache(maxsize=256)
+def _full_batch_sizes(steps: int, batch: int) -> Tensor:
+    """(T,) batch_sizes of a full batch; cached, so callers must never write to it."""
+    return torch.full((steps,), batch, dtype=torch.int64)
+
+
+def _infer(*, mode: str, rows: Tensor, weights: Sequence[Tensor], bias: bool, num_layers: int,
+           bidirectional: bool, backend: Optional[str]):
+    """The inference lane (NOTE [Inference lane]): (output (T*B, D*H_out), h_n, c_n or None) of
+    the time-major rows (T, B, E), every step real, zero initial states, no dropout, no
+    gradients; or None where the lane does not apply (the caller then runs ``_run``)."""
+    impl = _get_backend(backend, rows.dtype)
+    steps, batch = rows.shape[0], rows.shape[1]
+    if (not hasattr(impl, "stack_forward") or rows.device.type != "cpu" or steps == 0
+            or batch == 0 or torch.compiler.is_compiling()):
+        return None
+    return impl.stack_forward(
+        mode=mode, batch_sizes=_full_batch_sizes(steps, batch),
+        x=rows.reshape(steps * batch, rows.shape[2]), weights=weights, h0=None, c0=None,
+        num_layers=num_layers, bidirectional=bidirectional, bias=bias, padded=False)
 
 
 # NOTE [Compact padded calls]

@@ -190,7 +190,11 @@ class _RNNBase(nn.Module):
     @property
     def _flat_weights(self) -> list[Tensor]:
         """The parameters in torch's flat order (per layer, per direction)."""
-        return [getattr(self, name) for name in self._flat_weights_names]
+        params = self._parameters
+        try:  # registered parameters: dict lookups (getattr costs ~1 us each, on every call)
+            return [params[name] for name in self._flat_weights_names]
+        except KeyError:  # a weight replaced by a plain attribute (weight_norm, parametrize)
+            return [getattr(self, name) for name in self._flat_weights_names]
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -282,6 +286,10 @@ class _RNNBase(nn.Module):
                              f"shape {tuple(input.shape)}")
         _check_input_features(input, "input", self.input_size, self.weight_ih_l0)
         unbatched = input.dim() == 2
+        if not unbatched and hx is None and lengths is None:
+            result = self._forward_inference(input)  # NOTE [Inference lane] in functional
+            if result is not None:
+                return result
         if unbatched:
             if lengths is not None:
                 raise ValueError(f"lengths: expected None for an unbatched 2-D input, got "
@@ -347,6 +355,23 @@ class _RNNBase(nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)  # (B, T, D*H_out)
         return output, h_n, c_n
+
+    def _forward_inference(self, input: Tensor):
+        """A padded batch without lengths or hx, without gradients: the inference lane
+        (NOTE [Inference lane] in ``functional``), or None where it does not apply."""
+        if torch.is_grad_enabled() or (self.training and self.dropout > 0 and self.num_layers > 1):
+            return None
+        rows = input.transpose(0, 1) if self.batch_first else input  # (T, B, E)
+        result = functional._infer(
+            mode=self.mode.lower(), rows=rows, weights=self._flat_weights, bias=self.bias,
+            num_layers=self.num_layers, bidirectional=self.bidirectional, backend=self.backend)
+        if result is None:
+            return None
+        out, h_n, c_n = result
+        output = out.view(rows.shape[0], rows.shape[1], out.shape[1])  # (T, B, D*H_out)
+        if self.batch_first:
+            output = output.transpose(0, 1)  # (B, T, D*H_out)
+        return self._finish(output, h_n, c_n)
 
     def _forward_packed(self, input, hx, lengths):
         if lengths is not None:

@@ -27,7 +27,8 @@ from torch import Tensor
 
 __all__ = ["load_library", "build_directory", "kernel_info", "clear_cache", "empty",
            "recurrence_forward", "recurrence_backward", "recurrence_forward_directions",
-           "recurrence_backward_directions", "layer_forward"]
+           "recurrence_backward_directions", "layer_forward", "stack_forward", "THREADS_ENV",
+           "set_kernel_threads", "kernel_threads"]
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("recurrence.cpp", "recurrence.h")
@@ -43,6 +44,11 @@ REGISTERED_OPS = True
 _log = logging.getLogger("packrnn")
 _lock = threading.Lock()
 _loaded: Optional[str] = None
+
+# The kernel's threads setting (NOTE [Threads] in recurrence.cpp): 0 = auto (from the work
+# size), n >= 1 = up to n threads. None until set, or read from THREADS_ENV at the first load.
+THREADS_ENV = "PACKRNN_NUM_THREADS"
+_threads: Optional[int] = None
 
 
 def _source_hash() -> str:
@@ -97,8 +103,36 @@ def load_library(verbose: bool = False) -> str:
         from packrnn import _ops
 
         _ops.register()  # fake implementations and autograd beside the C++ kernels
+        torch.ops.packrnn.set_kernel_threads(kernel_threads())
         _loaded = str(path) if path is not None else str(directory)
         return _loaded
+
+
+def _parse_threads(value: str) -> int:
+    """THREADS_ENV's value: "" or "auto" -> 0, a positive int -> itself."""
+    value = value.strip().lower()
+    if value in ("", "auto"):
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV}: expected 'auto' or a positive int, got {value!r}")
+    return int(value)
+
+
+def kernel_threads() -> int:
+    """The threads setting: 0 for auto (the default, or ``PACKRNN_NUM_THREADS=auto``), else the
+    most threads a call may use."""
+    global _threads
+    if _threads is None:
+        _threads = _parse_threads(os.environ.get(THREADS_ENV, ""))
+    return _threads
+
+
+def set_kernel_threads(threads: int) -> None:
+    """Set the threads setting for every later call (0 = auto); process-wide."""
+    global _threads
+    _threads = int(threads)
+    if _loaded is not None:
+        torch.ops.packrnn.set_kernel_threads(_threads)
 
 
 def _ops():
@@ -237,6 +271,23 @@ def layer_forward(
         mode, batch_sizes, x, *[[d[key] for d in directions] for key in _LAYER_KEYS],
         bool(need_backward), bool(padded))
     return [_forward_result(mode, r) for r in _per_direction(out, len(directions))]
+
+
+def stack_forward(
+    *, mode: str, batch_sizes: Tensor, x: Tensor, weights: Sequence[Tensor], h0: Tensor,
+    c0: Optional[Tensor], num_layers: int, bidirectional: bool, bias: bool, padded: bool,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Every layer and direction of a module in one operator call, for inference: no autograd,
+    nothing saved for backward, no dropout (the caller checks that none is needed).
+
+    ``weights`` is torch's flat list (``module._flat_weights``), ``h0`` (L*D, B, H_out) and
+    ``c0`` (L*D, B, H) (lstm, else None) the initial states in the rows' order; the rows are
+    packed, or in the padded layout when ``padded``. Returns (output (N, D*H_out), h_n, c_n or
+    None), as ``functional``'s layer loop.
+    """
+    out = _ops().stack_forward(mode, batch_sizes, x, list(weights), h0, c0, int(num_layers),
+                               bool(bidirectional), bool(bias), bool(padded))
+    return out[0], out[1], (out[2] if mode == "lstm" else None)
 
 
 def recurrence_backward(

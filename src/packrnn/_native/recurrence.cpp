@@ -10,7 +10,12 @@
 
 #include <sys/mman.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <cmath>
@@ -190,10 +195,13 @@ class BufferCache {
 };
 
 // An uninitialised (rows, cols) tensor; large ones through the buffer cache.
-at::Tensor empty_rows(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+// Buffers of `cache_from` bytes or more come from the cache (default 4 MiB: the cache hands out
+// whole 2 MiB blocks).
+at::Tensor empty_rows(int64_t rows, int64_t cols, const at::TensorOptions& opts,
+                      size_t cache_from = 2 * BufferCache::kHuge) {
   constexpr size_t kHuge = BufferCache::kHuge;
   const size_t nbytes = size_t(rows) * size_t(cols) * opts.dtype().itemsize();
-  if (nbytes < 2 * kHuge) return at::empty({rows, cols}, opts);
+  if (nbytes < cache_from || nbytes == 0) return at::empty({rows, cols}, opts);
   const size_t len = (nbytes + kHuge - 1) / kHuge * kHuge;
   auto [p, got] = BufferCache::instance().take(len);
   if (p == nullptr) return at::empty({rows, cols}, opts);
@@ -513,6 +521,286 @@ PACKRNN_KERNEL(rnn_bwd_rows, RnnBwd)
 
 #undef PACKRNN_KERNEL
 
+// NOTE [Small GEMMs]
+//   With a few active rows (b_t = 1 for one sequence) a step's products are matrix-vector
+//   products, and a BLAS call costs more in its set-up than in arithmetic (about 1 us a call at
+//   H = 32, as much as the rest of the step; and its transposed-weight form, h @ w_hh^T, runs
+//   at half speed at b_t = 1). Up to kSmallGemmRows rows therefore run the loops below, in the
+//   two forms the steps need:
+//     NT: C (m, n) = A (m, k) @ W^T, W (n, k) row-major (forward: h @ w_hh^T, r @ w_hr^T):
+//         dot products of A's row with 4 rows of W at a time, summed across lanes at the end;
+//     NN: C (m, n) = A (m, k) @ W (+ C), W (k, n) row-major (backward: dgates @ w_hh): sums of
+//         W's rows scaled by A's entries, 64 floats (32 doubles) of C in registers at a time.
+//   Each output's summation order is fixed and depends only on its own row, so the numbers do
+//   not change with how the rows are split between threads. AVX2+FMA only; other CPUs, and
+//   more rows, use BLAS.
+int64_t dev_env(const char* name, int64_t dflt) {
+  const char* e = std::getenv(name);
+  return (e && *e) ? std::atol(e) : dflt;
+}
+static const int64_t kSmallGemmRows = dev_env("PACKRNN_DEV_SMALL_ROWS", 1);
+
+#if defined(__x86_64__) || defined(__i386__)
+template <typename T>
+struct Avx;
+
+#define PR_AVX inline __attribute__((target("avx2,fma"), always_inline))
+
+template <>
+struct Avx<float> {
+  using V = __m256;
+  static constexpr int64_t kLanes = 8;
+  static PR_AVX V zero() { return _mm256_setzero_ps(); }
+  static PR_AVX V load(const float* p) { return _mm256_loadu_ps(p); }
+  static PR_AVX void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static PR_AVX V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static PR_AVX V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static PR_AVX V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static PR_AVX __m256i mask(int64_t count) {  // lanes [0, count) set
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static PR_AVX V load(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+  static PR_AVX void store(float* p, __m256i m, V v) { _mm256_maskstore_ps(p, m, v); }
+  // The lane sums of a, b, c, d, in this order.
+  static PR_AVX void sum4(V a, V b, V c, V d, float* out) {
+    const V z = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1)));
+  }
+};
+
+template <>
+struct Avx<double> {
+  using V = __m256d;
+  static constexpr int64_t kLanes = 4;
+  static PR_AVX V zero() { return _mm256_setzero_pd(); }
+  static PR_AVX V load(const double* p) { return _mm256_loadu_pd(p); }
+  static PR_AVX void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static PR_AVX V broadcast(const double* p) { return _mm256_broadcast_sd(p); }
+  static PR_AVX V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static PR_AVX V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static PR_AVX __m256i mask(int64_t count) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  static PR_AVX V load(const double* p, __m256i m) { return _mm256_maskload_pd(p, m); }
+  static PR_AVX void store(double* p, __m256i m, V v) { _mm256_maskstore_pd(p, m, v); }
+  static PR_AVX void sum4(V a, V b, V c, V d, double* out) {
+    const V x = _mm256_hadd_pd(a, b), y = _mm256_hadd_pd(c, d);  // [a01 b01 a23 b23], [c.. d..]
+    _mm256_storeu_pd(out, _mm256_add_pd(_mm256_permute2f128_pd(x, y, 0x20),
+                                        _mm256_permute2f128_pd(x, y, 0x31)));
+  }
+};
+
+// NT form (NOTE [Small GEMMs]): C[r, j] = sum_q A[r, q] W[j, q], four rows of W at a time, two
+// vectors of each in flight (eight independent sums), masked loads for k's tail.
+template <typename T>
+__attribute__((target("avx2,fma"))) void small_gemm_nt(int64_t m, int64_t n, int64_t k,
+                                                       const T* A, int64_t lda, const T* W,
+                                                       int64_t ldw, T* C, int64_t ldc) {
+  using X = Avx<T>;
+  using V = typename X::V;
+  constexpr int64_t L = X::kLanes;
+  const int64_t k2 = k / (2 * L) * (2 * L), k1 = k / L * L;
+  const __m256i tail = X::mask(k - k1);
+  for (int64_t r = 0; r < m; ++r) {
+    const T* a = A + r * lda;
+    T* c = C + r * ldc;
+    for (int64_t j = 0; j < n; j += 4) {
+      const T* w[4];
+      for (int u = 0; u < 4; ++u) w[u] = W + std::min(j + u, n - 1) * ldw;  // past n: repeat
+      V acc[8];
+      for (int u = 0; u < 8; ++u) acc[u] = X::zero();
+      int64_t q = 0;
+      for (; q < k2; q += 2 * L) {
+        const V x0 = X::load(a + q), x1 = X::load(a + q + L);
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          acc[u] = X::fma(x0, X::load(w[u] + q), acc[u]);
+          acc[4 + u] = X::fma(x1, X::load(w[u] + q + L), acc[4 + u]);
+        }
+      }
+      if (q < k1) {
+        const V x0 = X::load(a + q);
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) acc[u] = X::fma(x0, X::load(w[u] + q), acc[u]);
+        q += L;
+      }
+      if (q < k) {
+        const V x0 = X::load(a + q, tail);
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) acc[4 + u] = X::fma(x0, X::load(w[u] + q, tail), acc[4 + u]);
+      }
+      T sums[4];
+      X::sum4(X::add(acc[0], acc[4]), X::add(acc[1], acc[5]), X::add(acc[2], acc[6]),
+              X::add(acc[3], acc[7]), sums);
+      for (int64_t u = 0; u < 4 && j + u < n; ++u) c[j + u] = sums[u];
+    }
+  }
+}
+
+// NN form: C[r, j0 : j0 + kBlocks * lanes) of one row; with kMasked, only the first `last`
+// lanes of the final vector (the row's tail).
+template <typename T, int kBlocks, bool kMasked>
+PR_AVX void small_gemm_nn_block(int64_t k, const T* a, const T* W, int64_t ldw, T* c,
+                                bool accumulate, int64_t last) {
+  using X = Avx<T>;
+  using V = typename X::V;
+  constexpr int64_t L = X::kLanes;
+  const __m256i tail = X::mask(last);
+  V acc[kBlocks];
+#pragma GCC unroll 8
+  for (int u = 0; u < kBlocks; ++u) {
+    if (!accumulate) {
+      acc[u] = X::zero();
+    } else if (kMasked && u == kBlocks - 1) {
+      acc[u] = X::load(c + u * L, tail);
+    } else {
+      acc[u] = X::load(c + u * L);
+    }
+  }
+  for (int64_t q = 0; q < k; ++q) {
+    const V x = X::broadcast(a + q);
+    const T* w = W + q * ldw;
+#pragma GCC unroll 8
+    for (int u = 0; u < kBlocks; ++u) {
+      const V wv = (kMasked && u == kBlocks - 1) ? X::load(w + u * L, tail) : X::load(w + u * L);
+      acc[u] = X::fma(x, wv, acc[u]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < kBlocks; ++u) {
+    if (kMasked && u == kBlocks - 1) {
+      X::store(c + u * L, tail, acc[u]);
+    } else {
+      X::store(c + u * L, acc[u]);
+    }
+  }
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void small_gemm_nn(int64_t m, int64_t n, int64_t k,
+                                                       const T* A, int64_t lda, const T* W,
+                                                       int64_t ldw, T* C, int64_t ldc,
+                                                       bool accumulate) {
+  constexpr int64_t L = Avx<T>::kLanes;
+  for (int64_t r = 0; r < m; ++r) {
+    const T* a = A + r * lda;
+    T* c = C + r * ldc;
+    int64_t j = 0;
+    for (; j + 8 * L <= n; j += 8 * L)
+      small_gemm_nn_block<T, 8, false>(k, a, W + j, ldw, c + j, accumulate, 0);
+    for (; j + L <= n; j += L)
+      small_gemm_nn_block<T, 1, false>(k, a, W + j, ldw, c + j, accumulate, 0);
+    if (j < n) small_gemm_nn_block<T, 1, true>(k, a, W + j, ldw, c + j, accumulate, n - j);
+  }
+}
+#undef PR_AVX
+constexpr bool kHaveSmallGemm = true;
+#else
+constexpr bool kHaveSmallGemm = false;
+template <typename T>
+void small_gemm_nt(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t) {}
+template <typename T>
+void small_gemm_nn(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t,
+                   bool) {}
+#endif
+
+bool use_small_gemm(int64_t m) { return kHaveSmallGemm && m <= kSmallGemmRows && cpu_has_avx2_fma(); }
+
+// A step's C (m, n) = A (m, k) @ W^T, W (n, k) row-major (NOTE [Small GEMMs]). `Wt`, if not
+// null, is W^T (k, n) row-major: BLAS runs faster on it (NOTE [Transposed weights]).
+template <typename T>
+void step_gemm_nt(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* W,
+                  int64_t ldw, const T* Wt, T* C, int64_t ldc) {
+  if (use_small_gemm(m)) {
+    small_gemm_nt<T>(m, n, k, A, lda, W, ldw, C, ldc);
+  } else if (Wt != nullptr) {
+    gemm_rm<T>(false, false, m, n, k, A, lda, Wt, n, T(0), C, ldc);
+  } else {
+    gemm_rm<T>(false, true, m, n, k, A, lda, W, ldw, T(0), C, ldc);
+  }
+}
+
+// A step's C (m, n) = A (m, k) @ W (+ C if beta == 1; beta is 0 or 1), W (k, n) row-major.
+template <typename T>
+void step_gemm_nn(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* W,
+                  int64_t ldw, T beta, T* C, int64_t ldc) {
+  if (use_small_gemm(m)) {
+    small_gemm_nn<T>(m, n, k, A, lda, W, ldw, C, ldc, beta != T(0));
+  } else {
+    gemm_rm<T>(false, false, m, n, k, A, lda, W, ldw, beta, C, ldc);
+  }
+}
+
+// NOTE [Transposed weights]
+//   At the row counts of a step (2 to a few hundred), BLAS computes h @ w_hh^T up to twice as
+//   fast from a row-major copy of w_hh^T as from w_hh itself (measured at b_t = 4 to 16, H = 32
+//   to 256: 25-40 % less time a step). The copy costs about two steps' worth of memory traffic
+//   (~100 us at H = 256), so a forward call makes it, once per direction, only when at least
+//   kMinStepsToTranspose steps call BLAS; with the 8 x 8 (4 x 4 for double) register transposes
+//   below (at::Tensor::t().contiguous() is 3x slower).
+constexpr int64_t kMinStepsToTranspose = 4;
+
+#if defined(__x86_64__) || defined(__i386__)
+// dst[j, i] = src[i, j] for the 8 x 8 (float) or 4 x 4 (double) tile at (i0, j0).
+__attribute__((target("avx2,fma"))) void transpose_tile(const float* src, int64_t lds,
+                                                        float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int u = 0; u < 8; ++u) r[u] = _mm256_loadu_ps(src + u * lds);
+  for (int u = 0; u < 8; u += 2) {
+    t[u] = _mm256_unpacklo_ps(r[u], r[u + 1]);
+    t[u + 1] = _mm256_unpackhi_ps(r[u], r[u + 1]);
+  }
+  for (int u = 0; u < 8; u += 4) {
+    r[u] = _mm256_shuffle_ps(t[u], t[u + 2], 0x44);
+    r[u + 1] = _mm256_shuffle_ps(t[u], t[u + 2], 0xEE);
+    r[u + 2] = _mm256_shuffle_ps(t[u + 1], t[u + 3], 0x44);
+    r[u + 3] = _mm256_shuffle_ps(t[u + 1], t[u + 3], 0xEE);
+  }
+  for (int u = 0; u < 4; ++u) {
+    _mm256_storeu_ps(dst + u * ldd, _mm256_permute2f128_ps(r[u], r[u + 4], 0x20));
+    _mm256_storeu_ps(dst + (u + 4) * ldd, _mm256_permute2f128_ps(r[u], r[u + 4], 0x31));
+  }
+}
+
+__attribute__((target("avx2,fma"))) void transpose_tile(const double* src, int64_t lds,
+                                                        double* dst, int64_t ldd) {
+  const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + lds),
+                r2 = _mm256_loadu_pd(src + 2 * lds), r3 = _mm256_loadu_pd(src + 3 * lds);
+  const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1),
+                t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+  _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+  _mm256_storeu_pd(dst + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+#endif
+
+// The (cols, rows) row-major transpose of a contiguous (rows, cols) matrix.
+template <typename T>
+at::Tensor transposed(const at::Tensor& w) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  // From the buffer cache from 256 KiB on: fresh memory would cost a page fault per 4 KiB on
+  // every call, more than the transpose itself (NOTE [Buffer cache]).
+  at::Tensor out = empty_rows(cols, rows, w.options(), /*cache_from=*/size_t(256) << 10);
+  const T* src = w.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  int64_t i_end = 0, j_end = 0;  // the part the register tiles cover
+#if defined(__x86_64__) || defined(__i386__)
+  if (cpu_has_avx2_fma()) {
+    constexpr int64_t t = 32 / sizeof(T);  // tile side: one vector
+    i_end = rows / t * t;
+    j_end = cols / t * t;
+    for (int64_t j = 0; j < j_end; j += t)  // this order: 2x faster (dst written in order)
+      for (int64_t i = 0; i < i_end; i += t)
+        transpose_tile(src + i * cols + j, cols, dst + j * rows + i, rows);
+  }
+#endif
+  for (int64_t i = 0; i < rows; ++i)  // the edges (all of it without AVX2)
+    for (int64_t j = (i < i_end ? j_end : 0); j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+  return out;
+}
+
 template <typename T>
 PR_INLINE void add_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t r0,
                         int64_t r1, int64_t n) {
@@ -602,6 +890,13 @@ Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch,
   return L;
 }
 
+// Steps whose product calls BLAS (more than kSmallGemmRows active rows, NOTE [Small GEMMs]).
+int64_t blas_steps(const Layout& L) {
+  int64_t count = 0;
+  for (int64_t b_t : L.sizes) count += b_t > kSmallGemmRows;
+  return count;
+}
+
 // NOTE [Row slabs]
 //   Sequences are independent of each other: row b at step t reads only row b's own state. So
 //   the rows [0, b_0) are cut ONCE into contiguous slabs and every task runs the whole time loop
@@ -618,11 +913,36 @@ Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch,
 //   beats splitting each direction's rows: bigger per-step GEMMs, each thread streams only its
 //   own w_hh, and both tasks have the same work.
 constexpr double kStepOverheadRows = 4.0;
-// Below this many FLOPs in the whole loop (all directions) one thread does everything
-// (fork/join, and the smaller GEMMs of split slabs, would cost more than they save).
-constexpr double kMinParallelFlops = 4e6;
-// BLAS threads for the GEMMs over all rows only above this many FLOPs.
+
+// NOTE [Threads]
+//   How many threads a call uses. A thread runs whole (direction, slab) tasks (NOTE [Row slabs]),
+//   so a second thread pays only when each gets far more work than a fork/join -- and on a busy
+//   machine, where a woken thread may wait for its core and an idle OpenMP worker spins, far
+//   more than that too. So by default ("auto") the time loop gets one thread per
+//   kFlopsPerThread FLOPs of work (all directions), at most torch's intra-op threads
+//   (at::get_num_threads()): a small call runs entirely on the calling thread, with no parallel
+//   region to wake or to spin after it. Likewise the GEMMs over all rows (input projections,
+//   weight gradients) run single-threaded below kMinThreadedGemmFlops, else with BLAS's threads.
+//   set_kernel_threads(n) (packrnn.set_kernel_threads, PACKRNN_NUM_THREADS) replaces the work
+//   rule: n = 1 runs everything single-threaded; n > 1 uses min(n, torch's threads, tasks)
+//   threads for every loop with more than one task, and BLAS's threads for every GEMM over all
+//   rows.
+constexpr double kFlopsPerThread = 2e7;
 constexpr double kMinThreadedGemmFlops = 8e6;
+std::atomic<int64_t> g_kernel_threads{0};  // 0: auto
+
+// Threads for a time loop of `flops` FLOPs (NOTE [Threads]).
+int64_t loop_threads(double flops) {
+  const int64_t setting = g_kernel_threads.load(std::memory_order_relaxed);
+  const int64_t want = setting > 0 ? setting : static_cast<int64_t>(flops / kFlopsPerThread);
+  return std::max<int64_t>(1, std::min<int64_t>(want, at::get_num_threads()));
+}
+
+// Whether a GEMM over all rows of `flops` FLOPs may use BLAS's threads (NOTE [Threads]).
+bool threaded_gemm(double flops) {
+  const int64_t setting = g_kernel_threads.load(std::memory_order_relaxed);
+  return setting == 0 ? flops >= kMinThreadedGemmFlops : setting > 1;
+}
 
 struct Slab {
   int64_t r0, r1;
@@ -672,9 +992,8 @@ void run_jobs(const std::vector<Job>& jobs, const Layout& L) {
   int64_t active_rows = 0;
   for (int64_t b_t : L.sizes) active_rows += b_t;
   for (const Job& job : jobs) flops += double(active_rows) * job.flops_per_row_step();
-  const int64_t threads = at::get_num_threads();
-  const bool parallel = threads > 1 && flops >= kMinParallelFlops;
-  const auto slabs = make_slabs(L, parallel ? threads / n_jobs : 1);
+  const int64_t threads = loop_threads(flops);  // NOTE [Threads]
+  const auto slabs = make_slabs(L, std::max<int64_t>(1, threads / n_jobs));
   std::vector<std::pair<const Job*, Slab>> tasks;
   for (const Job& job : jobs)
     for (const Slab& slab : slabs) tasks.emplace_back(&job, slab);
@@ -686,11 +1005,14 @@ void run_jobs(const std::vector<Job>& jobs, const Layout& L) {
       if (slab.r0 < r1) job.step(t, slab.r0, r1);
     }
   };
-  if (!parallel || tasks.size() == 1) {
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  if (threads == 1 || n_tasks == 1) {
     for (const auto& task : tasks) loop(*task.first, task.second);
     return;
   }
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t i0, int64_t i1) {
+  // grain: at::parallel_for starts min(torch's threads, tasks / grain) threads
+  const int64_t grain = (n_tasks + threads - 1) / threads;
+  at::parallel_for(0, n_tasks, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) loop(*tasks[i].first, tasks[i].second);
   });
 }
@@ -773,9 +1095,9 @@ struct ForwardJob {
   bool reverse, need_backward;
   const Layout* L;
   ForwardArgs in;  // keeps the inputs alive
-  at::Tensor output, h_n, c_n, S, act, cells, r_all, bias;
+  at::Tensor output, h_n, c_n, S, act, cells, r_all, bias, w_hh_t, w_hr_t;
   int64_t act_width;
-  const T *gx, *whh, *whr, *bias_p;
+  const T *gx, *whh, *whr, *whh_t, *whr_t, *bias_p;
   T *out, *h, *c, *s, *act_p, *cells_p, *r_p;
 
   ForwardJob(const Dims& dims, const Layout& layout, ForwardArgs args, bool need_bwd)
@@ -798,6 +1120,12 @@ struct ForwardJob {
     gx = in.gates_x.data_ptr<T>();
     whh = in.w_hh.data_ptr<T>();
     whr = P > 0 ? in.w_hr->data_ptr<T>() : nullptr;
+    if (blas_steps(*L) >= kMinStepsToTranspose) {  // NOTE [Transposed weights]
+      w_hh_t = transposed<T>(in.w_hh);                          // (H_out, G*H)
+      if (P > 0) w_hr_t = transposed<T>(*in.w_hr);              // (H, P)
+    }
+    whh_t = w_hh_t.defined() ? w_hh_t.data_ptr<T>() : nullptr;
+    whr_t = w_hr_t.defined() ? w_hr_t.data_ptr<T>() : nullptr;
     bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
     out = output.data_ptr<T>();
     h = h_n.data_ptr<T>();
@@ -829,14 +1157,14 @@ struct ForwardJob {
     // projection wrote them: start loading them now, while the GEMM runs.
     prefetch_rows(gx_t + r0 * GH, m * GH * sizeof(T));
     // S[r0:r1] = h[r0:r1] @ w_hh^T: (m, H_out) x (H_out, G*H)
-    gemm_rm<T>(false, true, m, GH, Hout, h + r0 * Hout, Hout, whh, Hout, T(0), s + r0 * GH, GH);
+    step_gemm_nt<T>(m, GH, Hout, h + r0 * Hout, Hout, whh, Hout, whh_t, s + r0 * GH, GH);
     if (d.mode == Mode::kLstm) {
       T* hr = P > 0 ? r_t : out_t;
       lstm_fwd_rows_run(LstmFwd<T>{gx_t, s, act_t, c, hr, P > 0 ? H : Hout, H}, r0, r1);
       if (cells_p) copy_rows<T>(cells_p + off * H, H, c, H, r0, r1, H);
       if (P > 0) {
         // output[r0:r1] = r[r0:r1] @ w_hr^T: (m, H) x (H, P)
-        gemm_rm<T>(false, true, m, P, H, r_t + r0 * H, H, whr, H, T(0), out_t + r0 * P, P);
+        step_gemm_nt<T>(m, P, H, r_t + r0 * H, H, whr, H, whr_t, out_t + r0 * P, P);
       }
       copy_rows<T>(h, Hout, out_t, Hout, r0, r1, Hout);
     } else if (d.mode == Mode::kGru) {
@@ -970,7 +1298,7 @@ struct BackwardJob {
       if (P > 0) {
         copy_rows<T>(dproj + off * P, P, dh, P, r0, r1, P);
         // DR[r0:r1] = dh[r0:r1] @ w_hr: (m, P) x (P, H)
-        gemm_rm<T>(false, false, m, H, P, dh + r0 * P, P, whr, H, T(0), dr_scratch + r0 * H, H);
+        step_gemm_nn<T>(m, H, P, dh + r0 * P, P, whr, H, T(0), dr_scratch + r0 * H, H);
         dr = dr_scratch;
         ld_dr = H;
       }
@@ -979,20 +1307,20 @@ struct BackwardJob {
                                    dr, ld_dr, dc, dgx + off * GH, H},
                         r0, r1);
       // dh[r0:r1] = dgates rows @ w_hh: (m, 4H) x (4H, H_out)
-      gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
+      step_gemm_nn<T>(m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
                  dh + r0 * Hout, Hout);
     } else if (d.mode == Mode::kGru) {
       gru_bwd_rows_run(GruBwd<T>{act + off * act_width, hprev_t, dh, dgx + off * GH,
                                  dgh + off * GH, H},
                        r0, r1);
       // dh[r0:r1] = z * dh + dgh rows @ w_hh: (m, 3H) x (3H, H)
-      gemm_rm<T>(false, false, m, Hout, GH, dgh + (off + r0) * GH, GH, whh, Hout, T(1),
+      step_gemm_nn<T>(m, Hout, GH, dgh + (off + r0) * GH, GH, whh, Hout, T(1),
                  dh + r0 * Hout, Hout);
     } else {
       rnn_bwd_rows_run(RnnBwd<T>{out + off * Hout, dh, dgx + off * GH, H,
                                  d.mode == Mode::kRnnRelu},
                        r0, r1);
-      gemm_rm<T>(false, false, m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
+      step_gemm_nn<T>(m, Hout, GH, dgx + (off + r0) * GH, GH, whh, Hout, T(0),
                  dh + r0 * Hout, Hout);
     }
   }
@@ -1004,7 +1332,7 @@ struct BackwardJob {
     const auto opts = in.output.options();
     // The GEMMs over all rows use BLAS's own threads unless they are small.
     std::optional<SingleThreadedBlas> serial_blas;
-    if (2.0 * GH * Hout * N < kMinThreadedGemmFlops) serial_blas.emplace();
+    if (!threaded_gemm(2.0 * GH * Hout * N)) serial_blas.emplace();
     // grad_w_hh = grad_gh^T @ h_prev: (G*H, N) x (N, H_out), one GEMM over all rows.
     at::Tensor grad_w_hh = at::empty({GH, Hout}, opts);
     gemm_rm<T>(true, false, GH, Hout, N, dgh, GH, hprev, Hout, T(0), grad_w_hh.data_ptr<T>(),
@@ -1217,6 +1545,33 @@ std::vector<at::Tensor> recurrence_backward_directions(
   return backward_directions(mode, batch_sizes, std::move(dirs), padded);
 }
 
+namespace {
+
+// x @ w_ih^T (+ bias): the input projection of every row for one direction, (N, G*H), into a
+// buffer of the cache (its page faults cost ~10 % of an inference forward at B = 256 otherwise).
+at::Tensor project(const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias,
+                   const char* name, int64_t index) {
+  TORCH_CHECK_VALUE(w_ih.dim() == 2 && w_ih.size(1) == x.size(1) &&
+                        w_ih.scalar_type() == x.scalar_type(),
+                    name, "[", index, "]: expected a (G*H, ", x.size(1), ") tensor of dtype ",
+                    x.scalar_type(), ", got ", w_ih.sizes(), " ", w_ih.scalar_type());
+  at::Tensor g = empty_rows(x.size(0), w_ih.size(0), x.options());  // (N, G*H)
+  std::optional<SingleThreadedBlas> serial_blas;  // NOTE [Threads]
+  if (!threaded_gemm(2.0 * x.size(0) * x.size(1) * w_ih.size(0))) serial_blas.emplace();
+  if (bias.has_value())
+    at::addmm_out(g, *bias, x, w_ih.t());
+  else
+    at::mm_out(g, x, w_ih.t());
+  return g;
+}
+
+void check_input(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected shape (N, E), got ", x.sizes());
+  TORCH_CHECK_TYPE(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+}
+
+}  // namespace
+
 std::vector<at::Tensor> layer_forward(
     const std::string& mode, const at::Tensor& batch_sizes, const at::Tensor& x,
     at::TensorList w_ih, const c10::List<std::optional<at::Tensor>>& bias, at::TensorList h0,
@@ -1226,29 +1581,101 @@ std::vector<at::Tensor> layer_forward(
   const size_t D = w_ih.size();
   TORCH_CHECK_VALUE(D == 1 || D == 2, "w_ih: expected 1 or 2 directions, got ", D);
   check_count(bias.size(), D, "bias");
-  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected shape (N, E), got ", x.sizes());
-  TORCH_CHECK_TYPE(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
-  // Input projections of every row: one GEMM per direction into buffers of the cache (their
-  // page faults cost ~10 % of an inference forward at B = 256 otherwise).
+  check_input(x);
   std::vector<at::Tensor> gates;
-  for (size_t k = 0; k < D; ++k) {
-    TORCH_CHECK_VALUE(w_ih[k].dim() == 2 && w_ih[k].size(1) == x.size(1) &&
-                          w_ih[k].scalar_type() == x.scalar_type(),
-                      "w_ih[", k, "]: expected a (G*H, ", x.size(1), ") tensor of dtype ",
-                      x.scalar_type(), ", got ", w_ih[k].sizes(), " ", w_ih[k].scalar_type());
-    at::Tensor g = empty_rows(x.size(0), w_ih[k].size(0), x.options());  // (N, G*H)
-    const auto b = bias.get(k);
-    if (b.has_value())
-      at::addmm_out(g, *b, x, w_ih[k].t());
-    else
-      at::mm_out(g, x, w_ih[k].t());
-    gates.push_back(g);
-  }
+  for (size_t k = 0; k < D; ++k) gates.push_back(project(x, w_ih[k], bias.get(k), "w_ih", k));
   return recurrence_forward_directions(mode, batch_sizes, gates, h0, c0, w_hh, b_hh, w_hr,
                                        need_backward, padded);
 }
 
+std::vector<at::Tensor> stack_forward(const std::string& mode, const at::Tensor& batch_sizes,
+                                      const at::Tensor& x, at::TensorList weights,
+                                      const std::optional<at::Tensor>& h0_in,
+                                      const std::optional<at::Tensor>& c0_in, int64_t num_layers,
+                                      bool bidirectional, bool has_bias, bool padded) {
+  const Mode kind = parse_mode(mode);
+  const bool lstm = kind == Mode::kLstm, gru = kind == Mode::kGru;
+  const int64_t D = bidirectional ? 2 : 1;
+  TORCH_CHECK_VALUE(num_layers >= 1, "num_layers: expected >= 1, got ", num_layers);
+  check_input(x);
+  // Per layer and direction: w_ih, w_hh[, b_ih, b_hh][, w_hr] (torch's flat order).
+  const int64_t slots = num_layers * D, base = has_bias ? 4 : 2;
+  const int64_t per = static_cast<int64_t>(weights.size()) / slots;
+  TORCH_CHECK_VALUE(per * slots == static_cast<int64_t>(weights.size()) &&
+                        (per == base || (lstm && per == base + 1)),
+                    "weights: expected ", base * slots, lstm ? " or " : "",
+                    lstm ? std::to_string((base + 1) * slots) : std::string(),
+                    " tensors for num_layers=", num_layers, ", bidirectional=", bidirectional,
+                    ", bias=", has_bias, ", got ", weights.size());
+  const bool has_proj = per == base + 1;
+  const int64_t GH = weights[1].dim() == 2 ? weights[1].size(0) : 0;
+  const int64_t H = GH / gate_count(kind), Hout = has_proj ? weights[per - 1].size(0) : H;
+  for (int64_t i = 0; i < slots; ++i) {  // what the kernels below do not check: the biases
+    for (int64_t j = 2; has_bias && j < 4; ++j) {
+      const at::Tensor& b = weights[i * per + j];
+      TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == GH, "weights[", i * per + j, "] (",
+                        j == 2 ? "b_ih" : "b_hh", " of layer ", i / D, i % D ? ", reverse" : "",
+                        "): expected shape (", GH, ",), got ", b.sizes());
+    }
+  }
+  // Absent initial states are zeros; B = the rows of a step (padded layout: N / T).
+  const int64_t steps = batch_sizes.numel();
+  const int64_t batch = steps == 0 ? 0 : padded ? x.size(0) / steps
+                                               : batch_sizes.select(0, 0).item<int64_t>();
+  const auto opts = x.options();
+  const at::Tensor h0 = h0_in.has_value() ? *h0_in : at::zeros({slots, batch, Hout}, opts);
+  std::optional<at::Tensor> c0 = c0_in;
+  if (lstm && !c0.has_value()) c0 = at::zeros({slots, h0.size(1), H}, opts);
+  TORCH_CHECK_VALUE(h0.dim() == 3 && h0.size(0) == slots, "h0: expected shape (", slots,
+                    ", B, H_out), got ", h0.sizes());
+  if (lstm) {
+    TORCH_CHECK_VALUE(c0->dim() == 3 && c0->size(0) == slots, "c0: expected shape (", slots,
+                      ", B, H), got ", c0->sizes());
+  }
+  at::Tensor input = x;  // (N, E), then (N, D*H_out) between layers
+  std::vector<at::Tensor> h_n, c_n;
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    std::vector<ForwardArgs> dirs;
+    for (int64_t k = 0; k < D; ++k) {
+      const int64_t idx = layer * D + k;
+      const at::Tensor* w = weights.data() + idx * per;
+      std::optional<at::Tensor> bias;  // b_ih (+ b_hh folded in, but for gru)
+      if (has_bias) bias = gru ? w[2] : w[2] + w[3];
+      dirs.push_back(ForwardArgs{project(input, w[0], bias, "weights", idx * per), h0[idx],
+                                 lstm ? std::optional<at::Tensor>(c0->select(0, idx))
+                                      : std::nullopt,
+                                 w[1], gru && has_bias ? std::optional<at::Tensor>(w[3])
+                                                       : std::nullopt,
+                                 has_proj ? std::optional<at::Tensor>(w[per - 1]) : std::nullopt,
+                                 /*reverse=*/k == 1});
+    }
+    const auto out = forward_directions(mode, batch_sizes, std::move(dirs), false, padded);
+    const size_t n = out.size() / D;  // [output, h_n, (c_n)] per direction
+    std::vector<at::Tensor> outputs;
+    for (int64_t k = 0; k < D; ++k) {
+      outputs.push_back(out[k * n]);
+      h_n.push_back(out[k * n + 1]);
+      if (lstm) c_n.push_back(out[k * n + 2]);
+    }
+    input = D == 1 ? outputs[0] : at::cat(outputs, 1);  // (N, D*H_out)
+  }
+  // (N, D*H_out), (L*D, B, H_out), (L*D, B, H); one state: a view, no copy
+  auto states = [](const std::vector<at::Tensor>& s) {
+    return s.size() == 1 ? s[0].unsqueeze(0) : at::stack(s);
+  };
+  std::vector<at::Tensor> result{input, states(h_n)};
+  if (lstm) result.push_back(states(c_n));
+  return result;
+}
+
 void clear_cache() { BufferCache::instance().clear(); }
+
+void set_kernel_threads(int64_t threads) {
+  TORCH_CHECK_VALUE(threads >= 0, "threads: expected 0 (auto) or a positive int, got ", threads);
+  g_kernel_threads.store(threads);
+}
+
+int64_t kernel_threads() { return g_kernel_threads.load(); }
 
 at::Tensor empty_buffer(int64_t rows, int64_t cols, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "empty_buffer: expected non-negative sizes, got (",
@@ -1293,8 +1720,13 @@ TORCH_LIBRARY(packrnn, m) {
       "layer_forward(str mode, Tensor batch_sizes, Tensor x, Tensor[] w_ih, Tensor?[] bias, "
       "Tensor[] h0, Tensor?[] c0, Tensor[] w_hh, Tensor?[] b_hh, Tensor?[] w_hr, "
       "bool need_backward, bool padded) -> Tensor[]");
+  m.def(
+      "stack_forward(str mode, Tensor batch_sizes, Tensor x, Tensor[] weights, Tensor? h0, "
+      "Tensor? c0, int num_layers, bool bidirectional, bool has_bias, bool padded) -> Tensor[]");
   m.def("kernel_info() -> str", &packrnn::kernel_info);
   m.def("clear_cache() -> ()", &packrnn::clear_cache);
+  m.def("set_kernel_threads(int threads) -> ()", &packrnn::set_kernel_threads);
+  m.def("kernel_threads() -> int", &packrnn::kernel_threads);
   m.def("empty_buffer(int rows, int cols, ScalarType dtype) -> Tensor", &packrnn::empty_buffer);
 }
 
@@ -1304,4 +1736,5 @@ TORCH_LIBRARY_IMPL(packrnn, CPU, m) {
   m.impl("recurrence_forward_directions", &packrnn::recurrence_forward_directions);
   m.impl("recurrence_backward_directions", &packrnn::recurrence_backward_directions);
   m.impl("layer_forward", &packrnn::layer_forward);
+  m.impl("stack_forward", &packrnn::stack_forward);
 }

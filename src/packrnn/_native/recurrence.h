@@ -149,8 +149,27 @@ std::vector<at::Tensor> layer_forward(
     const c10::List<std::optional<at::Tensor>>& b_hh,
     const c10::List<std::optional<at::Tensor>>& w_hr, bool need_backward, bool padded);
 
+// Every layer and direction of a module, inference only (no autograd, nothing saved): for each
+// layer, the input projections and recurrence_forward_directions, the directions' outputs
+// concatenated as the next layer's input. One call instead of one per layer: at B = 1 the
+// per-call costs (dispatch, checks, allocations) are a large part of the time. No dropout.
+//   x (N, E) caller; weights: torch's flat list (per layer, per direction: w_ih, w_hh[, b_ih,
+//   b_hh][, w_hr]) caller, every shape checked; h0 (L*D, B, H_out), c0 (L*D, B, H) (lstm)
+//   caller, or None for zeros (B = batch_sizes[0]; padded layout: N / T).
+//   Returns [output (N, D*H_out), h_n (L*D, B, H_out), (c_n (L*D, B, H) if lstm)].
+std::vector<at::Tensor> stack_forward(const std::string& mode, const at::Tensor& batch_sizes,
+                                      const at::Tensor& x, at::TensorList weights,
+                                      const std::optional<at::Tensor>& h0,
+                                      const std::optional<at::Tensor>& c0, int64_t num_layers,
+                                      bool bidirectional, bool has_bias, bool padded);
+
 // Frees the blocks the buffer cache holds (NOTE [Buffer cache] in recurrence.cpp).
 void clear_cache();
+
+// The threads setting of every call (NOTE [Threads] in recurrence.cpp): 0 = auto, from the work
+// size; n >= 1 = up to n threads (at most torch's intra-op threads). Process-wide.
+void set_kernel_threads(int64_t threads);
+int64_t kernel_threads();
 
 // An uninitialised contiguous (rows, cols) CPU tensor; large ones come from the buffer cache.
 // For callers whose big per-call outputs (e.g. the input projection) should skip page faults.
