@@ -147,7 +147,8 @@ def as_lengths(
 
     Raises:
         TypeError: non-integer lengths or an unsupported container.
-        ValueError: not 1-D, negative, wrong count, or longer than ``max_length``.
+        ValueError: not 1-D, negative, wrong count, longer than ``max_length``, or a tensor on
+            the meta device (no values to read).
 
     >>> as_lengths([3, 1, 2])
     tensor([3, 1, 2])
@@ -159,6 +160,9 @@ def as_lengths(
             raise ValueError(
                 f"{name}: expected a 1-D sequence of lengths, got a tensor of shape {tuple(lengths.shape)}"
             )
+        if lengths.device.type == "meta":
+            raise ValueError(f"{name}: expected lengths with values (a list or a CPU/GPU tensor), got a "
+                             "tensor on the meta device, which has a shape but no data")
         out = lengths.to(device="cpu", dtype=torch.int64)
     elif _np is not None and isinstance(lengths, _np.ndarray):
         if lengths.dtype.kind not in "iu":
