@@ -7,8 +7,8 @@ Importable functions, no argv parsing (``packrnn.cli`` is the thin command line 
   after a kill, and scales out under ``torchrun`` (DDP).
 - ``load_run(directory)`` reads a finished (or interrupted) run back: model, vocabulary,
   labels, tokenizer.
-- ``evaluate(run, path)`` scores a labelled file: accuracy, per-class precision and recall,
-  confusion matrix.
+- ``evaluate(run, path)`` scores a labelled file: accuracy, loss, per-class precision, recall
+  and F1 with their macro averages, confusion matrix.
 - ``predict(run, texts)`` gives each text's label and probability.
 
 Files in the output directory:
@@ -17,7 +17,7 @@ Files in the output directory:
 ``checkpoint.pt``   model, optimizer, vocabulary, labels, configs, progress, RNG states
 ``config.json``     the ``TrainConfig`` of the run, for people
 ``metrics.json``    one entry per finished epoch (see ``EpochMetrics``)
-``curves.png``      loss and accuracy per epoch (needs matplotlib)
+``curves.png``      train and test loss and accuracy per epoch, titled with the model (matplotlib)
 ==================  =========================================================================
 
 NOTE [exact resume]
@@ -319,6 +319,23 @@ class EpochMetrics:
     seconds: float  # wall time of the epoch's training steps (evaluation excluded)
     samples_per_second: float  # training samples (all ranks) per second of `seconds`
     samples: int = 0  # training samples seen in the epoch (all ranks)
+    test_loss: float | None = None  # mean cross-entropy on test_path after the epoch; None without one
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EpochMetrics:
+        """One entry of a checkpoint's history or of metrics.json.
+
+        Fields this packrnn does not know (written by a newer one) are ignored; a missing
+        required field raises ``ValueError``.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"history: expected epoch entries with {required}, got one without "
+                             f"{missing}")
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -447,6 +464,10 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
 def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None
            ) -> list[EpochMetrics]:
     out = Path(cfg.output)
+    if ctx.distributed and ctx.is_main:
+        print(f"packrnn: distributed run: {ctx.world_size} processes, backend {ctx.backend}, "
+              f"{cfg.batch_size} sequences per batch per process; figures are summed over "
+              "processes", file=sys.stderr)
     # Rank 0 decides and tells the others: it writes into `out` soon, and a slower rank must not
     # then mistake the new run's files for an existing run.
     decision: tuple[str, str | None] = ("ok", None)
@@ -490,6 +511,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             if ds is not None and ds.skipped:
                 print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
                       f"(first: {ds.skipped[0]})", file=sys.stderr)
+        untrained = _untrained_labels(train_ds, test_ds)
+        if untrained:
+            print(f"packrnn: warning: {cfg.test_path} has labels no training row has: "
+                  + ", ".join(f"{n!r} ({k} rows)" for n, k in untrained.items())
+                  + "; the model never learns these classes", file=sys.stderr)
 
     # -- model and optimizer ----------------------------------------------------------------------
     _seed_everything(cfg.seed)
@@ -508,7 +534,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
     if state is not None:
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
-        history = [EpochMetrics(**m) for m in state["history"]]
+        history = _history(state, resume_path)
         epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         accum = dict(state["epoch_accum"])
         rngs = state["rng"]
@@ -564,6 +590,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             train_ds, batch_sampler=todo, num_workers=cfg.num_workers, collate_fn=collate,
             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         bar = _progress(cfg, ctx, total=len(batches), initial=step_in_epoch, epoch=epoch)
+        bar_every = max(1, len(batches) // 100)  # distributed: sum the bar's figures this often
         # A function of the epoch alone, so a resumed run gets the same rate (no scheduler state).
         optimizer.set_lr(cfg.lr * cfg.lr_decay ** epoch)
         net.train()
@@ -584,12 +611,13 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             step += 1
             step_in_epoch += 1
             if bar is not None:
-                elapsed = accum["seconds"] + time.perf_counter() - t0
                 bar.update(1)
-                bar.set_postfix(loss=f"{accum['loss_sum'] / accum['count']:.4f}",
-                                acc=f"{accum['correct'] / accum['count']:.3f}",
-                                samples_s=f"{accum['count'] * ctx.world_size / max(elapsed, 1e-9):.0f}",
-                                refresh=False)
+            if cfg.progress and (not ctx.distributed or step_in_epoch % bar_every == 0
+                                 or step_in_epoch == len(batches)):
+                # every rank joins the sum (same step counts on every rank); rank 0 shows it
+                figures = _bar_figures(ctx, accum, accum["seconds"] + time.perf_counter() - t0)
+                if bar is not None:
+                    bar.set_postfix(figures, refresh=False)
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 \
                     and step_in_epoch < len(batches):
                 now = time.perf_counter()
@@ -603,14 +631,15 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
         loss_sum, correct, count = D.all_reduce_sum(
             ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
         seconds = max(D.all_reduce_sum(ctx, [seconds])[0] / ctx.world_size, 1e-9)
-        test_acc = None
+        test_acc = test_loss = None
         if test_ds is not None:
-            test_acc = _evaluate_dataset(model, test_ds, cfg, ctx)["accuracy"]
+            scores = _evaluate_dataset(model, test_ds, cfg, ctx)
+            test_acc, test_loss = scores["accuracy"], scores["loss"]
         epoch += 1
         history.append(EpochMetrics(
             epoch=epoch, train_loss=loss_sum / max(count, 1), train_accuracy=correct / max(count, 1),
             test_accuracy=test_acc, seconds=seconds, samples_per_second=count / seconds,
-            samples=int(count)))
+            samples=int(count), test_loss=test_loss))
         step_in_epoch = 0
         accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
         checkpoint(epoch, 0, accum)
@@ -618,7 +647,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             _write_metrics(cfg, out, history)
             m = history[-1]
             print(f"epoch {m.epoch}: train_loss {m.train_loss:.4f} train_accuracy "
-                  f"{m.train_accuracy:.4f} test_accuracy "
+                  f"{m.train_accuracy:.4f} test_loss "
+                  f"{'-' if m.test_loss is None else f'{m.test_loss:.4f}'} test_accuracy "
                   f"{'-' if m.test_accuracy is None else f'{m.test_accuracy:.4f}'} "
                   f"({m.seconds:.1f} s, {m.samples_per_second:.0f} samples/s)", file=sys.stderr)
     return history
@@ -627,7 +657,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
 def _write_metrics(cfg: TrainConfig, out: Path, history: Sequence[EpochMetrics]) -> None:
     atomic_write_json(out / METRICS_NAME, [asdict(m) for m in history])
     if cfg.plot and history:
-        _plot(history, out / PLOT_NAME)
+        _plot(history, out / PLOT_NAME, title=_run_title(cfg))
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> None:
@@ -706,8 +736,44 @@ def _progress(cfg: TrainConfig, ctx: D.DistContext, total: int, initial: int, ep
                 unit="batch", dynamic_ncols=True, leave=True)
 
 
-def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
-    """Loss and accuracy per epoch as a PNG (matplotlib, Agg backend, imported lazily)."""
+def _bar_figures(ctx: D.DistContext, accum: Mapping[str, float], elapsed: float) -> dict[str, str]:
+    """The progress bar's loss, accuracy and samples/s of the epoch so far, over all ranks.
+
+    A collective under torchrun: every rank must call it at the same steps.
+    """
+    loss_sum, correct, count = D.all_reduce_sum(
+        ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
+    count = max(count, 1.0)
+    return {"loss": f"{loss_sum / count:.4f}", "acc": f"{correct / count:.3f}",
+            "samples_s": f"{count / max(elapsed, 1e-9):.0f}"}
+
+
+def _untrained_labels(train_ds: TextClassificationDataset,
+                      test_ds: TextClassificationDataset | None) -> dict[str, int]:
+    """Labels with test rows but no training row (AG News: a class missing from the training
+    file), with their number of test rows: the model never learns them."""
+    if test_ds is None:
+        return {}
+    trained = set(train_ds.labels)
+    counts: dict[str, int] = {}
+    for y in test_ds.labels:
+        if y not in trained:
+            name = train_ds.label_map.names[y]
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _run_title(cfg: TrainConfig) -> str:
+    """The run's model in a few words, e.g. "bidirectional 2-layer LSTM 128, max pooling (runs/x)"."""
+    words = ["bidirectional"] if cfg.bidirectional else []
+    words += [f"{cfg.num_layers}-layer"] if cfg.num_layers > 1 else []
+    words += [f"{cfg.model.upper()} {cfg.hidden_size}, {cfg.pooling} pooling"]
+    words += ["(padded)"] if cfg.execution == "padded" else []
+    return " ".join(words) + f" ({cfg.output})"
+
+
+def _plot(history: Sequence[EpochMetrics], path: Path, title: str | None = None) -> None:
+    """Loss and accuracy per epoch, train and test, as a PNG (matplotlib Agg, imported lazily)."""
     try:
         import matplotlib
 
@@ -721,6 +787,8 @@ def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
     fig = Figure(figsize=(9, 3.5), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [m.train_loss for m in history], marker="o", label="train")
+    if any(m.test_loss is not None for m in history):
+        ax1.plot(epochs, [m.test_loss for m in history], marker="o", label="test")
     ax1.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
     ax2.plot(epochs, [m.train_accuracy for m in history], marker="o", label="train")
     if any(m.test_accuracy is not None for m in history):
@@ -730,6 +798,8 @@ def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
@@ -756,32 +826,54 @@ def _evaluate_dataset(model: SequenceClassifier, ds: TextClassificationDataset, 
     collate = _collate(cfg, model.config.padding_idx or 0)
     packed = cfg.execution == "packed"
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
+    loss_sum = 0.0
     for batch in batches:
         inputs, lengths, labels = collate([ds[i] for i in batch])
         inputs = _to_device(inputs, device)
         logits = model(inputs) if packed else model(inputs, lengths)  # (B, C)
+        loss_sum += float(nn.functional.cross_entropy(logits.float(), labels.to(device),
+                                                      reduction="sum"))
         pred = logits.argmax(-1).cpu()  # (B,)
         confusion.index_put_((labels, pred), torch.ones(len(batch), dtype=torch.float64),
                              accumulate=True)
     if ctx is not None and ctx.distributed:
-        flat = D.all_reduce_sum(ctx, confusion.flatten().tolist())
-        confusion = torch.tensor(flat, dtype=torch.float64).view(num_classes, num_classes)
+        flat = D.all_reduce_sum(ctx, confusion.flatten().tolist() + [loss_sum])
+        confusion = torch.tensor(flat[:-1], dtype=torch.float64).view(num_classes, num_classes)
+        loss_sum = flat[-1]
     model.train(was_training)
-    return _scores(confusion)
+    result = _scores(confusion)
+    result["loss"] = loss_sum / result["count"] if result["count"] else float("nan")
+    return result
 
 
 def _scores(confusion: Tensor) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / F1 and their macro averages from a confusion matrix.
+
+    Per class: ``None`` where undefined (precision of a class never predicted, recall of a class
+    absent from the data, F1 of a class that is neither). Macro averages are over the classes
+    that occur in the data or the predictions, an undefined value counting as 0 (as
+    scikit-learn's ``average="macro"`` with ``zero_division=0``).
+    """
     total = float(confusion.sum())
-    tp = confusion.diagonal()
-    predicted = confusion.sum(0)
-    actual = confusion.sum(1)
-    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in range(len(tp))]
-    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in range(len(tp))]
+    tp = confusion.diagonal()  # (C,)
+    predicted = confusion.sum(0)  # (C,)
+    actual = confusion.sum(1)  # (C,)
+    classes = range(len(tp))
+    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in classes]
+    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in classes]
+    seen = [i for i in classes if actual[i] + predicted[i] > 0]
+    f1 = [float(2 * tp[i] / (actual[i] + predicted[i])) if i in seen else None for i in classes]
+
+    def macro(values: list[float | None]) -> float | None:
+        return sum(values[i] or 0.0 for i in seen) / len(seen) if seen else None
+
     return {
         "count": int(total),
         "accuracy": float(tp.sum()) / total if total else float("nan"),
         "precision": precision,
         "recall": recall,
+        "f1": f1,
+        "macro": {"precision": macro(precision), "recall": macro(recall), "f1": macro(f1)},
         "support": [int(a) for a in actual],
         "confusion": confusion.to(torch.int64).tolist(),
     }
@@ -809,7 +901,9 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
 
     Raises:
         CheckpointError: the directory is missing, incomplete (no checkpoint), from another
-            packrnn format version, or its checkpoint is corrupt.
+            packrnn format version, or its checkpoint is corrupt or inconsistent (e.g. fewer
+            label names than the model has classes). Per-epoch history fields this packrnn does
+            not know (a newer one's) are ignored.
     """
     state = load_checkpoint(directory)
     path = Path(directory)
@@ -819,14 +913,27 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
         vocab = Vocab.from_dict(state["vocab"])
         model = SequenceClassifier(mcfg)
         model.load_state_dict(state["model_state"])
+        labels = [str(n) for n in state["labels"]]
+        if len(labels) != mcfg.num_classes:
+            raise ValueError(f"labels: expected {mcfg.num_classes} label names (the model's "
+                             f"classes), got {len(labels)}")
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
                               f"({first})") from e
+    history = _history(state, path)
     model.to(device).eval()
-    return Run(directory=path, model=model, vocab=vocab, labels=list(state["labels"]),
-               config=tcfg, epochs_done=int(state["epoch"]),
-               history=[EpochMetrics(**m) for m in state["history"]])
+    return Run(directory=path, model=model, vocab=vocab, labels=labels,
+               config=tcfg, epochs_done=int(state["epoch"]), history=history)
+
+
+def _history(state: Mapping[str, Any], path: Path) -> list[EpochMetrics]:
+    """The checkpoint's metrics per epoch; fields unknown here are ignored (EpochMetrics.from_dict)."""
+    try:
+        return [EpochMetrics.from_dict(m) for m in state["history"]]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
+                              f"({e})") from e
 
 
 def _as_run(run: Run | str | os.PathLike) -> Run:
@@ -843,10 +950,13 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
     unless ``format`` / ``text_column`` / ``label_column`` say otherwise.
 
     Returns:
-        ``{"count", "accuracy", "labels", "precision", "recall", "support", "confusion",
-        "skipped"}``: per-class lists in the order of ``labels``; ``confusion[i][j]`` counts
-        texts of label ``i`` predicted as ``j``; precision/recall are ``None`` for a class never
-        predicted / absent.
+        ``{"count", "accuracy", "loss", "labels", "precision", "recall", "f1", "macro",
+        "support", "confusion", "skipped"}``: per-class lists in the order of ``labels``;
+        ``confusion[i][j]`` counts texts of label ``i`` predicted as ``j``; precision / recall /
+        F1 are ``None`` for a class never predicted / absent / neither; ``macro`` holds the
+        macro averages ``{"precision", "recall", "f1"}`` over the classes that occur in the
+        data or the predictions (an undefined value counts as 0, as scikit-learn's);
+        ``loss`` is the mean cross-entropy.
 
     Raises:
         ValueError: a bad row or a label the run never saw in training
