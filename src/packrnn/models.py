@@ -224,22 +224,23 @@ class SequenceClassifier(nn.Module):
         if c.execution == "padded":
             self._check_ids(ids)  # every position is embedded, padding included
             return self._forward_padded(ids, lengths)
-        self._check_ids(ids, real=lengths_to_mask(lengths, T, batch_first=True))  # (B, T)
+        self._check_ids(ids, lengths)
         packed = pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
         return self._forward_packed(packed)
 
-    def _check_ids(self, ids: Tensor, real: Tensor | None = None) -> None:
+    def _check_ids(self, ids: Tensor, lengths: Tensor | None = None) -> None:
         """Token ids must be rows of the embedding (nn.Embedding's IndexError names neither).
 
-        ``ids``: (B, T) padded ids, or (N,) packed ones; ``real``: (B, T) bool, the positions
-        that are embedded (None: all of them).
+        ``ids``: (B, T) padded ids, or (N,) packed ones; ``lengths``: (B,) when only each
+        sequence's first ``lengths[b]`` positions are embedded (None: all of them). Eager mode
+        only: under torch.compile the check would be a data-dependent branch.
         """
         if ids.numel() == 0 or torch.compiler.is_compiling():
             return
         vocab_size = self.config.vocab_size
         outside = (ids < 0) | (ids >= vocab_size)  # (B, T) or (N,)
-        if real is not None:
-            outside &= real.to(ids.device)
+        if lengths is not None:
+            outside &= lengths_to_mask(lengths, ids.shape[1], batch_first=True).to(ids.device)
         if not bool(outside.any()):
             return
         bad = outside.nonzero()[0]  # the first bad position

@@ -147,8 +147,7 @@ def as_lengths(
 
     Raises:
         TypeError: non-integer lengths or an unsupported container.
-        ValueError: not 1-D, negative, wrong count, longer than ``max_length``, or a tensor on
-            the meta device (no values to read).
+        ValueError: not 1-D, negative, wrong count, or longer than ``max_length``.
 
     >>> as_lengths([3, 1, 2])
     tensor([3, 1, 2])
