@@ -219,6 +219,10 @@ class SequenceClassifier(nn.Module):
                                  f"got {tuple(lengths.shape)}")
         if c.execution == "padded":
             return self._forward_padded(ids, lengths)
+        if torch.compiler.is_compiling():
+            # NOTE [compiled classifier]: packing has data-dependent shapes; the layer's padded
+            # + lengths path computes the same real steps with static shapes.
+            return self._forward_lengths(ids, lengths)
         packed = pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
         return self._forward_packed(packed)
 
@@ -232,6 +236,19 @@ class SequenceClassifier(nn.Module):
             z = self._last_state(h)
         else:
             z = _POOL[c.pooling](out)  # (B, D) over real steps
+        return self.fc(self.dropout(z))  # (B, C)
+
+    def _forward_lengths(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        """The packed execution's numbers from padded ids: the layer runs only the real steps
+        of each sequence (NOTE [compiled classifier]). Embedding dropout here draws over the
+        padded positions, so under training a seed gives other masks than the packed form."""
+        c = self.config
+        emb = self.embed_dropout(self.embedding(ids.long()))  # (B, T, E)
+        out, h = self.rnn(emb, lengths=lengths)  # (B, T, D): zero at padding
+        if c.pooling == "last":
+            z = self._last_state(h)  # each sequence's state at its last real step
+        else:
+            z = _POOL[c.pooling](out, lengths, batch_first=True)  # (B, D) over real steps
         return self.fc(self.dropout(z))  # (B, C)
 
     def _forward_padded(self, ids: Tensor, lengths: Tensor) -> Tensor:
