@@ -668,6 +668,10 @@ def test_bench_config_errors():
         BenchConfig("x", "transformer", 4, 3, 5)
     with pytest.raises(ValueError, match="batch: expected a positive int, got 0"):
         BenchConfig("x", "lstm", 0, 3, 5)
+    with pytest.raises(ValueError, match="longest: expected None or a positive int, got 0"):
+        BenchConfig("x", "lstm", 4, 3, 5, longest=0)
+    with pytest.raises(ValueError, match="loss: expected 'sum' or 'last', got 'mean'"):
+        BenchConfig("x", "lstm", 4, 3, 5, loss="mean")
 
 
 def test_run_bench_tiny_prints_the_table():
@@ -686,6 +690,56 @@ def test_run_bench_tiny_prints_the_table():
 def test_step_memory_is_measured_in_a_subprocess():
     from packrnn.bench import BenchConfig, measure_step_memory
 
-    megabytes = measure_step_memory(BenchConfig("tiny", "lstm", 64, 32, 64), "packrnn",
-                                    threads=1)
+    # bench_long's settings (longest, loss) travel to the child process too.
+    megabytes = measure_step_memory(BenchConfig("tiny", "lstm", 64, 32, 64, longest=30,
+                                                loss="last"), "packrnn", threads=1)
     assert megabytes >= 0
+
+
+def _load_bench_long():
+    """benchmarks/bench_long.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_long.py"
+    spec = importlib.util.spec_from_file_location("bench_long", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaled_lengths_reach_the_longest():
+    from packrnn.bench import scaled_lengths
+
+    torch.manual_seed(0)
+    lengths = scaled_lengths(32, 1000)
+    assert lengths.dtype == torch.int64 and int(lengths.max()) == 1000
+    assert int(lengths.min()) >= 1 and float(lengths.float().median()) < 1000
+
+
+def test_bench_long_tiny_sweep_prints_goals_and_skips_torch_packed(monkeypatch):
+    # packed_limit_s=0: torch packed runs at the first length only (no estimate yet), and is
+    # skipped after with the reason.
+    bench_long = _load_bench_long()
+    monkeypatch.delenv("PACKRNN_KEEP_SUBNORMALS", raising=False)
+    lines = []
+    results, goals = bench_long.run_long(lengths=[6, 12], repeats=1, threads=1, memory=False,
+                                         packed_limit_s=0.0, batch=3, input_size=2,
+                                         hidden_size=4, out=lines.append)
+    text = "\n".join(lines)
+    assert [r.longest for r in results] == [6, 12]
+    assert set(results[0].seconds) == set(bench_long.VARIANTS)
+    assert set(results[1].seconds) == set(bench_long.VARIANTS) - {"torch_packed"}
+    assert "T=12: torch packed skipped: estimated" in text and "> the 0 s limit" in text
+    assert goals["vs_padded"] is None and "SKIP: packrnn vs torch padded at T=1000" in text
+    assert isinstance(goals["flat"], bool)
+    assert ("PASS: packrnn's time per real step" in text) == goals["flat"]
+    assert "load average at start" in text and "load average at end" in text
+    assert os.environ.get("PACKRNN_KEEP_SUBNORMALS") is None  # the kept variant restored it
+
+
+def test_bench_long_rejects_bad_lengths(capsys):
+    bench_long = _load_bench_long()
+    with pytest.raises(SystemExit):
+        bench_long.main(["--lengths", "50,x"])
+    assert "expected comma-separated positive ints, got '50,x'" in capsys.readouterr().err
