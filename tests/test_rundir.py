@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import sys
 import pytest
 
 from packrnn.checkpoint import CHECKPOINT_NAME, REQUIRED_KEYS, save_checkpoint
-from packrnn.rundir import (LOCK_NAME, RunDirError, RunLock, RunLockedError, check_fingerprint,
-                            check_output, classify, fingerprint, remove_stale_temp_files)
+from packrnn.rundir import (LOCK_NAME, RunDirError, RunLock, RunLockedError, StopOnInterrupt,
+                            check_fingerprint, check_output, classify, fingerprint,
+                            remove_stale_temp_files)
 
 NAMES = (CHECKPOINT_NAME, "metrics.json", "curves.png", "config.json")
 
@@ -204,3 +206,25 @@ def test_changed_data_is_refused_unless_allowed(tmp_path):
     os.utime(f, ns=(now["mtime_ns"] + 10**9, now["mtime_ns"] + 10**9))  # touched only
     with pytest.raises(RunDirError, match=r"changed \(modified time .* -> .*\)"):
         check_fingerprint("train_path", f, now, allow_change=False)
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+def test_first_ctrl_c_is_a_request_the_second_stops(monkeypatch):
+    before = signal.getsignal(signal.SIGINT)
+    messages = []
+    with StopOnInterrupt(log=messages.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and messages == [
+            "packrnn: interrupted: saving a checkpoint after the current step (Ctrl-C again to "
+            "stop at once)"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_IGN)  # a background job
+    installed = []
+    monkeypatch.setattr(signal, "signal", lambda *a: installed.append(a))
+    with StopOnInterrupt() as stop:
+        pass
+    assert installed == []

@@ -5,6 +5,7 @@
   run (it holds a packrnn checkpoint); anything else is refused, never written over.
 - ``remove_stale_temp_files``: the hidden temp files a kill during an atomic write leaves.
 - ``fingerprint`` / ``check_fingerprint``: a resume refuses a data file that changed.
+- ``StopOnInterrupt``: Ctrl-C lets the training loop finish its step and save a checkpoint.
 
 NOTE [run lock]
 The lock is the file ``.packrnn.lock`` in the run directory, holding the holder's pid, host and
@@ -25,8 +26,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -39,7 +42,8 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["LOCK_NAME", "RunDirError", "RunLockedError", "RunLock", "classify", "check_output",
-           "remove_stale_temp_files", "fingerprint", "check_fingerprint"]
+           "remove_stale_temp_files", "fingerprint", "check_fingerprint", "StopOnInterrupt",
+           "TrainInterrupted"]
 
 LOCK_NAME = ".packrnn.lock"
 _HEAD_BYTES = 1 << 20  # the fingerprint hashes the first MiB
@@ -428,3 +432,51 @@ def _change(key: str, label: str, old: Any, new: Any) -> str:
 def _time_ns(t: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t // 10**9)) + \
         f".{t // 10**6 % 1000:03d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C
+# ----------------------------------------------------------------------------------------------
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C after saving a checkpoint of its finished steps."""
+
+
+class StopOnInterrupt:
+    """Within ``with``: the first SIGINT (Ctrl-C) only sets ``requested``; a second one raises.
+
+    A ``KeyboardInterrupt`` raised mid-step could leave the optimizer half-way through its
+    update; instead the loop checks ``requested`` between steps, saves a checkpoint and raises
+    ``TrainInterrupted``. Outside the main thread, or when SIGINT is ignored (a background
+    job), nothing is installed.
+
+    >>> with StopOnInterrupt() as stop:
+    ...     stop.requested
+    False
+    """
+
+    def __init__(self, log: Callable[[str], None] = _say) -> None:
+        self.requested = False
+        self._log = log
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = signal.SIG_DFL if previous is None else previous
+                signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._log("packrnn: interrupted: saving a checkpoint after the current step "
+                  "(Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
