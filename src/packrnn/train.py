@@ -69,7 +69,7 @@ FORMATS = ("agnews", "csv", "tsv", "jsonl")
 # Fields that may change between a run and its resumption (they do not change the numbers).
 _RESUMABLE_CHANGES = frozenset({
     "epochs", "output", "resume", "overwrite", "num_workers", "checkpoint_every_steps",
-    "progress", "plot", "threads", "device", "test_path", "eval_batch_size",
+    "progress", "plot", "threads", "device", "test_path", "eval_batch_size", "allow_data_change",
 })
 
 
@@ -146,6 +146,7 @@ class TrainConfig(DictConfig):
     checkpoint_every_steps: int | None = None  # also checkpoint every N steps; None: per epoch only
     resume: bool = False  # continue the run in `output` from its last checkpoint
     overwrite: bool = False  # replace an existing run in `output` (only packrnn's own files)
+    allow_data_change: bool = False  # resume even if a data file changed since the checkpoint
     num_workers: int = 0  # DataLoader worker processes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
     threads: int | None = None  # torch.set_num_threads; None: torch's default
@@ -207,7 +208,7 @@ class TrainConfig(DictConfig):
                              f"no weight decay), got {self.weight_decay}")
         for name in ("bidirectional", "skip_bad_rows", "freeze_embedding", "sparse_embedding",
                      "bucket", "resume",
-                     "overwrite", "progress", "plot"):
+                     "overwrite", "allow_data_change", "progress", "plot"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
