@@ -191,7 +191,8 @@ def _take_over(path: Path, data: bytes, log: Callable[[str], None]) -> int | Non
         log(f"packrnn: taking over the stale lock of {str(path.parent)!r} "
             f"({_describe(holder)}, no longer running)")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, data)
         os.fsync(fd)
         return fd
     except BaseException:
@@ -221,7 +222,8 @@ def _try_flock(fd: int) -> bool | None:
 
 def _read_holder(fd: int) -> dict[str, Any]:
     try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        os.lseek(fd, 0, os.SEEK_SET)
+        holder = json.loads(os.read(fd, 4096).decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         return {}
     return holder if isinstance(holder, dict) else {}
@@ -283,6 +285,14 @@ def classify(directory: str | os.PathLike, names: Iterable[str]) -> str:
     Returns:
         ``"absent"``; ``"empty"`` (nothing but packrnn's lock and temp files); ``"run"`` (it
         holds a packrnn checkpoint); ``"foreign"`` (anything else: never written over).
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> classify(d, ["config.json"]), classify(d / "new", ["config.json"])
+    ('empty', 'absent')
+    >>> _ = (d / "config.json").write_text("{}")  # a user's file, no checkpoint
+    >>> classify(d, ["config.json"])
+    'foreign'
     """
     d = Path(directory)
     if not d.exists():
@@ -318,7 +328,8 @@ def check_output(directory: str | os.PathLike, names: Iterable[str], *, resume: 
         raise RunDirError(f"output: directory {str(d)!r} already exists and is not empty; "
                           "pass --resume to continue its run or --overwrite to replace it")
     if kind == "foreign":
-        others = sorted(p.name for p in d.iterdir() if not _leftover(p.name, _temp_pattern(names)))
+        pattern = _temp_pattern(names)
+        others = sorted(p.name for p in d.iterdir() if not _leftover(p.name, pattern))
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         asked = " to resume" if resume else " to overwrite" if overwrite else ""
         raise RunDirError(f"output: expected a new or empty directory or a packrnn run{asked}, "
