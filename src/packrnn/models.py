@@ -309,7 +309,7 @@ def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
 
     Raises:
         ValueError: missing or empty file, or a line (named by file and line number) whose
-            vector has the wrong size or a non-number.
+            vector has the wrong size or a non-number, or (for a kept token) NaN or infinity.
     """
     p = Path(path)
     if not p.is_file():
@@ -341,10 +341,15 @@ def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
             if row is None:
                 continue
             try:
-                found[row] = torch.tensor([float(x) for x in values], dtype=torch.float32)
+                vector = torch.tensor([float(x) for x in values], dtype=torch.float32)  # (D,)
             except ValueError:
                 raise ValueError(f"vectors: expected numbers after the token, got "
                                  f"{' '.join(values[:3])!r}... in {p}:{lineno}") from None
+            if not bool(torch.isfinite(vector).all()):  # a NaN row would make the model NaN
+                bad = values[int((~torch.isfinite(vector)).nonzero()[0])]
+                raise ValueError(f"vectors: expected finite numbers after the token, got {bad!r} "
+                                 f"for {token!r} in {p}:{lineno}")
+            found[row] = vector
     if not any_line:
         raise ValueError(f"vectors: expected at least one vector, got an empty file {str(p)!r}")
     return found
