@@ -1,6 +1,7 @@
 """The ``packrnn`` command: a thin argparse layer over ``packrnn.train`` and friends.
 
     packrnn train --train PATH [--test PATH] --model lstm --output DIR [...]
+    packrnn train --resume --output DIR          (continue a run with its saved settings)
     packrnn evaluate DIR --data PATH [--json]
     packrnn predict DIR "some text" ... [--json]      (or one text per line on stdin; options
                                                       may come before or after the texts)
@@ -80,12 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a text classifier",
                        description="Train a recurrent text classifier; writes checkpoint.pt, "
                                    "metrics.json and curves.png to --output.")
-    t.add_argument("--train", required=True, metavar="PATH", help="labelled training file")
+    # --train and --model are required unless --resume finds a run in --output (_train_config).
+    t.add_argument("--train", metavar="PATH", help="labelled training file (required unless "
+                   "--resume continues a run)")
     t.add_argument("--test", metavar="PATH", help="labelled file evaluated after every epoch")
     _add_format_args(t, "agnews")
     t.add_argument("--delimiter", metavar="CHAR", help="csv: field separator (default: tab for "
                    ".tsv, else comma)")
-    t.add_argument("--model", required=True, choices=["rnn", "lstm", "gru"], help="recurrent cell")
+    t.add_argument("--model", choices=["rnn", "lstm", "gru"], help="recurrent cell (required "
+                   "unless --resume continues a run)")
     t.add_argument("--bidirectional", action="store_true", help="add a reverse direction")
     t.add_argument("--layers", type=_positive_int, default=1, metavar="N",
                    help="stacked recurrent layers (default: 1)")
@@ -128,9 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", required=True, metavar="DIR", help="run directory")
     group = t.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
-                       help="continue the run in --output from its last checkpoint")
+                       help="continue the run in --output from its last checkpoint, with its "
+                            "saved settings (other flags given must match them, except --epochs, "
+                            "--test, --threads, --device and the like)")
     group.add_argument("--overwrite", action="store_true",
                        help="replace the run in --output (removes only packrnn's files)")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue even if a data file changed since the checkpoint")
     t.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (default: every epoch)")
     t.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader workers")
@@ -174,26 +182,76 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+# `packrnn train` options whose TrainConfig field has another name; the others keep theirs.
+_TRAIN_FIELDS = {"train": "train_path", "test": "test_path", "layers": "num_layers",
+                 "max_vocab": "max_vocab_size", "checkpoint_every": "checkpoint_every_steps",
+                 "no_progress": "progress", "no_plot": "plot"}
 
-    config = TrainConfig(
-        train_path=a.train, test_path=a.test, output=a.output, format=a.format,
-        text_column=a.text_column, label_column=a.label_column, delimiter=a.delimiter,
-        skip_bad_rows=bool(a.skip_bad_rows), tokenizer=a.tokenizer, min_freq=a.min_freq,
-        max_vocab_size=a.max_vocab, max_length=a.max_length, model=a.model,
-        embed_dim=a.embed_dim, hidden_size=a.hidden_size, num_layers=a.layers,
-        bidirectional=a.bidirectional, dropout=a.dropout,
-        embed_dropout=a.embed_dropout, pooling=a.pooling,
-        execution=a.execution, vectors=a.vectors, freeze_embedding=a.freeze_embedding,
-        sparse_embedding=a.sparse_embedding,
-        batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, lr_decay=a.lr_decay, weight_decay=a.weight_decay,
-        grad_clip=a.grad_clip, seed=a.seed, bucket=a.bucket, max_tokens=a.max_tokens,
-        eval_batch_size=a.eval_batch_size, checkpoint_every_steps=a.checkpoint_every,
-        resume=a.resume, overwrite=a.overwrite, num_workers=a.num_workers, device=a.device,
-        threads=a.threads, progress=not a.no_progress, plot=not a.no_plot,
-    )
-    train(config)
+
+def _train_options(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> option string ("--hidden-size") of every `packrnn train` option."""
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                 ).choices["train"]
+    return {a.dest: a.option_strings[-1] for a in train._actions
+            if a.option_strings and a.dest != "help"}
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """The dests of the `packrnn train` options written on the command line (not defaults)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) & set(_train_options(parser))
+
+
+def _field(a: argparse.Namespace, dest: str) -> tuple[str, object]:
+    """The TrainConfig field and value of option ``dest``."""
+    value = getattr(a, dest)
+    if dest in ("no_progress", "no_plot"):
+        value = not value
+    elif dest == "skip_bad_rows":
+        value = bool(value)
+    return _TRAIN_FIELDS.get(dest, dest), value
+
+
+def _train_config(a: argparse.Namespace, given: set[str]):
+    """The run's TrainConfig: from the flags, or with --resume from the run's saved settings.
+
+    ``packrnn train --resume --output DIR`` alone continues with the saved settings; a flag
+    given beside it must match its saved value unless it may change on resume (--epochs,
+    --test, --threads, ...), and is refused otherwise, naming the flag.
+    """
+    from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from .rundir import classify
+    from .train import _RESUMABLE_CHANGES, TrainConfig, TrainError
+
+    options = _train_options(build_parser())
+    run = a.resume and classify(a.output, [CHECKPOINT_NAME]) == "run"
+    if not run:
+        missing = [options[d] for d in ("train", "model") if getattr(a, d) is None]
+        if missing:
+            why = f" (no packrnn run in {a.output!r} to resume)" if a.resume else ""
+            raise SystemExit(_fail("packrnn train: the following arguments are required: "
+                                   f"{', '.join(missing)}{why}", EXIT_USAGE))
+        return TrainConfig(**dict(_field(a, d) for d in options))
+    saved = dict(load_checkpoint(a.output)["train_config"])
+    values = dict(saved)
+    for dest in sorted(given - {"output", "resume", "overwrite"}):
+        name, value = _field(a, dest)
+        if name not in _RESUMABLE_CHANGES and value != saved.get(name):
+            raise TrainError(f"{options[dest]}: expected {saved.get(name)!r} as saved in the run "
+                             f"{a.output!r} (--resume continues with its settings: leave "
+                             f"{options[dest]} out), got {value!r}")
+        values[name] = value
+    values.update(output=a.output, resume=True, overwrite=False)
+    return TrainConfig.from_dict(values)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .train import train
+
+    train(_train_config(a, a.given))
     return 0
 
 
@@ -301,7 +359,8 @@ def _cmd_demo(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``packrnn`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, DiskFullError
+    from .rundir import TrainInterrupted
     from .train import TrainError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -315,13 +374,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = _subparser(parser, "predict").parse_intermixed_args(argv[1:])
         else:
             args = parser.parse_args(argv)
+        if argv[:1] == ["train"]:
+            args.given = _given_options(argv)
         return args.func(args)
     except SystemExit as e:  # argparse: --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    except TrainInterrupted as e:  # Ctrl-C in training, after saving a checkpoint
+        print(f"packrnn: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("packrnn: interrupted" + ("; continue with `packrnn train ... --resume`"
+        print("packrnn: interrupted" + ("; continue with `packrnn train --resume --output DIR`"
                                         if argv[:1] == ["train"] else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except DiskFullError as e:  # the environment, not the input: exit 1, but one clear line
+        if os.environ.get("PACKRNN_DEBUG"):
+            raise
+        return _fail(str(e), EXIT_FAILURE)
     except (CheckpointError, TrainError, ValueError, TypeError, FileNotFoundError,
             PermissionError, IsADirectoryError, UnicodeDecodeError) as e:
         if os.environ.get("PACKRNN_DEBUG"):

@@ -63,6 +63,15 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 _HAS_SELECTION = importlib.util.find_spec("packrnn.backend") is not None
 
 
+@torch.compiler.assume_constant_result
+def _selected_backend_name() -> str:
+    """``packrnn.backend.backend_name()``; torch.compile calls it once while tracing and bakes
+    the answer into the graph (it builds the kernel on first use, behind a lock)."""
+    from packrnn import backend as selection
+
+    return selection.backend_name()
+
+
 def _get_backend(name: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """The recurrence backend for ``name``; the ONE place that decides which backend runs.
 
@@ -78,9 +87,7 @@ def _get_backend(name: Optional[str] = None, dtype: Optional[torch.dtype] = None
         # inside it must surface, so only its absence falls back to the lean backend.
         if not _HAS_SELECTION:
             return _lean
-        from packrnn import backend as selection
-
-        name = selection.backend_name()
+        name = _selected_backend_name()
         if name == "native" and dtype is not None and dtype not in _NATIVE_DTYPES:
             return _lean  # NOTE [half precision]
     if name == "python":

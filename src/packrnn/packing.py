@@ -147,7 +147,9 @@ def as_lengths(
 
     Raises:
         TypeError: non-integer lengths or an unsupported container.
-        ValueError: not 1-D, negative, wrong count, or longer than ``max_length``.
+        ValueError: not 1-D, negative, wrong count, or longer than ``max_length`` (the values
+            are checked in eager mode only, not while ``torch.compile`` / ``torch.export``
+            trace).
 
     >>> as_lengths([3, 1, 2])
     tensor([3, 1, 2])
@@ -195,7 +197,9 @@ def as_lengths(
         raise ValueError(
             f"{name}: expected {batch_size} lengths (one per sequence in the batch), got {out.numel()}"
         )
-    if out.numel():
+    # Under torch.compile / torch.export the values are not inspected: that would be a
+    # data-dependent guard (a graph break). A length outside [0, T] then acts as if clamped.
+    if out.numel() and not torch.compiler.is_compiling():
         low = int(out.min())
         if low < 0:
             i = int((out < 0).nonzero()[0])

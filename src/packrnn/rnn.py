@@ -101,21 +101,11 @@ def _check_input_features(data: Tensor, name: str, input_size: int, weight: Tens
                          f"got {data.device}")
 
 
-def _lengths(lengths, batch: int, steps: int) -> Tensor:
-    """``lengths`` of a padded batch as a (B,) CPU int64 tensor.
-
-    Eager: validated by ``as_lengths`` (count, integers, 0 <= length <= T). Under
-    ``torch.compile`` / ``torch.export`` the values are not inspected (that would be a
-    data-dependent guard, i.e. a graph break): an int tensor of B lengths is taken as it is,
-    and a length outside [0, T] acts as if clamped to it.
-    """
-    if not torch.compiler.is_compiling():
-        return as_lengths(lengths, batch, max_length=steps)
-    lengths = torch.as_tensor(lengths)
-    if lengths.dim() != 1 or lengths.shape[0] != batch:
-        raise ValueError(f"lengths: expected a 1-D tensor of {batch} lengths, got shape "
-                         f"{tuple(lengths.shape)}")
-    return lengths.to(device="cpu", dtype=torch.int64)
+_JIT_MESSAGE = (
+    "packrnn.{name}: {what} is not supported (TorchScript is legacy in PyTorch 2). Use "
+    "torch.compile(model) for speed, torch.export.export(model, args, dynamic_shapes=...) for a "
+    "portable program, or packrnn.export_onnx / `packrnn export` for ONNX; see the README "
+    "section 'Compile, export and serve'.")
 
 
 class _RNNBase(nn.Module):
@@ -272,8 +262,14 @@ class _RNNBase(nn.Module):
             return output, (h_n, c_n)
         return output, h_n
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_JIT_MESSAGE.format(what="torch.jit.script", name=type(self).__name__))
+
     def forward(self, input, hx=None, *, lengths=None):
         """See the class docstring and NOTE [Padding contract]."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(_JIT_MESSAGE.format(what="torch.jit.trace",
+                                                   name=type(self).__name__))
         if isinstance(input, _TorchPackedSequence):
             return self._forward_packed(input, hx, lengths)
         if not isinstance(input, Tensor):
@@ -294,14 +290,17 @@ class _RNNBase(nn.Module):
         h0, c0 = self._prepare_hx(hx, batch, input, unbatched)
 
         if lengths is not None:
-            lengths = _lengths(lengths, batch, steps)
+            # validated in eager mode; not inspected under torch.compile (see as_lengths)
+            lengths = as_lengths(lengths, batch, max_length=steps)
         if lengths is None or batch == 0:
             # Every step is real: the packed rows of a full batch are the time-major rows. An
             # empty batch (B = 0, which torch accepts) has no rows and no steps to pack.
             rows = input.transpose(0, 1) if self.batch_first else input  # (T, B, E)
             data = rows.reshape(steps * batch, self.input_size)  # (T*B, E)
             batch_sizes = torch.full((steps if batch else 0,), batch, dtype=torch.int64)  # (T,)
-            out, h_n, c_n = self._run(data, batch_sizes, h0, c0)
+            # A full batch is the padded layout too; traced, say so (no data-dependent sizes).
+            out, h_n, c_n = self._run(data, batch_sizes, h0, c0,
+                                      padded=torch.compiler.is_compiling())
             output = out.view(steps, batch, out.shape[1])  # (T, B, D*H_out)
             if self.batch_first:
                 output = output.transpose(0, 1)  # (B, T, D*H_out)

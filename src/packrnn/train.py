@@ -20,6 +20,12 @@ Files in the output directory:
 ``curves.png``      train and test loss and accuracy per epoch, titled with the model (matplotlib)
 ==================  =========================================================================
 
+``.packrnn.lock``    held while a training runs (pid, host, start time)
+==================  =========================================================================
+
+Only a new or empty directory or a packrnn run is written; the checkpoint carries a checksum and
+fingerprints of the data files (see ``packrnn.rundir``).
+
 NOTE [exact resume]
 A checkpoint is taken every epoch and every ``checkpoint_every_steps`` optimizer steps. It holds
 the number of batches already done in the current epoch and the running sums of that epoch, and
@@ -29,10 +35,13 @@ consume the global RNG), and the torch / Python / NumPy RNG states of every rank
 resume, training rebuilds the same epoch's batches, skips the ones already done and restores the
 RNG states, so the run continues with the same numbers as if it had never stopped: the final
 weights and metrics equal those of an uninterrupted run (``tests/test_train.py`` checks it).
+A fresh run saves a checkpoint of step 0 before anything else, so its directory is a run from
+the start; Ctrl-C saves one after the current step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as D
+from . import rundir
 from .backend import backend_name
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_write_json,
                          load_checkpoint, save_checkpoint)
@@ -64,12 +74,14 @@ __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
 CONFIG_NAME = "config.json"
+_RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME)  # all a run writes
+_DATA_FILES = ("train_path", "test_path")  # fingerprinted in every checkpoint
 FORMATS = ("agnews", "csv", "tsv", "jsonl")
 
 # Fields that may change between a run and its resumption (they do not change the numbers).
 _RESUMABLE_CHANGES = frozenset({
     "epochs", "output", "resume", "overwrite", "num_workers", "checkpoint_every_steps",
-    "progress", "plot", "threads", "device", "test_path", "eval_batch_size",
+    "progress", "plot", "threads", "device", "test_path", "eval_batch_size", "allow_data_change",
 })
 
 
@@ -146,6 +158,7 @@ class TrainConfig(DictConfig):
     checkpoint_every_steps: int | None = None  # also checkpoint every N steps; None: per epoch only
     resume: bool = False  # continue the run in `output` from its last checkpoint
     overwrite: bool = False  # replace an existing run in `output` (only packrnn's own files)
+    allow_data_change: bool = False  # resume even if a data file changed since the checkpoint
     num_workers: int = 0  # DataLoader worker processes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
     threads: int | None = None  # torch.set_num_threads; None: torch's default
@@ -207,7 +220,7 @@ class TrainConfig(DictConfig):
                              f"no weight decay), got {self.weight_decay}")
         for name in ("bidirectional", "skip_bad_rows", "freeze_embedding", "sparse_embedding",
                      "bucket", "resume",
-                     "overwrite", "progress", "plot"):
+                     "overwrite", "allow_data_change", "progress", "plot"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
@@ -368,36 +381,52 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_output(cfg: TrainConfig, ctx: D.DistContext) -> Path | None:
-    """Check the output directory against resume/overwrite; returns a checkpoint to resume.
+def _prepare_output(cfg: TrainConfig, ctx: D.DistContext) -> tuple[Path | None, rundir.RunLock]:
+    """Check and lock the output directory (main process); returns a checkpoint to resume.
 
-    Refuses a non-empty directory unless ``resume`` or ``overwrite``; ``overwrite`` removes only
-    the files a run writes (checkpoint, metrics, plot, config), never anything else.
+    ``rundir.check_output`` decides: a new or empty directory starts a run, a run is resumed
+    or replaced (``resume``/``overwrite``; ``overwrite`` later removes only the files a run
+    writes), anything else is refused. Then the directory is locked and the temp files of
+    interrupted writes are removed.
     """
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"output: expected a directory, got an existing file {str(out)!r}")
-    ckpt = out / CHECKPOINT_NAME
-    if cfg.resume:
-        if ckpt.is_file():
-            return ckpt
-        if ctx.is_main:
-            print(f"packrnn: no checkpoint in {str(out)!r} yet; starting the run from the beginning",
-                  file=sys.stderr)
-        return None
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise TrainError(f"output: directory {str(out)!r} already exists and is not empty; "
-                             "pass --resume to continue its run or --overwrite to replace it")
-    return None
+    rundir.check_output(out, _RUN_FILES, resume=cfg.resume, overwrite=cfg.overwrite)  # write nothing first
+    out.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock.acquire(out)
+    try:  # again under the lock: another run may have started meanwhile
+        resume = rundir.check_output(out, _RUN_FILES, resume=cfg.resume, overwrite=cfg.overwrite)
+        rundir.remove_stale_temp_files(out, _RUN_FILES)
+    except BaseException:
+        lock.release()
+        raise
+    if cfg.resume and not resume and ctx.is_main:
+        print(f"packrnn: no checkpoint in {str(out)!r} yet; starting the run from the beginning",
+              file=sys.stderr)
+    return (out / CHECKPOINT_NAME if resume else None), lock
 
 
 def _clear_run_files(out: Path) -> None:
-    for name in (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME):
+    for name in _RUN_FILES:
         try:
             (out / name).unlink()
         except FileNotFoundError:
             pass
+
+
+def _check_data(cfg: TrainConfig, state: Mapping[str, Any] | None, ctx: D.DistContext
+                ) -> dict[str, Any]:
+    """Fingerprints of the data files; on resume a changed one is refused (``allow_data_change``)."""
+    saved = state.get("data_fingerprints", {}) if state is not None else {}
+    log = (lambda m: print(m, file=sys.stderr)) if ctx.is_main else (lambda m: None)
+    prints = {}
+    for name in _DATA_FILES:
+        path = getattr(cfg, name)
+        if path is None or not os.path.isfile(path):
+            continue  # the data loader says what is wrong with it
+        same_file = state is not None and state["train_config"].get(name) == path
+        prints[name] = rundir.check_fingerprint(name, path, saved.get(name) if same_file else None,
+                                                cfg.allow_data_change, log=log)
+    return prints
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
@@ -440,9 +469,14 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     Raises:
         ValueError: a bad row ``"<file>:<line>: ..."`` (unless ``skip_bad_rows``), an empty
             file, a test label unseen in training.
-        TrainError (a ValueError): an existing output directory without resume/overwrite, or
-            a checkpoint that does not match the config.
+        TrainError (a ValueError): an existing output directory without resume/overwrite, a
+            checkpoint that does not match the config, or a loss that is NaN or infinite.
+        RunDirError (a ValueError): an output directory that is not a packrnn run, one that
+            another training holds (``RunLockedError``), or a data file that changed since the
+            checkpoint (see ``packrnn.rundir``).
         CheckpointError (a ValueError): a corrupt or foreign checkpoint to resume from.
+        TrainInterrupted (a KeyboardInterrupt): Ctrl-C, after saving a checkpoint.
+        DiskFullError (an OSError): no space left; the previous checkpoint is intact.
 
     >>> metrics = train(TrainConfig(train_path="train.csv", test_path="test.csv",
     ...                             output="runs/lstm", epochs=2))  # doctest: +SKIP
@@ -455,14 +489,15 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     try:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        return _train(cfg, ctx, on_step)
+        with contextlib.ExitStack() as cleanup:  # the run lock, the Ctrl-C handler
+            return _train(cfg, ctx, on_step, cleanup)
     finally:
         torch.set_num_threads(threads)
         D.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None
-           ) -> list[EpochMetrics]:
+def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None,
+           cleanup: contextlib.ExitStack) -> list[EpochMetrics]:
     out = Path(cfg.output)
     if ctx.distributed and ctx.is_main:
         print(f"packrnn: distributed run: {ctx.world_size} processes, backend {ctx.backend}, "
@@ -473,10 +508,13 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
     decision: tuple[str, str | None] = ("ok", None)
     if ctx.is_main:
         try:
-            path = _prepare_output(cfg, ctx)
+            path, lock = _prepare_output(cfg, ctx)
+            cleanup.callback(lock.release)
             decision = ("ok", None if path is None else str(path))
-        except TrainError as e:
+        except (TrainError, rundir.RunDirError) as e:
             decision = ("error", str(e))
+            if not ctx.distributed:
+                raise
     decision = D.broadcast_object(ctx, decision)
     if decision[0] == "error":
         raise TrainError(decision[1])
@@ -484,6 +522,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
     state = load_checkpoint(resume_path) if resume_path is not None else None
     if state is not None:
         _check_resume_config(state["train_config"], cfg)
+    data_fingerprints = _check_data(cfg, state, ctx)
 
     # -- data -----------------------------------------------------------------------------------
     progress = None if (cfg.progress and ctx.is_main) else False
@@ -544,11 +583,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
         _set_rng_state(rngs[ctx.rank])
     else:
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks, repeatably
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if cfg.overwrite:
-                _clear_run_files(out)
-            atomic_write_json(out / CONFIG_NAME, cfg.to_dict())
+        if ctx.is_main and cfg.overwrite:
+            _clear_run_files(out)
     if state is not None and ctx.is_main:
         # A kill between the epoch's checkpoint and its metrics.json must not lose the epoch:
         # the checkpoint's history is the truth, rewrite the files from it.
@@ -579,9 +615,23 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
                 "vocab": vocab.to_dict(), "labels": label_names,
                 "epoch": epoch_done, "step": step, "step_in_epoch": in_epoch,
                 "epoch_accum": dict(acc), "history": [asdict(m) for m in history],
-                "rng": rngs, "world_size": ctx.world_size,
+                "rng": rngs, "world_size": ctx.world_size, "data_fingerprints": data_fingerprints,
             })
         D.barrier(ctx)
+
+    def interrupted(in_epoch: int, total: int) -> rundir.TrainInterrupted:
+        return rundir.TrainInterrupted(
+            f"interrupted after step {step} (epoch {epoch + 1}, batch {in_epoch} of {total}); "
+            f"checkpoint saved in {str(out)!r}: continue with "
+            f"`packrnn train --resume --output {out}`")
+
+    if state is None:
+        # The first file is a checkpoint, so the directory is a run from the start
+        # (rundir.classify); its RNG states are those the first step starts from.
+        checkpoint(0, 0, accum)
+        if ctx.is_main:
+            atomic_write_json(out / CONFIG_NAME, cfg.to_dict())
+    stop = cleanup.enter_context(rundir.StopOnInterrupt())  # Ctrl-C: save after the step
 
     while epoch < cfg.epochs:
         batches = _epoch_batches(sampler, epoch)
@@ -599,13 +649,20 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             inputs, labels = _to_device(inputs, ctx.device), labels.to(ctx.device)
             logits = net(inputs) if packed else net(inputs, lengths)  # (B, C)
             loss = loss_fn(logits, labels)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise TrainError(
+                    f"loss: expected a finite number, got {loss_value} at step {step + 1} "
+                    f"(epoch {epoch + 1}, batch {step_in_epoch + 1} of {len(batches)}); stopped, "
+                    f"the checkpoint in {str(out)!r} holds the steps before it: lower --lr or set "
+                    "--grad-clip")
             optimizer.zero_grad()
             loss.backward()
             if cfg.grad_clip is not None:
                 _clip_grad_norm(model, cfg.grad_clip)
             optimizer.step()
             n = labels.numel()
-            accum["loss_sum"] += float(loss.detach()) * n
+            accum["loss_sum"] += loss_value * n
             accum["correct"] += float((logits.detach().argmax(-1) == labels).sum())
             accum["count"] += n
             step += 1
@@ -625,6 +682,10 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
                 t0 -= time.perf_counter() - now  # checkpoint time is not training time
             if on_step is not None:
                 on_step(step)
+            if _stop_requested(ctx, stop):
+                checkpoint(epoch, step_in_epoch,
+                           {**accum, "seconds": accum["seconds"] + time.perf_counter() - t0})
+                raise interrupted(step_in_epoch, len(batches))
         if bar is not None:
             bar.close()
         seconds = accum["seconds"] + time.perf_counter() - t0
@@ -651,7 +712,16 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
                   f"{'-' if m.test_loss is None else f'{m.test_loss:.4f}'} test_accuracy "
                   f"{'-' if m.test_accuracy is None else f'{m.test_accuracy:.4f}'} "
                   f"({m.seconds:.1f} s, {m.samples_per_second:.0f} samples/s)", file=sys.stderr)
+        if epoch < cfg.epochs and _stop_requested(ctx, stop):  # Ctrl-C during evaluation
+            raise interrupted(0, len(batches))
     return history
+
+
+def _stop_requested(ctx: D.DistContext, stop: rundir.StopOnInterrupt) -> bool:
+    """Whether Ctrl-C asked to stop; under DDP every rank stops at the same step."""
+    if not ctx.distributed:
+        return stop.requested
+    return D.all_reduce_sum(ctx, [float(stop.requested)])[0] > 0
 
 
 def _write_metrics(cfg: TrainConfig, out: Path, history: Sequence[EpochMetrics]) -> None:

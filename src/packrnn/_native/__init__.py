@@ -108,7 +108,9 @@ def _ops():
 
 
 def kernel_info() -> str:
-    """How the loaded kernel runs: SIMD level of the float32 elementwise loops and the BLAS."""
+    """How the loaded kernel runs: SIMD level of the float32 elementwise loops, the BLAS, and
+    whether its calls flush subnormal floats now (``subnormals: flushed``, the default) or keep
+    the caller's setting (``subnormals: kept``, under ``PACKRNN_KEEP_SUBNORMALS=1``)."""
     return _ops().kernel_info()
 
 
