@@ -32,6 +32,9 @@ from .ops import last_step, lengths_to_mask, max_pool, mean_pool, reverse_sequen
 from .models import ModelConfig, SequenceClassifier
 from .train import TrainConfig
 
+# ONNX export with real lengths (needs the onnx package: packrnn[onnx])
+from .onnx_export import export_onnx
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -74,4 +77,6 @@ __all__ = [
     "ModelConfig",
     "SequenceClassifier",
     "TrainConfig",
+    # ONNX
+    "export_onnx",
 ]
