@@ -23,6 +23,7 @@ from .packing import (
 )
 
 from . import functional
+from .errors import InputError, InputTypeError
 from .backend import backend_info, backend_name
 from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
@@ -61,6 +62,9 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "functional",
+    # errors that are both packrnn's documented class and what torch raises for the same input
+    "InputError",
+    "InputTypeError",
     # which recurrence backend runs (PACKRNN_BACKEND = auto | native | python)
     "backend_name",
     "backend_info",
