@@ -97,7 +97,7 @@ CASES = {
         r"hx: expected dtype torch.float32 \(as the input\), got torch.float64"),
     "LSTM, dropout=True (torch: ValueError)": (
         lambda m: m.LSTM(4, 5, 2, dropout=True), TypeError,
-        r"dropout: expected a float in \[0, 1\), got True"),
+        r"dropout: expected a float in \[0, 1\], got True"),
     # cells
     "GRUCell, input features": (
         lambda m: m.GRUCell(4, 3)(x(2, 5)), ValueError,

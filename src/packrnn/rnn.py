@@ -75,8 +75,8 @@ def _check_state(value, name: str, shape: tuple, like: Tensor) -> None:
 
 def _reset_uniform(module: nn.Module) -> None:
     """torch's RNN/cell init: every parameter ~ Uniform(-1/sqrt(H), 1/sqrt(H)), in registration
-    order (so the same seed gives torch's weights)."""
-    bound = 1.0 / math.sqrt(module.hidden_size)
+    order (so the same seed gives torch's weights). A cell with H = 0 has only empty parameters."""
+    bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0.0
     for weight in module.parameters():
         nn.init.uniform_(weight, -bound, bound)
 
@@ -123,9 +123,9 @@ class _RNNBase(nn.Module):
         _check_bool(batch_first, "batch_first")
         _check_bool(bidirectional, "bidirectional")
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
-            raise InputTypeError(f"dropout: expected a float in [0, 1), got {dropout!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout}")
+            raise InputTypeError(f"dropout: expected a float in [0, 1], got {dropout!r}")
+        if not 0 <= dropout <= 1:  # 1 is allowed, as torch: every inter-layer output dropped
+            raise ValueError(f"dropout: expected a float in [0, 1], got {dropout}")
         if proj_size and mode != "LSTM":
             raise ValueError(f"proj_size: expected 0 (projections are LSTM-only), got {proj_size}")
         if proj_size >= hidden_size:
@@ -336,8 +336,8 @@ _LAYER_DOC = """
         num_layers: number of stacked layers. Default 1.
         {extra}bias: if False, no ``bias_ih`` / ``bias_hh``. Default True.
         batch_first: input and output are (B, T, *) instead of (T, B, *). Default False.
-        dropout: dropout probability on the outputs of every layer but the last, in training
-            mode only. Default 0.
+        dropout: dropout probability in [0, 1] on the outputs of every layer but the last, in
+            training mode only. Default 0.
         bidirectional: add a reverse direction; outputs are concatenated. Default False.
         device, dtype: of the parameters.
 
@@ -455,8 +455,9 @@ class _CellBase(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
                  device=None, dtype=None):
         super().__init__()
-        self.input_size = _check_int(input_size, "input_size", 1)
-        self.hidden_size = _check_int(hidden_size, "hidden_size", 1)
+        # 0 is allowed, as torch's cells: H = 0 gives (B, 0) states
+        self.input_size = _check_int(input_size, "input_size", 0)
+        self.hidden_size = _check_int(hidden_size, "hidden_size", 0)
         self.bias = _check_bool(bias, "bias")
         factory = {"device": device, "dtype": dtype}
         gates = num_chunks * hidden_size
