@@ -26,6 +26,7 @@ from . import functional
 from .errors import InputError, InputTypeError
 from .backend import backend_info, backend_name
 from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .convert import from_torch, to_torch
 
 from .ops import last_step, lengths_to_mask, max_pool, mean_pool, reverse_sequences
 
@@ -62,6 +63,9 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "functional",
+    # the same layers as torch.nn's classes and back (for torch-only tools: quantize_dynamic)
+    "to_torch",
+    "from_torch",
     # errors that are both packrnn's documented class and what torch raises for the same input
     "InputError",
     "InputTypeError",
