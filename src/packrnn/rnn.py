@@ -113,7 +113,7 @@ def _lengths(lengths, batch: int, steps: int) -> Tensor:
         return as_lengths(lengths, batch, max_length=steps)
     lengths = torch.as_tensor(lengths)
     if lengths.dim() != 1 or lengths.shape[0] != batch:
-        raise ValueError(f"lengths: expected a 1-D tensor of {batch} lengths, got shape "
+        raise InputError(f"lengths: expected a 1-D tensor of {batch} lengths, got shape "
                          f"{tuple(lengths.shape)}")
     return lengths.to(device="cpu", dtype=torch.int64)
 
