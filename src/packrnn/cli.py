@@ -5,6 +5,7 @@
     packrnn evaluate DIR --data PATH [--json]
     packrnn predict DIR "some text" ... [--json]      (or one text per line on stdin; options
                                                       may come before or after the texts)
+    packrnn export DIR model.onnx                     (then: packrnn predict model.onnx ...)
     packrnn bench [...]
     packrnn demo [...]
 
@@ -17,6 +18,7 @@ the traceback of an unexpected error. Distributed: run the same command under to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -158,15 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="label texts with a trained run",
+    p = sub.add_parser("predict", help="label texts with a trained run or an exported .onnx",
                        description="Label each text (arguments, or one per line on stdin): one "
                                    "output line per text, blank lines included. Options may come "
                                    "before or after the texts; a text starting with '-' goes "
-                                   "after '--'.")
-    p.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
+                                   "after '--'. With a .onnx file from `packrnn export`, "
+                                   "onnxruntime serves it without packrnn's model code.")
+    p.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`, or a "
+                   ".onnx file written by `packrnn export`")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts; none: read lines from stdin")
     p.add_argument("--json", action="store_true", help="one JSON object per text")
     p.set_defaults(func=_cmd_predict)
+
+    x = sub.add_parser("export", help="write a trained run as an ONNX file",
+                       description="Write the run's classifier as ONNX (standard LSTM/GRU/RNN "
+                                   "operators fed the real lengths; inputs ids (B, T) and "
+                                   "lengths (B,), output logits), with the vocabulary, labels "
+                                   "and tokenizer as metadata. Needs packrnn[onnx].")
+    x.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
+    x.add_argument("output", metavar="MODEL.onnx", help="file to write")
+    x.set_defaults(func=_cmd_export)
 
     # bench and demo parse their own options (main() hands them the rest of argv).
     sub.add_parser("bench", help="speed table: packrnn vs torch (`packrnn bench --help`)",
@@ -292,7 +305,17 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from .train import load_run, predict
 
-    run = load_run(a.dir)  # fail on a bad directory before waiting for stdin
+    if os.path.isfile(a.dir):  # a run is a directory; a file is an exported model
+        from .serve_onnx import OnnxClassifier
+
+        try:  # fail on a bad file before waiting for stdin
+            served = OnnxClassifier(a.dir)
+        except ImportError as e:
+            return _fail(f"predict: {e}", EXIT_FAILURE)
+        predictor = served.predict
+    else:
+        run = load_run(a.dir)  # fail on a bad directory before waiting for stdin
+        predictor = functools.partial(predict, run)
     texts = a.texts
     if not texts:
         if sys.stdin.isatty():
@@ -302,7 +325,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         if not texts:
             return _fail("predict: expected texts as arguments or lines on stdin, got none",
                          EXIT_USAGE)
-    for p in predict(run, texts):
+    for p in predictor(texts):
         if a.json:
             print(json.dumps(p, ensure_ascii=False))
         else:
@@ -331,6 +354,22 @@ def _stdin_lines() -> list[str]:
         if bad:
             raise ValueError(f"stdin:{number}: {_bad_byte_reason(bad.group())}")
     return lines
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+    from .train import load_run
+
+    run = load_run(a.dir)
+    try:
+        path = export_onnx(run, a.output)
+    except ImportError as e:
+        return _fail(f"export: {e}", EXIT_FAILURE)
+    c = run.model.config
+    print(f"wrote {path} ({'bidirectional ' if c.bidirectional else ''}{c.cell}, "
+          f"{c.num_layers} layer(s), pooling {c.pooling}, {len(run.labels)} labels); serve it "
+          f"with: packrnn predict {path} \"some text\"")
+    return 0
 
 
 def _cmd_bench(argv: list[str]) -> int:

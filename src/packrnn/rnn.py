@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence as _TorchPackedSequence
 
 from packrnn import _reference, functional
+from packrnn.errors import InputError, InputTypeError
 from packrnn.ops import _mark_directions
 from packrnn.packing import (
     PackedSequence,
@@ -66,17 +67,17 @@ def _check_state(value, name: str, shape: tuple, like: Tensor) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a Tensor, got {type(value).__name__}")
     if tuple(value.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(value.shape)}")
+        raise InputError(f"{name}: expected shape {tuple(shape)}, got {tuple(value.shape)}")
     if value.dtype != like.dtype:
-        raise TypeError(f"{name}: expected dtype {like.dtype} (as the input), got {value.dtype}")
+        raise InputTypeError(f"{name}: expected dtype {like.dtype} (as the input), got {value.dtype}")
     if value.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device} (as the input), got {value.device}")
+        raise InputError(f"{name}: expected device {like.device} (as the input), got {value.device}")
 
 
 def _reset_uniform(module: nn.Module) -> None:
     """torch's RNN/cell init: every parameter ~ Uniform(-1/sqrt(H), 1/sqrt(H)), in registration
-    order (so the same seed gives torch's weights)."""
-    bound = 1.0 / math.sqrt(module.hidden_size)
+    order (so the same seed gives torch's weights). A cell with H = 0 has only empty parameters."""
+    bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0.0
     for weight in module.parameters():
         nn.init.uniform_(weight, -bound, bound)
 
@@ -91,13 +92,13 @@ def _reject_proj_size(proj_size) -> None:
 def _check_input_features(data: Tensor, name: str, input_size: int, weight: Tensor) -> None:
     """Input of a layer or cell: ``input_size`` features last, the parameters' dtype and device."""
     if data.shape[-1] != input_size:
-        raise ValueError(f"{name}: expected {input_size} features (input_size) in the last "
+        raise InputError(f"{name}: expected {input_size} features (input_size) in the last "
                          f"dimension, got shape {tuple(data.shape)}")
     if data.dtype != weight.dtype:
-        raise TypeError(f"{name}: expected dtype {weight.dtype} (the module's parameters), "
+        raise InputTypeError(f"{name}: expected dtype {weight.dtype} (the module's parameters), "
                         f"got {data.dtype}")
     if data.device != weight.device:
-        raise ValueError(f"{name}: expected device {weight.device} (the module's parameters), "
+        raise InputError(f"{name}: expected device {weight.device} (the module's parameters), "
                          f"got {data.device}")
 
 
@@ -130,9 +131,9 @@ class _RNNBase(nn.Module):
         _check_bool(batch_first, "batch_first")
         _check_bool(bidirectional, "bidirectional")
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
-            raise TypeError(f"dropout: expected a float in [0, 1), got {dropout!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout}")
+            raise InputTypeError(f"dropout: expected a float in [0, 1], got {dropout!r}")
+        if not 0 <= dropout <= 1:  # 1 is allowed, as torch: every inter-layer output dropped
+            raise ValueError(f"dropout: expected a float in [0, 1], got {dropout}")
         if proj_size and mode != "LSTM":
             raise ValueError(f"proj_size: expected 0 (projections are LSTM-only), got {proj_size}")
         if proj_size >= hidden_size:
@@ -229,7 +230,7 @@ class _RNNBase(nn.Module):
             return h0, c0
         if is_lstm:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"hx: expected a tuple (h_0, c_0) of two tensors, got "
+                raise InputTypeError(f"hx: expected a tuple (h_0, c_0) of two tensors, got "
                                 f"{type(hx).__name__}")
             pairs = [("hx[0]", hx[0], h_shape), ("hx[1]", hx[1], c_shape)]
         else:
@@ -355,7 +356,7 @@ class _RNNBase(nn.Module):
                              f"its own lengths), got {lengths!r}")
         batch = check_packed_sequence(input, "input")
         if input.data.dim() != 2:
-            raise ValueError(f"input.data: expected a 2-D tensor (N, E), got shape "
+            raise InputError(f"input.data: expected a 2-D tensor (N, E), got shape "
                              f"{tuple(input.data.shape)}")
         _check_input_features(input.data, "input.data", self.input_size, self.weight_ih_l0)
         h0, c0 = self._prepare_hx(hx, batch, input.data, unbatched=False)
@@ -388,8 +389,8 @@ _LAYER_DOC = """
         num_layers: number of stacked layers. Default 1.
         {extra}bias: if False, no ``bias_ih`` / ``bias_hh``. Default True.
         batch_first: input and output are (B, T, *) instead of (T, B, *). Default False.
-        dropout: dropout probability on the outputs of every layer but the last, in training
-            mode only. Default 0.
+        dropout: dropout probability in [0, 1] on the outputs of every layer but the last, in
+            training mode only. Default 0.
         bidirectional: add a reverse direction; outputs are concatenated. Default False.
         device, dtype: of the parameters.
 
@@ -507,8 +508,9 @@ class _CellBase(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
                  device=None, dtype=None):
         super().__init__()
-        self.input_size = _check_int(input_size, "input_size", 1)
-        self.hidden_size = _check_int(hidden_size, "hidden_size", 1)
+        # 0 is allowed, as torch's cells: H = 0 gives (B, 0) states
+        self.input_size = _check_int(input_size, "input_size", 0)
+        self.hidden_size = _check_int(hidden_size, "hidden_size", 0)
         self.bias = _check_bool(bias, "bias")
         factory = {"device": device, "dtype": dtype}
         gates = num_chunks * hidden_size
