@@ -66,13 +66,17 @@ def test_evaluate_prints_accuracy_table_and_confusion(trained, capsys):
     assert main(["evaluate", str(out), "--data", str(test_path)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("accuracy ") and "on 60 texts" in text
-    assert "precision  recall  support" in text and "confusion matrix" in text
+    assert "precision  recall      f1  support" in text and "confusion matrix" in text
+    assert "\nmacro avg " in text
     for name in ("World", "Sports", "Business", "Sci/Tech"):
         assert name in text
     assert main(["evaluate", str(out), "--data", str(test_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["count"] == 60 and len(result["confusion"]) == 4
-    assert f"accuracy {result['accuracy']:.4f}" in text
+    assert f"accuracy {result['accuracy']:.4f} on 60 texts, loss {result['loss']:.4f}" in text
+    m = result["macro"]
+    assert f"macro avg     {m['precision']:.4f}  {m['recall']:.4f}  {m['f1']:.4f}       60" in text
+    assert m["f1"] == pytest.approx(sum(f or 0 for f in result["f1"]) / 4)  # all 4 classes occur
 
 
 def test_predict_arguments_stdin_and_json(trained, capsys, monkeypatch):
@@ -87,7 +91,7 @@ def test_predict_arguments_stdin_and_json(trained, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("computer chip\n\nwar and peace\n"))
     assert main(["predict", str(out), "--json"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert [r["text"] for r in rows] == ["computer chip", "war and peace"]
+    assert [r["text"] for r in rows] == ["computer chip", "", "war and peace"]  # line for line
     assert all(set(r) == {"text", "label", "probability", "probabilities"} for r in rows)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert main(["predict", str(out)]) == 2
@@ -201,3 +205,132 @@ def test_hello_example_and_order_task():
             assert sorted(present) == sorted(MARKERS)  # both once: words alone do not tell
     assert {r["label"] for r in rows} == set(LABELS)
     assert torch.is_tensor(hello())
+
+
+def test_resume_from_the_directory_alone(tmp_path, capsys):
+    train_path = write_agnews(tmp_path / "train.csv", 96, 0)
+    run = ["--train", str(train_path), "--model", "gru", "--hidden-size", "8", "--embed-dim", "8",
+           "--lr", "0.01", "--dropout", "0.2", "--no-progress", "--no-plot", "--threads", "1"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert main(["train", *run, "--epochs", "2", "--output", str(straight)]) == 0
+    assert main(["train", *run, "--epochs", "1", "--output", str(out)]) == 0
+    capsys.readouterr()
+    # Only the directory (and the flags that may change on resume): the saved settings go on.
+    assert main(["train", "--resume", "--output", str(out), "--epochs", "2", "--no-progress"]) == 0
+    numbers = ("epoch", "train_loss", "train_accuracy", "samples")  # not the timings
+    assert [[m[k] for k in numbers] for m in json.loads((out / "metrics.json").read_text())] == \
+        [[m[k] for k in numbers] for m in json.loads((straight / "metrics.json").read_text())]
+    # Flags that restate the saved settings are fine; others are refused by name.
+    assert main(["train", "--resume", "--output", str(out), "--model", "gru", "--lr", "0.01",
+                 "--epochs", "2"]) == 0
+    for flag, value, saved in (("--hidden-size", "16", "8"), ("--model", "lstm", "'gru'"),
+                               ("--lr", "0.1", "0.01"), ("--bidirectional", None, "False"),
+                               ("--train", str(tmp_path / "other.csv"), repr(str(train_path)))):
+        capsys.readouterr()
+        argv = ["train", "--resume", "--output", str(out), flag] + ([value] if value else [])
+        assert main(argv) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"packrnn: error: {flag}: expected {saved} as saved in the run" in line, line
+        assert f"leave {flag} out), got " in line
+    assert main(["train", "--resume", "--output", str(tmp_path / "new")]) == 2
+    assert ("the following arguments are required: --train, --model (no packrnn run in "
+            in one_error_line(capsys.readouterr().err))
+
+
+def test_ctrl_c_saves_exits_130_and_resume_continues(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import packrnn.train as T
+
+    train_path = write_agnews(tmp_path / "train.csv", 64, 0)
+    out = tmp_path / "run"
+    real_step, calls = T._Adam.step, []
+
+    def step_then_ctrl_c(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(T._Adam, "step", step_then_ctrl_c)
+    argv = ["train", "--train", str(train_path), "--model", "rnn", "--epochs", "2",
+            "--output", str(out), *FAST]
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "packrnn: interrupted: saving a checkpoint after the current step" in err
+    assert (f"packrnn: interrupted after step 3 (epoch 1, batch 3 of 4); checkpoint saved in "
+            f"{str(out)!r}: continue with `packrnn train --resume --output {out}`") in err
+    monkeypatch.setattr(T._Adam, "step", real_step)
+    assert main(["train", "--resume", "--output", str(out)]) == 0
+    assert [m["epoch"] for m in json.loads((out / "metrics.json").read_text())] == [1, 2]
+
+
+def test_disk_full_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import packrnn.checkpoint as C
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = C.atomic_write
+    monkeypatch.setattr(C, "atomic_write", lambda path, write, what=None: real(path, full, what))
+    train_path = write_agnews(tmp_path / "train.csv", 32, 0)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--train", str(train_path), "--model", "rnn", "--output", str(out),
+                 *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"packrnn: error: no space left on device while writing {out / 'checkpoint.pt'}; "
+        "no partial file was left")
+
+
+def stdin_bytes(data: bytes) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+
+
+def test_predict_keeps_one_output_line_per_input_line(trained, capsys, monkeypatch):
+    _, _, out = trained
+    capsys.readouterr()
+    for data in (b"goal match\n\n\nbank stock\n", b"goal match\r\r\rbank stock",
+                 b"goal match\r\n\r\n\r\nbank stock\r\n"):
+        monkeypatch.setattr(sys, "stdin", stdin_bytes(data))
+        assert main(["predict", str(out)]) == 0
+        lines = capsys.readouterr().out.split("\n")
+        assert [line.split("\t")[2] for line in lines[:-1]] == ["goal match", "", "", "bank stock"]
+        assert lines[-1] == ""
+
+
+def test_predict_takes_options_before_or_after_the_texts(trained, capsys):
+    _, _, out = trained
+    capsys.readouterr()
+    for argv in (["--json", str(out), "goal match", "bank"], [str(out), "goal match", "bank", "--json"],
+                 [str(out), "goal match", "--json", "bank"]):
+        assert main(["predict", *argv]) == 0
+        rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert [r["text"] for r in rows] == ["goal match", "bank"]
+    assert main(["predict", str(out), "--json", "--", "-5 degrees"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "-5 degrees"
+
+
+def test_predict_names_the_stdin_line_of_bad_bytes(trained, capsys, monkeypatch):
+    _, _, out = trained
+    capsys.readouterr()
+    for data in (b"fine\nalso fine\ncaf\xe9\n", b"fine\ralso fine\rcaf\xe9\r"):
+        monkeypatch.setattr(sys, "stdin", stdin_bytes(data))
+        assert main(["predict", str(out)]) == 2
+        assert one_error_line(capsys.readouterr().err) == \
+            "packrnn: error: stdin:3: expected UTF-8 text, got the invalid byte 0xe9"
+
+
+def test_vectors_file_with_bad_bytes_names_file_and_line(tmp_path, trained, capsys):
+    train_path, _, _ = trained
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_bytes(b"the " + b"0.1 " * 15 + b"0.1\nna\xefve " + b"0.1 " * 15 + b"0.1\n")
+    assert main(["train", "--train", str(train_path), "--model", "lstm", "--vectors", str(vectors),
+                 "--output", str(tmp_path / "r"), *FAST]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"packrnn: error: vectors: expected UTF-8 text, got the invalid byte 0xef in {vectors}:2"

@@ -1,8 +1,11 @@
 """The ``packrnn`` command: a thin argparse layer over ``packrnn.train`` and friends.
 
     packrnn train --train PATH [--test PATH] --model lstm --output DIR [...]
+    packrnn train --resume --output DIR          (continue a run with its saved settings)
     packrnn evaluate DIR --data PATH [--json]
-    packrnn predict DIR "some text" ... [--json]      (or one text per line on stdin)
+    packrnn predict DIR "some text" ... [--json]      (or one text per line on stdin; options
+                                                      may come before or after the texts)
+    packrnn export DIR model.onnx                     (then: packrnn predict model.onnx ...)
     packrnn bench [...]
     packrnn demo [...]
 
@@ -15,6 +18,7 @@ the traceback of an unexpected error. Distributed: run the same command under to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -79,12 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a text classifier",
                        description="Train a recurrent text classifier; writes checkpoint.pt, "
                                    "metrics.json and curves.png to --output.")
-    t.add_argument("--train", required=True, metavar="PATH", help="labelled training file")
+    # --train and --model are required unless --resume finds a run in --output (_train_config).
+    t.add_argument("--train", metavar="PATH", help="labelled training file (required unless "
+                   "--resume continues a run)")
     t.add_argument("--test", metavar="PATH", help="labelled file evaluated after every epoch")
     _add_format_args(t, "agnews")
     t.add_argument("--delimiter", metavar="CHAR", help="csv: field separator (default: tab for "
                    ".tsv, else comma)")
-    t.add_argument("--model", required=True, choices=["rnn", "lstm", "gru"], help="recurrent cell")
+    t.add_argument("--model", choices=["rnn", "lstm", "gru"], help="recurrent cell (required "
+                   "unless --resume continues a run)")
     t.add_argument("--bidirectional", action="store_true", help="add a reverse direction")
     t.add_argument("--layers", type=_positive_int, default=1, metavar="N",
                    help="stacked recurrent layers (default: 1)")
@@ -127,9 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", required=True, metavar="DIR", help="run directory")
     group = t.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
-                       help="continue the run in --output from its last checkpoint")
+                       help="continue the run in --output from its last checkpoint, with its "
+                            "saved settings (other flags given must match them, except --epochs, "
+                            "--test, --threads, --device and the like)")
     group.add_argument("--overwrite", action="store_true",
                        help="replace the run in --output (removes only packrnn's files)")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue even if a data file changed since the checkpoint")
     t.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (default: every epoch)")
     t.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader workers")
@@ -141,19 +152,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="score a trained run on a labelled file",
-                       description="Accuracy, per-class precision/recall and confusion matrix.")
+                       description="Accuracy and loss, per-class precision, recall and F1 with "
+                                   "their macro averages, and the confusion matrix.")
     e.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
     e.add_argument("--data", required=True, metavar="PATH", help="labelled file")
     _add_format_args(e, None)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="label texts with a trained run",
-                       description="Label each text (arguments, or one per line on stdin).")
-    p.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
+    p = sub.add_parser("predict", help="label texts with a trained run or an exported .onnx",
+                       description="Label each text (arguments, or one per line on stdin): one "
+                                   "output line per text, blank lines included. Options may come "
+                                   "before or after the texts; a text starting with '-' goes "
+                                   "after '--'. With a .onnx file from `packrnn export`, "
+                                   "onnxruntime serves it without packrnn's model code.")
+    p.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`, or a "
+                   ".onnx file written by `packrnn export`")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts; none: read lines from stdin")
     p.add_argument("--json", action="store_true", help="one JSON object per text")
     p.set_defaults(func=_cmd_predict)
+
+    x = sub.add_parser("export", help="write a trained run as an ONNX file",
+                       description="Write the run's classifier as ONNX (standard LSTM/GRU/RNN "
+                                   "operators fed the real lengths; inputs ids (B, T) and "
+                                   "lengths (B,), output logits), with the vocabulary, labels "
+                                   "and tokenizer as metadata. Needs packrnn[onnx].")
+    x.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
+    x.add_argument("output", metavar="MODEL.onnx", help="file to write")
+    x.set_defaults(func=_cmd_export)
 
     # bench and demo parse their own options (main() hands them the rest of argv).
     sub.add_parser("bench", help="speed table: packrnn vs torch (`packrnn bench --help`)",
@@ -169,26 +195,76 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+# `packrnn train` options whose TrainConfig field has another name; the others keep theirs.
+_TRAIN_FIELDS = {"train": "train_path", "test": "test_path", "layers": "num_layers",
+                 "max_vocab": "max_vocab_size", "checkpoint_every": "checkpoint_every_steps",
+                 "no_progress": "progress", "no_plot": "plot"}
 
-    config = TrainConfig(
-        train_path=a.train, test_path=a.test, output=a.output, format=a.format,
-        text_column=a.text_column, label_column=a.label_column, delimiter=a.delimiter,
-        skip_bad_rows=bool(a.skip_bad_rows), tokenizer=a.tokenizer, min_freq=a.min_freq,
-        max_vocab_size=a.max_vocab, max_length=a.max_length, model=a.model,
-        embed_dim=a.embed_dim, hidden_size=a.hidden_size, num_layers=a.layers,
-        bidirectional=a.bidirectional, dropout=a.dropout,
-        embed_dropout=a.embed_dropout, pooling=a.pooling,
-        execution=a.execution, vectors=a.vectors, freeze_embedding=a.freeze_embedding,
-        sparse_embedding=a.sparse_embedding,
-        batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, lr_decay=a.lr_decay, weight_decay=a.weight_decay,
-        grad_clip=a.grad_clip, seed=a.seed, bucket=a.bucket, max_tokens=a.max_tokens,
-        eval_batch_size=a.eval_batch_size, checkpoint_every_steps=a.checkpoint_every,
-        resume=a.resume, overwrite=a.overwrite, num_workers=a.num_workers, device=a.device,
-        threads=a.threads, progress=not a.no_progress, plot=not a.no_plot,
-    )
-    train(config)
+
+def _train_options(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> option string ("--hidden-size") of every `packrnn train` option."""
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                 ).choices["train"]
+    return {a.dest: a.option_strings[-1] for a in train._actions
+            if a.option_strings and a.dest != "help"}
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """The dests of the `packrnn train` options written on the command line (not defaults)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) & set(_train_options(parser))
+
+
+def _field(a: argparse.Namespace, dest: str) -> tuple[str, object]:
+    """The TrainConfig field and value of option ``dest``."""
+    value = getattr(a, dest)
+    if dest in ("no_progress", "no_plot"):
+        value = not value
+    elif dest == "skip_bad_rows":
+        value = bool(value)
+    return _TRAIN_FIELDS.get(dest, dest), value
+
+
+def _train_config(a: argparse.Namespace, given: set[str]):
+    """The run's TrainConfig: from the flags, or with --resume from the run's saved settings.
+
+    ``packrnn train --resume --output DIR`` alone continues with the saved settings; a flag
+    given beside it must match its saved value unless it may change on resume (--epochs,
+    --test, --threads, ...), and is refused otherwise, naming the flag.
+    """
+    from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from .rundir import classify
+    from .train import _RESUMABLE_CHANGES, TrainConfig, TrainError
+
+    options = _train_options(build_parser())
+    run = a.resume and classify(a.output, [CHECKPOINT_NAME]) == "run"
+    if not run:
+        missing = [options[d] for d in ("train", "model") if getattr(a, d) is None]
+        if missing:
+            why = f" (no packrnn run in {a.output!r} to resume)" if a.resume else ""
+            raise SystemExit(_fail("packrnn train: the following arguments are required: "
+                                   f"{', '.join(missing)}{why}", EXIT_USAGE))
+        return TrainConfig(**dict(_field(a, d) for d in options))
+    saved = dict(load_checkpoint(a.output)["train_config"])
+    values = dict(saved)
+    for dest in sorted(given - {"output", "resume", "overwrite"}):
+        name, value = _field(a, dest)
+        if name not in _RESUMABLE_CHANGES and value != saved.get(name):
+            raise TrainError(f"{options[dest]}: expected {saved.get(name)!r} as saved in the run "
+                             f"{a.output!r} (--resume continues with its settings: leave "
+                             f"{options[dest]} out), got {value!r}")
+        values[name] = value
+    values.update(output=a.output, resume=True, overwrite=False)
+    return TrainConfig.from_dict(values)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .train import train
+
+    train(_train_config(a, a.given))
     return 0
 
 
@@ -201,15 +277,21 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
         return 0
     names = r["labels"]
-    width = max(len("label"), *(len(n) for n in names))
-    print(f"accuracy {r['accuracy']:.4f} on {r['count']} texts"
+    width = max(len("macro avg"), *(len(n) for n in names))
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    print(f"accuracy {r['accuracy']:.4f} on {r['count']} texts, loss {r['loss']:.4f}"
           + (f" ({r['skipped']} bad rows skipped)" if r["skipped"] else ""))
     print()
-    print(f"{'label':<{width}}  precision  recall  support")
+    print(f"{'label':<{width}}  precision  recall      f1  support")
     for i, n in enumerate(names):
-        prec = "-" if r["precision"][i] is None else f"{r['precision'][i]:.4f}"
-        rec = "-" if r["recall"][i] is None else f"{r['recall'][i]:.4f}"
-        print(f"{n:<{width}}  {prec:>9}  {rec:>6}  {r['support'][i]:>7}")
+        print(f"{n:<{width}}  {cell(r['precision'][i]):>9}  {cell(r['recall'][i]):>6}  "
+              f"{cell(r['f1'][i]):>6}  {r['support'][i]:>7}")
+    m = r["macro"]
+    print(f"{'macro avg':<{width}}  {cell(m['precision']):>9}  {cell(m['recall']):>6}  "
+          f"{cell(m['f1']):>6}  {r['count']:>7}")
     print()
     print("confusion matrix (rows: true label, columns: predicted)")
     cells = [str(v) for row in r["confusion"] for v in row]
@@ -223,22 +305,70 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from .train import load_run, predict
 
-    run = load_run(a.dir)  # fail on a bad directory before waiting for stdin
+    if os.path.isfile(a.dir):  # a run is a directory; a file is an exported model
+        from .serve_onnx import OnnxClassifier
+
+        try:  # fail on a bad file before waiting for stdin
+            served = OnnxClassifier(a.dir)
+        except ImportError as e:
+            return _fail(f"predict: {e}", EXIT_FAILURE)
+        predictor = served.predict
+    else:
+        run = load_run(a.dir)  # fail on a bad directory before waiting for stdin
+        predictor = functools.partial(predict, run)
     texts = a.texts
     if not texts:
         if sys.stdin.isatty():
             print("packrnn predict: reading texts from stdin, one per line (Ctrl-D to end)",
                   file=sys.stderr)
-        texts = [line.rstrip("\r\n") for line in sys.stdin]
-        texts = [t for t in texts if t.strip()]
+        texts = _stdin_lines()
         if not texts:
             return _fail("predict: expected texts as arguments or lines on stdin, got none",
                          EXIT_USAGE)
-    for p in predict(run, texts):
+    for p in predictor(texts):
         if a.json:
             print(json.dumps(p, ensure_ascii=False))
         else:
             print(f"{p['label']}\t{p['probability']:.4f}\t{p['text']}")
+    return 0
+
+
+def _stdin_lines() -> list[str]:
+    """Every line of stdin, blank ones included, so that output line i answers input line i.
+
+    Lines end at \\n, \\r\\n or a lone \\r; bytes that are not UTF-8 are an error naming the line.
+    """
+    from .data.datasets import _BAD_BYTE, _LINE_END, _bad_byte_reason
+
+    stream = getattr(sys.stdin, "buffer", None)  # bytes, to report bad ones ourselves
+    if stream is not None:
+        text = stream.read().decode("utf-8", errors="surrogateescape")
+    else:  # a text stream without bytes underneath (tests, some IDEs)
+        text = sys.stdin.read()
+    text = text.removeprefix("\ufeff")
+    lines = _LINE_END.split(text)
+    if lines[-1] == "":  # the last line end closes the last line; it starts no new one
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        bad = _BAD_BYTE.search(line)
+        if bad:
+            raise ValueError(f"stdin:{number}: {_bad_byte_reason(bad.group())}")
+    return lines
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+    from .train import load_run
+
+    run = load_run(a.dir)
+    try:
+        path = export_onnx(run, a.output)
+    except ImportError as e:
+        return _fail(f"export: {e}", EXIT_FAILURE)
+    c = run.model.config
+    print(f"wrote {path} ({'bidirectional ' if c.bidirectional else ''}{c.cell}, "
+          f"{c.num_layers} layer(s), pooling {c.pooling}, {len(run.labels)} labels); serve it "
+          f"with: packrnn predict {path} \"some text\"")
     return 0
 
 
@@ -268,7 +398,8 @@ def _cmd_demo(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``packrnn`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, DiskFullError
+    from .rundir import TrainInterrupted
     from .train import TrainError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -277,14 +408,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(argv[1:])
         if argv[:1] == ["demo"]:
             return _cmd_demo(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if argv[:1] == ["predict"]:  # texts and options in any order
+            args = _subparser(parser, "predict").parse_intermixed_args(argv[1:])
+        else:
+            args = parser.parse_args(argv)
+        if argv[:1] == ["train"]:
+            args.given = _given_options(argv)
         return args.func(args)
     except SystemExit as e:  # argparse: --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    except TrainInterrupted as e:  # Ctrl-C in training, after saving a checkpoint
+        print(f"packrnn: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("packrnn: interrupted" + ("; continue with `packrnn train ... --resume`"
+        print("packrnn: interrupted" + ("; continue with `packrnn train --resume --output DIR`"
                                         if argv[:1] == ["train"] else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except DiskFullError as e:  # the environment, not the input: exit 1, but one clear line
+        if os.environ.get("PACKRNN_DEBUG"):
+            raise
+        return _fail(str(e), EXIT_FAILURE)
     except (CheckpointError, TrainError, ValueError, TypeError, FileNotFoundError,
             PermissionError, IsADirectoryError, UnicodeDecodeError) as e:
         if os.environ.get("PACKRNN_DEBUG"):
@@ -295,6 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(f"{type(e).__name__}: {_one_line(e)} (set PACKRNN_DEBUG=1 for the traceback)",
                      EXIT_FAILURE)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
 
 
 def _one_line(e: BaseException) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -37,7 +38,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .ops import max_pool, mean_pool
+from .errors import InputError
+from .ops import lengths_to_mask, max_pool, mean_pool
 from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from .rnn import GRU, LSTM, RNN
 
@@ -164,6 +166,8 @@ class SequenceClassifier(nn.Module):
         ``config.padding_idx`` (batch first), ``lengths`` (B,) real lengths (list or tensor;
         ``None`` means every sequence is T long). Or ``forward(packed)`` with a
         ``PackedSequence`` of ids. Returns logits (B, C), in the input's batch order.
+        A token id outside ``[0, vocab_size)`` at an embedded position is a ``ValueError``
+        naming it.
 
     >>> model = SequenceClassifier(ModelConfig(vocab_size=100, num_classes=4))
     >>> ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
@@ -199,6 +203,7 @@ class SequenceClassifier(nn.Module):
         if isinstance(ids, torch.nn.utils.rnn.PackedSequence):  # packrnn's is a subclass
             if lengths is not None:
                 raise ValueError("lengths: expected None with a PackedSequence input, got lengths")
+            self._check_ids(ids.data)
             if c.execution == "padded":
                 ids, lengths = pad_packed_sequence(ids, batch_first=True,
                                                    padding_value=c.padding_idx or 0)
@@ -218,11 +223,37 @@ class SequenceClassifier(nn.Module):
                 raise ValueError(f"lengths: expected shape ({B},) for a batch of {B}, "
                                  f"got {tuple(lengths.shape)}")
         if c.execution == "padded":
+            self._check_ids(ids)  # every position is embedded, padding included
             return self._forward_padded(ids, lengths)
+        if torch.compiler.is_compiling():
+            # NOTE [compiled classifier]: packing has data-dependent shapes; the layer's padded
+            # + lengths path computes the same real steps with static shapes.
+            return self._forward_lengths(ids, lengths)
         if B == 1:  # one sequence: nothing to pack (NOTE [one sequence])
             return self._forward_one(ids, lengths)
+        self._check_ids(ids, lengths)
         packed = pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
         return self._forward_packed(packed)
+
+    def _check_ids(self, ids: Tensor, lengths: Tensor | None = None) -> None:
+        """Token ids must be rows of the embedding (nn.Embedding's IndexError names neither).
+
+        ``ids``: (B, T) padded ids, or (N,) packed ones; ``lengths``: (B,) when only each
+        sequence's first ``lengths[b]`` positions are embedded (None: all of them). Eager mode
+        only: under torch.compile the check would be a data-dependent branch.
+        """
+        if ids.numel() == 0 or torch.compiler.is_compiling():
+            return
+        vocab_size = self.config.vocab_size
+        outside = (ids < 0) | (ids >= vocab_size)  # (B, T) or (N,)
+        if lengths is not None:
+            outside &= lengths_to_mask(lengths, ids.shape[1], batch_first=True).to(ids.device)
+        if not bool(outside.any()):
+            return
+        bad = outside.nonzero()[0]  # the first bad position
+        where = f" at {tuple(bad.tolist())}" if ids.dim() == 2 else ""
+        raise ValueError(f"ids: expected token ids in [0, {vocab_size}) (vocab_size), got "
+                         f"{int(ids[tuple(bad)])}{where}")
 
     # NOTE [one sequence]
     # A batch of one (a service classifying one text) needs no packing: its real steps are the
@@ -232,12 +263,14 @@ class SequenceClassifier(nn.Module):
     def _forward_one(self, ids: Tensor, lengths: Tensor) -> Tensor:
         c = self.config
         steps = int(lengths[0])
-        if steps < 0:  # as_lengths' messages
-            raise ValueError(f"lengths: expected non-negative lengths, got {steps} at index 0")
+        if steps < 0:  # as_lengths' errors
+            raise InputError(f"lengths: expected non-negative lengths, got {steps} at index 0")
         if steps > ids.shape[1]:
-            raise ValueError(f"lengths: expected every length <= {ids.shape[1]} (the padded time "
+            raise InputError(f"lengths: expected every length <= {ids.shape[1]} (the padded time "
                              f"dimension), got {steps} at index 0")
-        emb = _dropout(self.embed_dropout, self.embedding(ids[:, :steps].long()))  # (1, L, E)
+        ids = ids[:, :steps]  # (1, L): the real steps
+        self._check_ids(ids)
+        emb = _dropout(self.embed_dropout, self.embedding(ids.long()))  # (1, L, E)
         out, h = self.rnn(emb)  # (1, L, D): every step real
         if c.pooling == "last":
             z = self._last_state(h)
@@ -257,6 +290,19 @@ class SequenceClassifier(nn.Module):
         else:
             z = _POOL[c.pooling](out)  # (B, D) over real steps
         return self.fc(_dropout(self.dropout, z))  # (B, C)
+
+    def _forward_lengths(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        """The packed execution's numbers from padded ids: the layer runs only the real steps
+        of each sequence (NOTE [compiled classifier]). Embedding dropout here draws over the
+        padded positions, so under training a seed gives other masks than the packed form."""
+        c = self.config
+        emb = self.embed_dropout(self.embedding(ids.long()))  # (B, T, E)
+        out, h = self.rnn(emb, lengths=lengths)  # (B, T, D): zero at padding
+        if c.pooling == "last":
+            z = self._last_state(h)  # each sequence's state at its last real step
+        else:
+            z = _POOL[c.pooling](out, lengths, batch_first=True)  # (B, D) over real steps
+        return self.fc(self.dropout(z))  # (B, C)
 
     def _forward_padded(self, ids: Tensor, lengths: Tensor) -> Tensor:
         c = self.config
@@ -297,6 +343,7 @@ class SequenceClassifier(nn.Module):
 
 
 _POOL = {"mean": mean_pool, "max": max_pool}
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, under surrogateescape
 
 
 def _dropout(layer: nn.Dropout, x: Tensor) -> Tensor:
@@ -322,7 +369,8 @@ def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
 
     Raises:
         ValueError: missing or empty file, or a line (named by file and line number) whose
-            vector has the wrong size or a non-number.
+            vector has the wrong size or a non-number, or (for a kept token) NaN or infinity,
+            or that is not UTF-8.
     """
     p = Path(path)
     if not p.is_file():
@@ -331,11 +379,17 @@ def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
     found: dict[int, Tensor] = {}
     file_dim = dim
     any_line = False
-    with open(p, encoding="utf-8", errors="strict") as f:
+    # Lone surrogates mark bytes that are not UTF-8, reported with their line; newline=None
+    # splits lines at \n, \r\n and a lone \r alike, so line numbers are the real ones.
+    with open(p, encoding="utf-8", errors="surrogateescape", newline=None) as f:
         for lineno, line in enumerate(f, start=1):
             parts = line.rstrip("\n").rstrip(" ").split(" ")
             if not line.strip():
                 continue
+            bad = _BAD_BYTE.search(line)
+            if bad:
+                raise ValueError(f"vectors: expected UTF-8 text, got the invalid byte "
+                                 f"0x{ord(bad.group()) - 0xDC00:02x} in {p}:{lineno}")
             if lineno == 1 and len(parts) == 2 and all(x.isdigit() for x in parts):
                 header_dim = int(parts[1])
                 if dim is not None and header_dim != dim:
@@ -354,10 +408,15 @@ def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
             if row is None:
                 continue
             try:
-                found[row] = torch.tensor([float(x) for x in values], dtype=torch.float32)
+                vector = torch.tensor([float(x) for x in values], dtype=torch.float32)  # (D,)
             except ValueError:
                 raise ValueError(f"vectors: expected numbers after the token, got "
                                  f"{' '.join(values[:3])!r}... in {p}:{lineno}") from None
+            if not bool(torch.isfinite(vector).all()):  # a NaN row would make the model NaN
+                bad = values[int((~torch.isfinite(vector)).nonzero()[0])]
+                raise ValueError(f"vectors: expected finite numbers after the token, got {bad!r} "
+                                 f"for {token!r} in {p}:{lineno}")
+            found[row] = vector
     if not any_line:
         raise ValueError(f"vectors: expected at least one vector, got an empty file {str(p)!r}")
     return found

@@ -60,11 +60,13 @@ def lengths_to_mask(
     if device is None:
         device = lengths.device if isinstance(lengths, Tensor) else "cpu"
     if max_length is not None:
-        if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+        if isinstance(max_length, bool) or not isinstance(max_length,
+                                                          (numbers.Integral, torch.SymInt)):
             raise TypeError(f"max_length: expected None or a non-negative int, got {max_length!r}")
         if max_length < 0:
             raise ValueError(f"max_length: expected None or a non-negative int, got {max_length!r}")
-        max_length = int(max_length)
+        if not isinstance(max_length, torch.SymInt):  # a traced size stays symbolic
+            max_length = int(max_length)
     lengths = as_lengths(lengths, max_length=max_length)
     if max_length is None:
         max_length = int(lengths.max()) if lengths.numel() else 0
@@ -206,7 +208,8 @@ def last_step(input, lengths=None, batch_first: bool = False, *, bidirectional: 
     Args:
         input, lengths, batch_first: as :func:`mean_pool`.
         bidirectional (bool): treat the last dim as ``[forward | backward]`` halves.
-            Default: False.
+            Default: False. The output of a unidirectional packrnn layer is refused
+            (NOTE [direction mark]).
 
     Returns:
         ``(B, *)`` in original batch order; zeros for a zero-length sequence (NOTE
@@ -216,6 +219,7 @@ def last_step(input, lengths=None, batch_first: bool = False, *, bidirectional: 
     tensor([3., 5.])
     """
     _check_bool(bidirectional, "bidirectional")
+    _check_marked_directions(input, bidirectional)
     if _is_packed(input, lengths):
         p = _Packed(input)
         _check_halves(p.data, bidirectional)
@@ -250,6 +254,37 @@ def _check_halves(x: Tensor, bidirectional: bool) -> None:
         raise ValueError(
             f"input: expected an even feature size [forward | backward] with bidirectional=True, got shape {tuple(x.shape)}"
         )
+
+
+# NOTE [direction mark]
+# A unidirectional output with an even feature size looks like [forward | backward] halves, so
+# last_step(bidirectional=True) cannot tell from the shape alone. packrnn's RNN/LSTM/GRU
+# therefore mark the output object they return (a PackedSequence's __dict__, or an attribute of
+# the padded tensor) with their number of directions and the layer's name, and last_step refuses
+# a mark of 1 direction. Anything derived from the output (a view, a sum, torch's layers) has no
+# mark and gets only the shape check. Skipped while torch.compile traces (no Python attributes).
+_DIRECTIONS = "_packrnn_directions"
+
+
+def _mark_directions(output, directions: int, layer: str):
+    """Mark a recurrent layer's ``output`` with its number of directions (NOTE [direction mark])."""
+    if not torch.compiler.is_compiling():
+        target = output.__dict__ if isinstance(output, _TorchPackedSequence) else None
+        if target is not None:
+            target[_DIRECTIONS] = (directions, layer)
+        else:
+            setattr(output, _DIRECTIONS, (directions, layer))
+    return output
+
+
+def _check_marked_directions(input, bidirectional: bool) -> None:
+    if not bidirectional:
+        return
+    mark = (input.__dict__.get(_DIRECTIONS) if isinstance(input, _TorchPackedSequence)
+            else getattr(input, _DIRECTIONS, None))
+    if mark is not None and mark[0] == 1:
+        raise ValueError("bidirectional: expected the output of a bidirectional RNN with "
+                         f"bidirectional=True, got the output of a unidirectional {mark[1]}")
 
 
 def _select_rows(data: Tensor, rows: Tensor, real: Tensor, device) -> Tensor:

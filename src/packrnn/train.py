@@ -7,8 +7,8 @@ Importable functions, no argv parsing (``packrnn.cli`` is the thin command line 
   after a kill, and scales out under ``torchrun`` (DDP).
 - ``load_run(directory)`` reads a finished (or interrupted) run back: model, vocabulary,
   labels, tokenizer.
-- ``evaluate(run, path)`` scores a labelled file: accuracy, per-class precision and recall,
-  confusion matrix.
+- ``evaluate(run, path)`` scores a labelled file: accuracy, loss, per-class precision, recall
+  and F1 with their macro averages, confusion matrix.
 - ``predict(run, texts)`` gives each text's label and probability.
 
 Files in the output directory:
@@ -17,8 +17,14 @@ Files in the output directory:
 ``checkpoint.pt``   model, optimizer, vocabulary, labels, configs, progress, RNG states
 ``config.json``     the ``TrainConfig`` of the run, for people
 ``metrics.json``    one entry per finished epoch (see ``EpochMetrics``)
-``curves.png``      loss and accuracy per epoch (needs matplotlib)
+``curves.png``      train and test loss and accuracy per epoch, titled with the model (matplotlib)
 ==================  =========================================================================
+
+``.packrnn.lock``    held while a training runs (pid, host, start time)
+==================  =========================================================================
+
+Only a new or empty directory or a packrnn run is written; the checkpoint carries a checksum and
+fingerprints of the data files (see ``packrnn.rundir``).
 
 NOTE [exact resume]
 A checkpoint is taken every epoch and every ``checkpoint_every_steps`` optimizer steps. It holds
@@ -29,10 +35,13 @@ consume the global RNG), and the torch / Python / NumPy RNG states of every rank
 resume, training rebuilds the same epoch's batches, skips the ones already done and restores the
 RNG states, so the run continues with the same numbers as if it had never stopped: the final
 weights and metrics equal those of an uninterrupted run (``tests/test_train.py`` checks it).
+A fresh run saves a checkpoint of step 0 before anything else, so its directory is a run from
+the start; Ctrl-C saves one after the current step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as D
+from . import rundir
 from .backend import backend_name
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_write_json,
                          load_checkpoint, save_checkpoint)
@@ -64,12 +74,14 @@ __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
 CONFIG_NAME = "config.json"
+_RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME)  # all a run writes
+_DATA_FILES = ("train_path", "test_path")  # fingerprinted in every checkpoint
 FORMATS = ("agnews", "csv", "tsv", "jsonl")
 
 # Fields that may change between a run and its resumption (they do not change the numbers).
 _RESUMABLE_CHANGES = frozenset({
     "epochs", "output", "resume", "overwrite", "num_workers", "checkpoint_every_steps",
-    "progress", "plot", "threads", "device", "test_path", "eval_batch_size",
+    "progress", "plot", "threads", "device", "test_path", "eval_batch_size", "allow_data_change",
 })
 
 
@@ -146,6 +158,7 @@ class TrainConfig(DictConfig):
     checkpoint_every_steps: int | None = None  # also checkpoint every N steps; None: per epoch only
     resume: bool = False  # continue the run in `output` from its last checkpoint
     overwrite: bool = False  # replace an existing run in `output` (only packrnn's own files)
+    allow_data_change: bool = False  # resume even if a data file changed since the checkpoint
     num_workers: int = 0  # DataLoader worker processes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
     threads: int | None = None  # torch.set_num_threads; None: torch's default
@@ -207,7 +220,7 @@ class TrainConfig(DictConfig):
                              f"no weight decay), got {self.weight_decay}")
         for name in ("bidirectional", "skip_bad_rows", "freeze_embedding", "sparse_embedding",
                      "bucket", "resume",
-                     "overwrite", "progress", "plot"):
+                     "overwrite", "allow_data_change", "progress", "plot"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
@@ -319,6 +332,23 @@ class EpochMetrics:
     seconds: float  # wall time of the epoch's training steps (evaluation excluded)
     samples_per_second: float  # training samples (all ranks) per second of `seconds`
     samples: int = 0  # training samples seen in the epoch (all ranks)
+    test_loss: float | None = None  # mean cross-entropy on test_path after the epoch; None without one
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EpochMetrics:
+        """One entry of a checkpoint's history or of metrics.json.
+
+        Fields this packrnn does not know (written by a newer one) are ignored; a missing
+        required field raises ``ValueError``.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"history: expected epoch entries with {required}, got one without "
+                             f"{missing}")
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -351,36 +381,52 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_output(cfg: TrainConfig, ctx: D.DistContext) -> Path | None:
-    """Check the output directory against resume/overwrite; returns a checkpoint to resume.
+def _prepare_output(cfg: TrainConfig, ctx: D.DistContext) -> tuple[Path | None, rundir.RunLock]:
+    """Check and lock the output directory (main process); returns a checkpoint to resume.
 
-    Refuses a non-empty directory unless ``resume`` or ``overwrite``; ``overwrite`` removes only
-    the files a run writes (checkpoint, metrics, plot, config), never anything else.
+    ``rundir.check_output`` decides: a new or empty directory starts a run, a run is resumed
+    or replaced (``resume``/``overwrite``; ``overwrite`` later removes only the files a run
+    writes), anything else is refused. Then the directory is locked and the temp files of
+    interrupted writes are removed.
     """
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"output: expected a directory, got an existing file {str(out)!r}")
-    ckpt = out / CHECKPOINT_NAME
-    if cfg.resume:
-        if ckpt.is_file():
-            return ckpt
-        if ctx.is_main:
-            print(f"packrnn: no checkpoint in {str(out)!r} yet; starting the run from the beginning",
-                  file=sys.stderr)
-        return None
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise TrainError(f"output: directory {str(out)!r} already exists and is not empty; "
-                             "pass --resume to continue its run or --overwrite to replace it")
-    return None
+    rundir.check_output(out, _RUN_FILES, resume=cfg.resume, overwrite=cfg.overwrite)  # write nothing first
+    out.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock.acquire(out)
+    try:  # again under the lock: another run may have started meanwhile
+        resume = rundir.check_output(out, _RUN_FILES, resume=cfg.resume, overwrite=cfg.overwrite)
+        rundir.remove_stale_temp_files(out, _RUN_FILES)
+    except BaseException:
+        lock.release()
+        raise
+    if cfg.resume and not resume and ctx.is_main:
+        print(f"packrnn: no checkpoint in {str(out)!r} yet; starting the run from the beginning",
+              file=sys.stderr)
+    return (out / CHECKPOINT_NAME if resume else None), lock
 
 
 def _clear_run_files(out: Path) -> None:
-    for name in (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME):
+    for name in _RUN_FILES:
         try:
             (out / name).unlink()
         except FileNotFoundError:
             pass
+
+
+def _check_data(cfg: TrainConfig, state: Mapping[str, Any] | None, ctx: D.DistContext
+                ) -> dict[str, Any]:
+    """Fingerprints of the data files; on resume a changed one is refused (``allow_data_change``)."""
+    saved = state.get("data_fingerprints", {}) if state is not None else {}
+    log = (lambda m: print(m, file=sys.stderr)) if ctx.is_main else (lambda m: None)
+    prints = {}
+    for name in _DATA_FILES:
+        path = getattr(cfg, name)
+        if path is None or not os.path.isfile(path):
+            continue  # the data loader says what is wrong with it
+        same_file = state is not None and state["train_config"].get(name) == path
+        prints[name] = rundir.check_fingerprint(name, path, saved.get(name) if same_file else None,
+                                                cfg.allow_data_change, log=log)
+    return prints
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
@@ -423,9 +469,14 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     Raises:
         ValueError: a bad row ``"<file>:<line>: ..."`` (unless ``skip_bad_rows``), an empty
             file, a test label unseen in training.
-        TrainError (a ValueError): an existing output directory without resume/overwrite, or
-            a checkpoint that does not match the config.
+        TrainError (a ValueError): an existing output directory without resume/overwrite, a
+            checkpoint that does not match the config, or a loss that is NaN or infinite.
+        RunDirError (a ValueError): an output directory that is not a packrnn run, one that
+            another training holds (``RunLockedError``), or a data file that changed since the
+            checkpoint (see ``packrnn.rundir``).
         CheckpointError (a ValueError): a corrupt or foreign checkpoint to resume from.
+        TrainInterrupted (a KeyboardInterrupt): Ctrl-C, after saving a checkpoint.
+        DiskFullError (an OSError): no space left; the previous checkpoint is intact.
 
     >>> metrics = train(TrainConfig(train_path="train.csv", test_path="test.csv",
     ...                             output="runs/lstm", epochs=2))  # doctest: +SKIP
@@ -438,24 +489,32 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     try:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        return _train(cfg, ctx, on_step)
+        with contextlib.ExitStack() as cleanup:  # the run lock, the Ctrl-C handler
+            return _train(cfg, ctx, on_step, cleanup)
     finally:
         torch.set_num_threads(threads)
         D.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None
-           ) -> list[EpochMetrics]:
+def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None,
+           cleanup: contextlib.ExitStack) -> list[EpochMetrics]:
     out = Path(cfg.output)
+    if ctx.distributed and ctx.is_main:
+        print(f"packrnn: distributed run: {ctx.world_size} processes, backend {ctx.backend}, "
+              f"{cfg.batch_size} sequences per batch per process; figures are summed over "
+              "processes", file=sys.stderr)
     # Rank 0 decides and tells the others: it writes into `out` soon, and a slower rank must not
     # then mistake the new run's files for an existing run.
     decision: tuple[str, str | None] = ("ok", None)
     if ctx.is_main:
         try:
-            path = _prepare_output(cfg, ctx)
+            path, lock = _prepare_output(cfg, ctx)
+            cleanup.callback(lock.release)
             decision = ("ok", None if path is None else str(path))
-        except TrainError as e:
+        except (TrainError, rundir.RunDirError) as e:
             decision = ("error", str(e))
+            if not ctx.distributed:
+                raise
     decision = D.broadcast_object(ctx, decision)
     if decision[0] == "error":
         raise TrainError(decision[1])
@@ -463,6 +522,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
     state = load_checkpoint(resume_path) if resume_path is not None else None
     if state is not None:
         _check_resume_config(state["train_config"], cfg)
+    data_fingerprints = _check_data(cfg, state, ctx)
 
     # -- data -----------------------------------------------------------------------------------
     progress = None if (cfg.progress and ctx.is_main) else False
@@ -490,6 +550,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             if ds is not None and ds.skipped:
                 print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
                       f"(first: {ds.skipped[0]})", file=sys.stderr)
+        untrained = _untrained_labels(train_ds, test_ds)
+        if untrained:
+            print(f"packrnn: warning: {cfg.test_path} has labels no training row has: "
+                  + ", ".join(f"{n!r} ({k} rows)" for n, k in untrained.items())
+                  + "; the model never learns these classes", file=sys.stderr)
 
     # -- model and optimizer ----------------------------------------------------------------------
     _seed_everything(cfg.seed)
@@ -508,7 +573,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
     if state is not None:
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
-        history = [EpochMetrics(**m) for m in state["history"]]
+        history = _history(state, resume_path)
         epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         accum = dict(state["epoch_accum"])
         rngs = state["rng"]
@@ -518,11 +583,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
         _set_rng_state(rngs[ctx.rank])
     else:
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks, repeatably
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if cfg.overwrite:
-                _clear_run_files(out)
-            atomic_write_json(out / CONFIG_NAME, cfg.to_dict())
+        if ctx.is_main and cfg.overwrite:
+            _clear_run_files(out)
     if state is not None and ctx.is_main:
         # A kill between the epoch's checkpoint and its metrics.json must not lose the epoch:
         # the checkpoint's history is the truth, rewrite the files from it.
@@ -553,9 +615,23 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
                 "vocab": vocab.to_dict(), "labels": label_names,
                 "epoch": epoch_done, "step": step, "step_in_epoch": in_epoch,
                 "epoch_accum": dict(acc), "history": [asdict(m) for m in history],
-                "rng": rngs, "world_size": ctx.world_size,
+                "rng": rngs, "world_size": ctx.world_size, "data_fingerprints": data_fingerprints,
             })
         D.barrier(ctx)
+
+    def interrupted(in_epoch: int, total: int) -> rundir.TrainInterrupted:
+        return rundir.TrainInterrupted(
+            f"interrupted after step {step} (epoch {epoch + 1}, batch {in_epoch} of {total}); "
+            f"checkpoint saved in {str(out)!r}: continue with "
+            f"`packrnn train --resume --output {out}`")
+
+    if state is None:
+        # The first file is a checkpoint, so the directory is a run from the start
+        # (rundir.classify); its RNG states are those the first step starts from.
+        checkpoint(0, 0, accum)
+        if ctx.is_main:
+            atomic_write_json(out / CONFIG_NAME, cfg.to_dict())
+    stop = cleanup.enter_context(rundir.StopOnInterrupt())  # Ctrl-C: save after the step
 
     while epoch < cfg.epochs:
         batches = _epoch_batches(sampler, epoch)
@@ -564,6 +640,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             train_ds, batch_sampler=todo, num_workers=cfg.num_workers, collate_fn=collate,
             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         bar = _progress(cfg, ctx, total=len(batches), initial=step_in_epoch, epoch=epoch)
+        bar_every = max(1, len(batches) // 100)  # distributed: sum the bar's figures this often
         # A function of the epoch alone, so a resumed run gets the same rate (no scheduler state).
         optimizer.set_lr(cfg.lr * cfg.lr_decay ** epoch)
         net.train()
@@ -572,24 +649,32 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             inputs, labels = _to_device(inputs, ctx.device), labels.to(ctx.device)
             logits = net(inputs) if packed else net(inputs, lengths)  # (B, C)
             loss = loss_fn(logits, labels)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise TrainError(
+                    f"loss: expected a finite number, got {loss_value} at step {step + 1} "
+                    f"(epoch {epoch + 1}, batch {step_in_epoch + 1} of {len(batches)}); stopped, "
+                    f"the checkpoint in {str(out)!r} holds the steps before it: lower --lr or set "
+                    "--grad-clip")
             optimizer.zero_grad()
             loss.backward()
             if cfg.grad_clip is not None:
                 _clip_grad_norm(model, cfg.grad_clip)
             optimizer.step()
             n = labels.numel()
-            accum["loss_sum"] += float(loss.detach()) * n
+            accum["loss_sum"] += loss_value * n
             accum["correct"] += float((logits.detach().argmax(-1) == labels).sum())
             accum["count"] += n
             step += 1
             step_in_epoch += 1
             if bar is not None:
-                elapsed = accum["seconds"] + time.perf_counter() - t0
                 bar.update(1)
-                bar.set_postfix(loss=f"{accum['loss_sum'] / accum['count']:.4f}",
-                                acc=f"{accum['correct'] / accum['count']:.3f}",
-                                samples_s=f"{accum['count'] * ctx.world_size / max(elapsed, 1e-9):.0f}",
-                                refresh=False)
+            if cfg.progress and (not ctx.distributed or step_in_epoch % bar_every == 0
+                                 or step_in_epoch == len(batches)):
+                # every rank joins the sum (same step counts on every rank); rank 0 shows it
+                figures = _bar_figures(ctx, accum, accum["seconds"] + time.perf_counter() - t0)
+                if bar is not None:
+                    bar.set_postfix(figures, refresh=False)
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 \
                     and step_in_epoch < len(batches):
                 now = time.perf_counter()
@@ -597,20 +682,25 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
                 t0 -= time.perf_counter() - now  # checkpoint time is not training time
             if on_step is not None:
                 on_step(step)
+            if _stop_requested(ctx, stop):
+                checkpoint(epoch, step_in_epoch,
+                           {**accum, "seconds": accum["seconds"] + time.perf_counter() - t0})
+                raise interrupted(step_in_epoch, len(batches))
         if bar is not None:
             bar.close()
         seconds = accum["seconds"] + time.perf_counter() - t0
         loss_sum, correct, count = D.all_reduce_sum(
             ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
         seconds = max(D.all_reduce_sum(ctx, [seconds])[0] / ctx.world_size, 1e-9)
-        test_acc = None
+        test_acc = test_loss = None
         if test_ds is not None:
-            test_acc = _evaluate_dataset(model, test_ds, cfg, ctx)["accuracy"]
+            scores = _evaluate_dataset(model, test_ds, cfg, ctx)
+            test_acc, test_loss = scores["accuracy"], scores["loss"]
         epoch += 1
         history.append(EpochMetrics(
             epoch=epoch, train_loss=loss_sum / max(count, 1), train_accuracy=correct / max(count, 1),
             test_accuracy=test_acc, seconds=seconds, samples_per_second=count / seconds,
-            samples=int(count)))
+            samples=int(count), test_loss=test_loss))
         step_in_epoch = 0
         accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
         checkpoint(epoch, 0, accum)
@@ -618,16 +708,26 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             _write_metrics(cfg, out, history)
             m = history[-1]
             print(f"epoch {m.epoch}: train_loss {m.train_loss:.4f} train_accuracy "
-                  f"{m.train_accuracy:.4f} test_accuracy "
+                  f"{m.train_accuracy:.4f} test_loss "
+                  f"{'-' if m.test_loss is None else f'{m.test_loss:.4f}'} test_accuracy "
                   f"{'-' if m.test_accuracy is None else f'{m.test_accuracy:.4f}'} "
                   f"({m.seconds:.1f} s, {m.samples_per_second:.0f} samples/s)", file=sys.stderr)
+        if epoch < cfg.epochs and _stop_requested(ctx, stop):  # Ctrl-C during evaluation
+            raise interrupted(0, len(batches))
     return history
+
+
+def _stop_requested(ctx: D.DistContext, stop: rundir.StopOnInterrupt) -> bool:
+    """Whether Ctrl-C asked to stop; under DDP every rank stops at the same step."""
+    if not ctx.distributed:
+        return stop.requested
+    return D.all_reduce_sum(ctx, [float(stop.requested)])[0] > 0
 
 
 def _write_metrics(cfg: TrainConfig, out: Path, history: Sequence[EpochMetrics]) -> None:
     atomic_write_json(out / METRICS_NAME, [asdict(m) for m in history])
     if cfg.plot and history:
-        _plot(history, out / PLOT_NAME)
+        _plot(history, out / PLOT_NAME, title=_run_title(cfg))
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> None:
@@ -706,8 +806,44 @@ def _progress(cfg: TrainConfig, ctx: D.DistContext, total: int, initial: int, ep
                 unit="batch", dynamic_ncols=True, leave=True)
 
 
-def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
-    """Loss and accuracy per epoch as a PNG (matplotlib, Agg backend, imported lazily)."""
+def _bar_figures(ctx: D.DistContext, accum: Mapping[str, float], elapsed: float) -> dict[str, str]:
+    """The progress bar's loss, accuracy and samples/s of the epoch so far, over all ranks.
+
+    A collective under torchrun: every rank must call it at the same steps.
+    """
+    loss_sum, correct, count = D.all_reduce_sum(
+        ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
+    count = max(count, 1.0)
+    return {"loss": f"{loss_sum / count:.4f}", "acc": f"{correct / count:.3f}",
+            "samples_s": f"{count / max(elapsed, 1e-9):.0f}"}
+
+
+def _untrained_labels(train_ds: TextClassificationDataset,
+                      test_ds: TextClassificationDataset | None) -> dict[str, int]:
+    """Labels with test rows but no training row (AG News: a class missing from the training
+    file), with their number of test rows: the model never learns them."""
+    if test_ds is None:
+        return {}
+    trained = set(train_ds.labels)
+    counts: dict[str, int] = {}
+    for y in test_ds.labels:
+        if y not in trained:
+            name = train_ds.label_map.names[y]
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _run_title(cfg: TrainConfig) -> str:
+    """The run's model in a few words, e.g. "bidirectional 2-layer LSTM 128, max pooling (runs/x)"."""
+    words = ["bidirectional"] if cfg.bidirectional else []
+    words += [f"{cfg.num_layers}-layer"] if cfg.num_layers > 1 else []
+    words += [f"{cfg.model.upper()} {cfg.hidden_size}, {cfg.pooling} pooling"]
+    words += ["(padded)"] if cfg.execution == "padded" else []
+    return " ".join(words) + f" ({cfg.output})"
+
+
+def _plot(history: Sequence[EpochMetrics], path: Path, title: str | None = None) -> None:
+    """Loss and accuracy per epoch, train and test, as a PNG (matplotlib Agg, imported lazily)."""
     try:
         import matplotlib
 
@@ -721,6 +857,8 @@ def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
     fig = Figure(figsize=(9, 3.5), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [m.train_loss for m in history], marker="o", label="train")
+    if any(m.test_loss is not None for m in history):
+        ax1.plot(epochs, [m.test_loss for m in history], marker="o", label="test")
     ax1.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
     ax2.plot(epochs, [m.train_accuracy for m in history], marker="o", label="train")
     if any(m.test_accuracy is not None for m in history):
@@ -730,6 +868,8 @@ def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
@@ -756,32 +896,54 @@ def _evaluate_dataset(model: SequenceClassifier, ds: TextClassificationDataset, 
     collate = _collate(cfg, model.config.padding_idx or 0)
     packed = cfg.execution == "packed"
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
+    loss_sum = 0.0
     for batch in batches:
         inputs, lengths, labels = collate([ds[i] for i in batch])
         inputs = _to_device(inputs, device)
         logits = model(inputs) if packed else model(inputs, lengths)  # (B, C)
+        loss_sum += float(nn.functional.cross_entropy(logits.float(), labels.to(device),
+                                                      reduction="sum"))
         pred = logits.argmax(-1).cpu()  # (B,)
         confusion.index_put_((labels, pred), torch.ones(len(batch), dtype=torch.float64),
                              accumulate=True)
     if ctx is not None and ctx.distributed:
-        flat = D.all_reduce_sum(ctx, confusion.flatten().tolist())
-        confusion = torch.tensor(flat, dtype=torch.float64).view(num_classes, num_classes)
+        flat = D.all_reduce_sum(ctx, confusion.flatten().tolist() + [loss_sum])
+        confusion = torch.tensor(flat[:-1], dtype=torch.float64).view(num_classes, num_classes)
+        loss_sum = flat[-1]
     model.train(was_training)
-    return _scores(confusion)
+    result = _scores(confusion)
+    result["loss"] = loss_sum / result["count"] if result["count"] else float("nan")
+    return result
 
 
 def _scores(confusion: Tensor) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / F1 and their macro averages from a confusion matrix.
+
+    Per class: ``None`` where undefined (precision of a class never predicted, recall of a class
+    absent from the data, F1 of a class that is neither). Macro averages are over the classes
+    that occur in the data or the predictions, an undefined value counting as 0 (as
+    scikit-learn's ``average="macro"`` with ``zero_division=0``).
+    """
     total = float(confusion.sum())
-    tp = confusion.diagonal()
-    predicted = confusion.sum(0)
-    actual = confusion.sum(1)
-    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in range(len(tp))]
-    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in range(len(tp))]
+    tp = confusion.diagonal()  # (C,)
+    predicted = confusion.sum(0)  # (C,)
+    actual = confusion.sum(1)  # (C,)
+    classes = range(len(tp))
+    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in classes]
+    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in classes]
+    seen = [i for i in classes if actual[i] + predicted[i] > 0]
+    f1 = [float(2 * tp[i] / (actual[i] + predicted[i])) if i in seen else None for i in classes]
+
+    def macro(values: list[float | None]) -> float | None:
+        return sum(values[i] or 0.0 for i in seen) / len(seen) if seen else None
+
     return {
         "count": int(total),
         "accuracy": float(tp.sum()) / total if total else float("nan"),
         "precision": precision,
         "recall": recall,
+        "f1": f1,
+        "macro": {"precision": macro(precision), "recall": macro(recall), "f1": macro(f1)},
         "support": [int(a) for a in actual],
         "confusion": confusion.to(torch.int64).tolist(),
     }
@@ -809,7 +971,9 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
 
     Raises:
         CheckpointError: the directory is missing, incomplete (no checkpoint), from another
-            packrnn format version, or its checkpoint is corrupt.
+            packrnn format version, or its checkpoint is corrupt or inconsistent (e.g. fewer
+            label names than the model has classes). Per-epoch history fields this packrnn does
+            not know (a newer one's) are ignored.
     """
     state = load_checkpoint(directory)
     path = Path(directory)
@@ -819,14 +983,27 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
         vocab = Vocab.from_dict(state["vocab"])
         model = SequenceClassifier(mcfg)
         model.load_state_dict(state["model_state"])
+        labels = [str(n) for n in state["labels"]]
+        if len(labels) != mcfg.num_classes:
+            raise ValueError(f"labels: expected {mcfg.num_classes} label names (the model's "
+                             f"classes), got {len(labels)}")
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
                               f"({first})") from e
+    history = _history(state, path)
     model.to(device).eval()
-    return Run(directory=path, model=model, vocab=vocab, labels=list(state["labels"]),
-               config=tcfg, epochs_done=int(state["epoch"]),
-               history=[EpochMetrics(**m) for m in state["history"]])
+    return Run(directory=path, model=model, vocab=vocab, labels=labels,
+               config=tcfg, epochs_done=int(state["epoch"]), history=history)
+
+
+def _history(state: Mapping[str, Any], path: Path) -> list[EpochMetrics]:
+    """The checkpoint's metrics per epoch; fields unknown here are ignored (EpochMetrics.from_dict)."""
+    try:
+        return [EpochMetrics.from_dict(m) for m in state["history"]]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
+                              f"({e})") from e
 
 
 def _as_run(run: Run | str | os.PathLike) -> Run:
@@ -843,10 +1020,13 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
     unless ``format`` / ``text_column`` / ``label_column`` say otherwise.
 
     Returns:
-        ``{"count", "accuracy", "labels", "precision", "recall", "support", "confusion",
-        "skipped"}``: per-class lists in the order of ``labels``; ``confusion[i][j]`` counts
-        texts of label ``i`` predicted as ``j``; precision/recall are ``None`` for a class never
-        predicted / absent.
+        ``{"count", "accuracy", "loss", "labels", "precision", "recall", "f1", "macro",
+        "support", "confusion", "skipped"}``: per-class lists in the order of ``labels``;
+        ``confusion[i][j]`` counts texts of label ``i`` predicted as ``j``; precision / recall /
+        F1 are ``None`` for a class never predicted / absent / neither; ``macro`` holds the
+        macro averages ``{"precision", "recall", "f1"}`` over the classes that occur in the
+        data or the predictions (an undefined value counts as 0, as scikit-learn's);
+        ``loss`` is the mean cross-entropy.
 
     Raises:
         ValueError: a bad row or a label the run never saw in training
