@@ -1,0 +1,333 @@
+"""Inference and small-batch paths (issue 13), each against torch as the oracle.
+
+* the native ``stack_forward`` operator (all layers and directions in one call, no autograd)
+  against torch.nn and against the per-layer path, packed and padded layouts;
+* the steps with one active row (the hand-written matrix-vector loops, NOTE [Small GEMMs]) and
+  the BLAS steps on transposed weights, forward and backward, at sizes that are no multiple of
+  the vector width;
+* the modules' inference lane (NOTE [Inference lane]) and the classifier's one-sequence path;
+* the kernel's threads setting (``packrnn.set_kernel_threads``, ``PACKRNN_NUM_THREADS``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.utils import rnn as tnn_rnn
+
+import packrnn
+from packrnn import backend, functional
+from packrnn.models import ModelConfig, SequenceClassifier
+
+_NATIVE_ERROR = None if os.environ.get(backend.ENV_VAR) == "python" else backend.native_error()
+native_only = pytest.mark.skipif(
+    os.environ.get(backend.ENV_VAR) == "python" or _NATIVE_ERROR is not None,
+    reason=f"native backend not available: {_NATIVE_ERROR or 'PACKRNN_BACKEND=python'}",
+)
+
+KINDS = ["rnn_tanh", "rnn_relu", "lstm", "lstm_proj", "gru"]
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5)}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+
+
+def layer_pair(kind: str, dtype, **kwargs):
+    """(torch.nn layer, packrnn layer) with the same weights."""
+    cls = {"rnn": (torch.nn.RNN, packrnn.RNN), "lstm": (torch.nn.LSTM, packrnn.LSTM),
+           "gru": (torch.nn.GRU, packrnn.GRU)}[kind.split("_")[0]]
+    if kind.startswith("rnn"):
+        kwargs["nonlinearity"] = kind[4:]
+    if kind == "lstm_proj":
+        kwargs["proj_size"] = 3
+    torch.manual_seed(0)
+    reference = cls[0](dtype=dtype, **kwargs)
+    ours = cls[1](dtype=dtype, **kwargs)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def states(state) -> tuple:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def assert_same(got, want, dtype):
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------
+# The stacked operator.
+
+@native_only
+@DTYPES
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)], ids=["1uni", "2bi"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_stack_forward_matches_torch_and_the_layer_path(kind, layers, bidirectional, dtype):
+    from packrnn import _native
+
+    reference, ours = layer_pair(kind, dtype, input_size=5, hidden_size=11, num_layers=layers,
+                                 bidirectional=bidirectional)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([7, 7, 4, 1, 1])
+    x = torch.randn(7, 5, 5, generator=g, dtype=torch.float64).to(dtype)
+    packed = tnn_rnn.pack_padded_sequence(x, lengths)  # sorted already
+    with torch.no_grad():
+        want_out, want_state = reference(packed)
+        weights = [w.detach() for w in ours._flat_weights]
+        mode = ours.mode.lower()
+        common = dict(mode=mode, batch_sizes=packed.batch_sizes, x=packed.data, weights=weights,
+                      num_layers=layers, bidirectional=bidirectional, bias=True)
+        out, h_n, c_n = _native.stack_forward(**common, h0=None, c0=None, padded=False)
+        # the per-layer path (what functional runs with gradients), same weights
+        layer_out, layer_h, layer_c = functional._run(
+            mode=mode, data=packed.data, batch_sizes=packed.batch_sizes, h0=None, c0=None,
+            weights=[w.clone().requires_grad_() for w in weights], bias=True,
+            num_layers=layers, dropout=0.0, training=False, bidirectional=bidirectional,
+            backend="native")
+    assert_same(out, want_out.data, dtype)
+    for got, want in zip((h_n, c_n), states(want_state)):
+        assert_same(got, want, dtype)
+    torch.testing.assert_close(out, layer_out.detach(), rtol=0, atol=0)  # same kernels
+    torch.testing.assert_close(h_n, layer_h.detach(), rtol=0, atol=0)
+
+
+@native_only
+@DTYPES
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_stack_forward_padded_layout_and_given_states(kind, dtype):
+    """Padded layout (off_t = t*B, a zero-length sequence included) with explicit h0/c0: the
+    real rows equal torch's packed result, padding rows are zero."""
+    from packrnn import _native
+
+    reference, ours = layer_pair(kind, dtype, input_size=4, hidden_size=9, num_layers=2,
+                                 bidirectional=True)
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([5, 3, 3, 0])
+    steps, batch = 5, 4
+    x = torch.randn(steps, batch, 4, generator=g, dtype=torch.float64).to(dtype)
+    h0 = torch.randn(4, batch, 9, generator=g, dtype=torch.float64).to(dtype)
+    c0 = torch.randn(4, batch, 9, generator=g, dtype=torch.float64).to(dtype)
+    batch_sizes = (lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
+    with torch.no_grad():
+        out, h_n, c_n = _native.stack_forward(
+            mode=kind, batch_sizes=batch_sizes, x=x.reshape(steps * batch, 4),
+            weights=[w.detach() for w in ours._flat_weights], h0=h0,
+            c0=c0 if kind == "lstm" else None, num_layers=2, bidirectional=True, bias=True,
+            padded=True)
+        real = 3  # the zero-length sequence is torch's problem: compare the others
+        packed = tnn_rnn.pack_padded_sequence(x[:, :real], lengths[:real])
+        hx = (h0[:, :real], c0[:, :real]) if kind == "lstm" else h0[:, :real]
+        want_out, want_state = reference(packed, hx)
+    padded_out, _ = tnn_rnn.pad_packed_sequence(want_out, total_length=steps)
+    out = out.view(steps, batch, -1)
+    assert_same(out[:, :real], padded_out, dtype)
+    assert out[:, real:].eq(0).all() and out[3:, 1:].eq(0).all()  # padding rows
+    for got, want, init in zip((h_n, c_n), states(want_state), (h0, c0)):
+        assert_same(got[:, :real], want, dtype)
+        assert torch.equal(got[:, real:], init[:, real:])  # length 0 keeps its initial state
+
+
+@native_only
+def test_stack_forward_errors():
+    from packrnn import _native
+
+    _, ours = layer_pair("lstm", torch.float32, input_size=3, hidden_size=4)
+    weights = [w.detach() for w in ours._flat_weights]
+    x, batch_sizes = torch.randn(2, 3), torch.tensor([1, 1])
+    common = dict(mode="lstm", batch_sizes=batch_sizes, x=x, h0=None, c0=None, num_layers=1,
+                  bidirectional=False, bias=True, padded=False)
+    with pytest.raises(ValueError, match=r"weights\[3\] \(b_hh of layer 0\): expected shape "
+                                         r"\(16,\), got \[15\]"):
+        _native.stack_forward(weights=weights[:3] + [weights[3][:15]], **common)
+    with pytest.raises(ValueError, match=r"weights: expected 4 or 5 tensors for num_layers=1, "
+                                         r"bidirectional=0, bias=1, got 3"):
+        _native.stack_forward(weights=weights[:3], **common)
+    with pytest.raises(ValueError, match=r"expected a \(G\*H, 3\) tensor"):
+        _native.stack_forward(weights=[weights[0][:, :2]] + weights[1:], **common)
+
+
+# --------------------------------------------------------------------------------------------
+# One active row per step (small-GEMM loops) and several (BLAS on transposed weights).
+
+@native_only
+@DTYPES
+@pytest.mark.parametrize("batch", [1, 3], ids=["B=1", "B=3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_on_few_rows_matches_torch(kind, batch, dtype):
+    """Forward and every gradient; H = 37 and E = 13 are no multiple of any vector width (the
+    loops' masked tails), B = 1 runs the matrix-vector loops in both passes, B = 3 BLAS on the
+    transposed weights (more than 4 steps of more than one row)."""
+    reference, ours = layer_pair(kind, dtype, input_size=13, hidden_size=37, num_layers=2,
+                                 bidirectional=True, batch_first=True)
+    ours.backend = "native"
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, 9, 13, generator=g, dtype=torch.float64).to(dtype)
+    results = []
+    for module in (reference, ours):
+        inp = x.clone().requires_grad_()
+        out, state = module(inp)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum() \
+            + sum(s.square().sum() for s in states(state))
+        results.append((out, states(state),
+                        torch.autograd.grad(loss, [inp, *module.parameters()])))
+    (want_out, want_states, want_grads), (out, got_states, grads) = results
+    assert_same(out, want_out, dtype)
+    for got, want in zip(got_states, want_states):
+        assert_same(got, want, dtype)
+    for got, want in zip(grads, want_grads):
+        assert_same(got, want, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The modules' inference lane and the reference backend.
+
+@DTYPES
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_lane_matches_torch_and_the_reference(kind, batch_first, dtype):
+    reference, ours = layer_pair(kind, dtype, input_size=6, hidden_size=10, num_layers=2,
+                                 bidirectional=True, batch_first=batch_first)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 7, 6, generator=g, dtype=torch.float64).to(dtype)  # (B or T, ..., E)
+    with torch.no_grad():
+        want_out, want_state = reference(x)
+        out, state = ours(x)  # the lane (native), else the selected backend
+        ours.backend = "reference"
+        ref_out, ref_state = ours(x)
+    for got in (out, ref_out):
+        assert_same(got, want_out, dtype)
+    for got, ref, want in zip(states(state), states(ref_state), states(want_state)):
+        assert_same(got, want, dtype)
+        assert_same(ref, want, dtype)
+
+
+@native_only
+def test_inference_lane_keeps_dropout_between_layers_in_training_mode():
+    """No gradients but training mode with dropout: the lane steps aside, the masks are drawn as
+    on the gradient path (same seed, same numbers)."""
+    ours = packrnn.LSTM(3, 5, num_layers=2, dropout=0.5).train()
+    x = torch.randn(6, 2, 3)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        no_grad_out, _ = ours(x)
+    torch.manual_seed(7)
+    grad_out, _ = ours(x)
+    torch.testing.assert_close(no_grad_out, grad_out.detach(), rtol=0, atol=0)
+    ours.eval()
+    with torch.no_grad():
+        eval_out, _ = ours(x)
+    assert not torch.allclose(eval_out, no_grad_out)  # dropout did act in training mode
+
+
+@native_only
+def test_inference_lane_checks_the_module_weights():
+    ours = packrnn.GRU(3, 4)
+    with torch.no_grad():
+        ours.bias_hh_l0 = torch.nn.Parameter(torch.zeros(5))
+        with pytest.raises(ValueError, match=r"b_hh of layer 0\): expected shape \(12,"):
+            ours(torch.randn(2, 1, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# The classifier's one-sequence path.
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_one_sequence_matches_the_packed_execution(pooling, bidirectional):
+    torch.manual_seed(0)
+    model = SequenceClassifier(ModelConfig(vocab_size=50, num_classes=3, embed_dim=6,
+                                           hidden_size=5, num_layers=2, embed_dropout=0.3,
+                                           bidirectional=bidirectional, pooling=pooling))
+    ids = torch.tensor([[4, 9, 2, 7, 0, 0]])
+    lengths = torch.tensor([4])
+    packed = packrnn.pack_padded_sequence(ids, lengths, batch_first=True)
+    for train in (False, True):  # training: the same embedding-dropout mask for the seed
+        model.train(train)
+        torch.manual_seed(1)
+        one = model(ids, lengths)  # (1, C), no packing
+        torch.manual_seed(1)
+        want = model(packed)
+        torch.testing.assert_close(one, want, rtol=0, atol=0)
+    model.eval()
+    torch.testing.assert_close(model(ids[:, :4], None), model(packed), rtol=0, atol=0)
+    zero = model(ids, torch.tensor([0]))  # a length-0 text gets the initial state's logits
+    assert torch.isfinite(zero).all() and zero.shape == (1, 3)
+
+
+def test_one_sequence_errors():
+    model = SequenceClassifier(ModelConfig(vocab_size=10, num_classes=2))
+    with pytest.raises(ValueError, match=r"lengths: expected every length <= 3 \(the padded "
+                                         r"time dimension\), got 4 at index 0"):
+        model(torch.tensor([[1, 2, 3]]), [4])
+    with pytest.raises(RuntimeError, match=r"lengths: expected non-negative lengths, got -1"):
+        model(torch.tensor([[1, 2, 3]]), [-1])  # InputError: a RuntimeError too, as torch's
+    with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 10\) \(vocab_size\), "
+                                         r"got 12 at \(0, 1\)"):
+        model(torch.tensor([[1, 12, 3, 99]]), [3])  # 99 is padding: not checked
+
+
+# --------------------------------------------------------------------------------------------
+# Threads.
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+    packrnn.set_kernel_threads(None)
+
+
+@native_only
+@pytest.mark.parametrize("setting", [None, 1, 2], ids=["auto", "1", "2"])
+def test_kernel_threads_setting_keeps_the_numbers_right(setting, restore_threads):
+    torch.set_num_threads(2)
+    packrnn.set_kernel_threads(setting)
+    assert packrnn.kernel_threads() == setting
+    reference, ours = layer_pair("lstm", torch.float64, input_size=4, hidden_size=6,
+                                 num_layers=1, bidirectional=True)
+    lengths = torch.tensor([9, 8, 8, 5, 3, 3, 2, 1])
+    x = torch.randn(9, 8, 4, dtype=torch.float64)
+    packed = tnn_rnn.pack_padded_sequence(x, lengths)
+    out, (h, c) = ours(packed)
+    want, (want_h, want_c) = reference(packed)
+    assert_same(out.data, want.data, torch.float64)
+    assert_same(h, want_h, torch.float64)
+    grads = torch.autograd.grad(out.data.sum() + c.sum(), list(ours.parameters()))
+    want_grads = torch.autograd.grad(want.data.sum() + want_c.sum(),
+                                     list(reference.parameters()))
+    for got, expected in zip(grads, want_grads):
+        assert_same(got, expected, torch.float64)
+    assert ("kernel threads auto" if setting is None else f"kernel threads {setting} (set)") \
+        in packrnn.backend_info()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_kernel_threads_errors(bad, restore_threads):
+    with pytest.raises(ValueError) as error:
+        packrnn.set_kernel_threads(bad)
+    assert str(error.value) == f"threads: expected None (auto) or a positive int, got {bad!r}"
+
+
+def test_kernel_threads_environment_variable():
+    from packrnn import _native
+
+    assert _native._parse_threads("") == 0 and _native._parse_threads(" Auto ") == 0
+    assert _native._parse_threads("3") == 3
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(ValueError, match=rf"PACKRNN_NUM_THREADS: expected 'auto' or a "
+                                             rf"positive int, got '{bad}'"):
+            _native._parse_threads(bad)
+
+
+@native_only
+def test_kernel_threads_environment_variable_is_read_at_load():
+    code = "import packrnn; packrnn.backend_name(); print(packrnn.kernel_threads())"
+    env = dict(os.environ, PACKRNN_NUM_THREADS="3", PACKRNN_BACKEND="native",
+               PYTHONPATH=str(Path(packrnn.__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "3"
