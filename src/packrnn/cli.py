@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (default: every epoch)")
     t.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader workers")
-    t.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads")
+    t.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch threads (default: 1 for a small model, else torch's default; "
+                        "see README 'Threads')")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     t.add_argument("--eval-batch-size", type=_positive_int, default=256, metavar="N")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

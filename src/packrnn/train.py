@@ -69,7 +69,7 @@ from .models import (CELLS, EXECUTIONS, POOLINGS, DictConfig, ModelConfig, Seque
                      _check_probability)
 
 __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", "predict",
-           "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
+           "default_threads", "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
@@ -161,7 +161,7 @@ class TrainConfig(DictConfig):
     allow_data_change: bool = False  # resume even if a data file changed since the checkpoint
     num_workers: int = 0  # DataLoader worker processes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
-    threads: int | None = None  # torch.set_num_threads; None: torch's default
+    threads: int | None = None  # torch.set_num_threads; None: from the work size (default_threads)
     progress: bool = True  # show a tqdm progress bar (main process only)
     plot: bool = True  # write curves.png (skipped with a note if matplotlib is missing)
 
@@ -496,6 +496,43 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
         D.teardown(ctx)
 
 
+# NOTE [Training threads]
+# A second thread pays only when a step has far more work than a fork/join and, on a busy
+# machine, than the wait for a descheduled thread: a step of the lesson's model (B = 16, E = 64,
+# H = 32, ~50 MFLOP) ran an epoch in 1.0-2.0 s with 2 threads on a busy 2-core machine and
+# 1.1-1.2 s with 1 (4,000 rows), and much slower still when the kernel's loops were split too
+# (5.8-27 s). So without --threads, training uses one thread below SMALL_STEP_FLOPS of recurrent
+# work per step (the kernel then also runs single-threaded: NOTE [Threads] in recurrence.cpp),
+# and torch's default above it.
+SMALL_STEP_FLOPS = 2e8
+
+
+def default_threads(model: ModelConfig, batch_size: int, mean_length: float) -> int:
+    """torch threads for training ``model`` without ``--threads`` (NOTE [Training threads]).
+
+    Args:
+        model: the classifier's configuration.
+        batch_size: sequences per step.
+        mean_length: mean tokens per sequence.
+
+    Returns:
+        1 when a training step's recurrent work (forward and backward, ~6 FLOPs per weight and
+        real step) is below ``SMALL_STEP_FLOPS``, else ``torch.get_num_threads()``.
+
+    >>> from packrnn.models import ModelConfig
+    >>> default_threads(ModelConfig(vocab_size=60000, num_classes=4), 16, 40.0)  # the lesson's
+    1
+    """
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[model.cell]
+    dirs = 2 if model.bidirectional else 1
+    per_step = 0.0
+    for layer in range(model.num_layers):
+        width = model.embed_dim if layer == 0 else dirs * model.hidden_size
+        per_step += dirs * gates * model.hidden_size * (width + model.hidden_size)
+    flops = 6.0 * batch_size * mean_length * per_step
+    return 1 if flops < SMALL_STEP_FLOPS else torch.get_num_threads()
+
+
 def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None,
            cleanup: contextlib.ExitStack) -> list[EpochMetrics]:
     out = Path(cfg.output)
@@ -559,6 +596,12 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
     # -- model and optimizer ----------------------------------------------------------------------
     _seed_everything(cfg.seed)
     mcfg = cfg.model_config(len(vocab), len(label_names), vocab.pad_index)
+    if cfg.threads is None and ctx.device.type == "cpu":  # train() restores torch's setting
+        mean_length = sum(train_ds.lengths) / max(1, len(train_ds))
+        torch.set_num_threads(default_threads(mcfg, cfg.batch_size, mean_length))
+        if ctx.is_main:
+            print(f"packrnn: {torch.get_num_threads()} thread(s), chosen from the work of a "
+                  f"training step (--threads N to choose)", file=sys.stderr)
     model = SequenceClassifier(mcfg)
     if cfg.vectors and state is None:
         found = model.load_vectors(cfg.vectors, vocab.get_itos())
