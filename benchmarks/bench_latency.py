@@ -60,7 +60,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 import packrnn  # noqa: E402
-from packrnn.bench import _cpu_name, lognormal_lengths  # noqa: E402
+from packrnn.bench import cpu_name, load_average, lognormal_lengths  # noqa: E402
 from packrnn.models import ModelConfig, SequenceClassifier  # noqa: E402
 
 VOCAB = 20_000
@@ -463,13 +463,6 @@ def contention(args) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 
-def load() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2,
@@ -493,9 +486,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.hidden, args.lengths, args.layers, args.repeats = (32,), (40,), (1,), 2
 
     torch.set_num_threads(args.threads)
-    print(f"CPU: {_cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; packrnn backend: {packrnn.backend_info()}")
-    print(f"load average (1, 5, 15 min) at start: {load()}")
+    print(f"load average (1, 5, 15 min) at start: {load_average()}")
     ok = True
     if args.contention:
         ok = contention(args)
@@ -510,7 +503,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"onnxruntime {onnxruntime.__version__}, {args.threads} intra-op threads")
         ok_single = single_sequence(args, why is None)
         ok = small_batches(args, why is None) and ok_single
-    print(f"\nload average (1, 5, 15 min) at end: {load()}")
+    print(f"\nload average (1, 5, 15 min) at end: {load_average()}")
     print(f"all goals: {verdict(ok)}")
     return 0
 
