@@ -29,6 +29,8 @@ a round times enough calls to last ~20 ms. Ratios and PASS/FAIL are against issu
 lesson's plain-torch recipe vs ``packrnn train``, through ``bench_agnews.py``'s code paths),
 first alone, then with a CPU-bound process pinned to another core (``os.sched_setaffinity``);
 prints each one's slowdown factor (busy / alone). The goal: packrnn's is no worse than torch's.
+The step runs with ``--threads`` torch threads for both; the epochs as a user runs them: the
+lesson with ``--threads``, ``packrnn train`` with its own default (one thread for this model).
 Without ``--data-dir`` data, the epoch runs on a synthetic AG News-format file of the same size
 (lognormal lengths, median 40 words).
 
@@ -398,7 +400,13 @@ def contention(args) -> bool:
     import bench_agnews
     import lesson_recipe
 
+    from packrnn.train import default_threads
+
     print("\n## Contention: a CPU-bound process pinned to another core\n")
+    lesson_model = ModelConfig(vocab_size=VOCAB, num_classes=CLASSES)
+    print(f"threads: the B = {args.batch} step and the lesson (plain torch) "
+          f"{torch.get_num_threads()}; packrnn train its default, "
+          f"{default_threads(lesson_model, 16, 40.0)} for this model")
     models = Models(32, 1, False)
     ids, lengths = make_batch(args.batch, None)
     labels = torch.randint(0, CLASSES, (args.batch,))
@@ -408,9 +416,10 @@ def contention(args) -> bool:
     with tempfile.TemporaryDirectory(prefix="bench_latency_") as tmp:
         data_dir = args.data_dir
         if data_dir is None or not (data_dir / "train_partial.csv").is_file():
-            print(f"AG News data not found at {data_dir}: synthetic file of the same size "
-                  "(23,395 rows, lognormal lengths, median 40 words)")
-            data_dir = synthetic_agnews(Path(tmp), args.epoch_rows or 23_395, 200)
+            rows = args.epoch_rows or 23_395
+            print(f"AG News data not found at {data_dir}: a synthetic file of {rows:,} rows "
+                  "(lognormal lengths, median 40 words)")
+            data_dir = synthetic_agnews(Path(tmp), rows, 200)
         elif args.epoch_rows:
             subset = Path(tmp)
             with open(data_dir / "train_partial.csv", encoding="utf-8") as f:
@@ -431,8 +440,10 @@ def contention(args) -> bool:
             return lesson_recipe.train_epoch(model, lesson_data, seed=0)["seconds"]
 
         def epoch_packrnn() -> float:
+            # packrnn train's own default threads (NOTE [Training threads] in packrnn.train),
+            # as a user runs it; the lesson runs with torch's, as the lesson does
             with contextlib.redirect_stderr(io.StringIO()):
-                result = bench_agnews.run_packrnn(data_dir, args.threads, 0, **same)
+                result = bench_agnews.run_packrnn(data_dir, None, 0, **same)
             return result["epoch_seconds"][0]
 
         results = {}

@@ -281,15 +281,19 @@ def restore_threads():
 
 
 @native_only
-@pytest.mark.parametrize("setting", [None, 1, 2], ids=["auto", "1", "2"])
-def test_kernel_threads_setting_keeps_the_numbers_right(setting, restore_threads):
+@pytest.mark.parametrize("setting,hidden", [(None, 6), (None, 32), (1, 32), (2, 6)],
+                         ids=["auto-serial", "auto-helpers", "1", "2-team"])
+def test_kernel_threads_setting_keeps_the_numbers_right(setting, hidden, restore_threads):
+    """auto at H = 6 runs on the calling thread, at H = 32 (~1e7 FLOPs a loop) with helpers
+    (NOTE [Helpers, not a team]); 2 forces an OpenMP team even on a tiny call."""
     torch.set_num_threads(2)
     packrnn.set_kernel_threads(setting)
     assert packrnn.kernel_threads() == setting
-    reference, ours = layer_pair("lstm", torch.float64, input_size=4, hidden_size=6,
+    reference, ours = layer_pair("lstm", torch.float64, input_size=4, hidden_size=hidden,
                                  num_layers=1, bidirectional=True)
-    lengths = torch.tensor([9, 8, 8, 5, 3, 3, 2, 1])
-    x = torch.randn(9, 8, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(8)
+    lengths = torch.randint(1, 60, (16,), generator=g).sort(descending=True).values
+    x = torch.randn(int(lengths[0]), 16, 4, generator=g, dtype=torch.float64)
     packed = tnn_rnn.pack_padded_sequence(x, lengths)
     out, (h, c) = ours(packed)
     want, (want_h, want_c) = reference(packed)

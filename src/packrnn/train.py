@@ -498,12 +498,11 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
 
 # NOTE [Training threads]
 # A second thread pays only when a step has far more work than a fork/join and, on a busy
-# machine, than the wait for a descheduled thread: a step of the lesson's model (B = 16, E = 64,
-# H = 32, ~50 MFLOP) ran an epoch in 1.0-2.0 s with 2 threads on a busy 2-core machine and
-# 1.1-1.2 s with 1 (4,000 rows), and much slower still when the kernel's loops were split too
-# (5.8-27 s). So without --threads, training uses one thread below SMALL_STEP_FLOPS of recurrent
-# work per step (the kernel then also runs single-threaded: NOTE [Threads] in recurrence.cpp),
-# and torch's default above it.
+# machine, than the wait for a descheduled thread: with a CPU-bound process on the other core of
+# a 2-core machine, an epoch of the lesson's model (B = 16, E = 64, H = 32, ~50 MFLOP a step;
+# 4,000 rows) took 30-39 s with 2 torch threads and 1.35 s with 1 (0.9 s with the core free).
+# So without --threads, training uses one thread below SMALL_STEP_FLOPS of recurrent work per
+# step, and torch's default above it (NOTE [Threads] in recurrence.cpp for the kernel's own).
 SMALL_STEP_FLOPS = 2e8
 
 

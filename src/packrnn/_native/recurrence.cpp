@@ -16,6 +16,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <memory>
 #include <climits>
 #include <cstdlib>
 #include <cmath>
@@ -976,27 +980,41 @@ int64_t blas_steps(const Layout& L) {
 constexpr double kStepOverheadRows = 4.0;
 
 // NOTE [Threads]
-//   How many threads a call uses. A thread runs whole (direction, slab) tasks (NOTE [Row slabs]),
-//   so a second thread pays only when each gets far more work than a fork/join -- and on a busy
-//   machine, where a woken thread may wait for its core and an idle OpenMP worker spins, far
-//   more than that too. So by default ("auto") the time loop gets one thread per
-//   kFlopsPerThread FLOPs of work (all directions), at most torch's intra-op threads
-//   (at::get_num_threads()): a small call runs entirely on the calling thread, with no parallel
-//   region to wake or to spin after it. Likewise the GEMMs over all rows (input projections,
-//   weight gradients) run single-threaded below kMinThreadedGemmFlops, else with BLAS's threads.
-//   set_kernel_threads(n) (packrnn.set_kernel_threads, PACKRNN_NUM_THREADS) replaces the work
-//   rule: n = 1 runs everything single-threaded; n > 1 uses min(n, torch's threads, tasks)
-//   threads for every loop with more than one task, and BLAS's threads for every GEMM over all
-//   rows.
+//   How a call's time loop is spread over threads. A thread runs whole (direction, slab) tasks
+//   (NOTE [Row slabs]), so an OpenMP team pays only when each member gets far more work than a
+//   fork/join -- and on a busy machine, where a member may wait a scheduler slice for its core
+//   while the others wait at the join, far more than that slice too. By default ("auto"):
+//   * a loop of at least 2 * kFlopsPerThread FLOPs (all directions) runs as a team of one
+//     thread per kFlopsPerThread, at most torch's intra-op threads (at::get_num_threads());
+//   * a smaller one of at least kMinHelperFlops runs on the calling thread with opportunistic
+//     helpers (NOTE [Helpers, not a team]): on an idle machine they take their share, on a busy
+//     one the calling thread does everything and waits for no one;
+//   * below that (one sentence, a few short ones) the calling thread alone: nothing to wake.
+//   The GEMMs over all rows (input projections, weight gradients) use BLAS's threads only from
+//   kMinThreadedGemmFlops on. set_kernel_threads(n) (packrnn.set_kernel_threads,
+//   PACKRNN_NUM_THREADS) replaces these rules: n = 1 runs everything on the calling thread;
+//   n > 1 runs every loop with more than one task as a team of min(n, torch's threads, tasks),
+//   and every GEMM over all rows with BLAS's threads.
 constexpr double kFlopsPerThread = 2e7;
+constexpr double kMinHelperFlops = 2e6;
 constexpr double kMinThreadedGemmFlops = 8e6;
 std::atomic<int64_t> g_kernel_threads{0};  // 0: auto
 
-// Threads for a time loop of `flops` FLOPs (NOTE [Threads]).
-int64_t loop_threads(double flops) {
+// How a time loop of `flops` FLOPs runs (NOTE [Threads]): `threads` in all, as a team or as the
+// calling thread with threads - 1 helpers.
+struct LoopPlan {
+  int64_t threads;
+  bool team;
+};
+
+LoopPlan loop_plan(double flops) {
+  const int64_t available = at::get_num_threads();
   const int64_t setting = g_kernel_threads.load(std::memory_order_relaxed);
-  const int64_t want = setting > 0 ? setting : static_cast<int64_t>(flops / kFlopsPerThread);
-  return std::max<int64_t>(1, std::min<int64_t>(want, at::get_num_threads()));
+  if (setting > 0) return {std::max<int64_t>(1, std::min(setting, available)), true};
+  const int64_t team = std::min<int64_t>(static_cast<int64_t>(flops / kFlopsPerThread), available);
+  if (team >= 2) return {team, true};
+  if (flops >= kMinHelperFlops && available >= 2) return {available, false};
+  return {1, false};
 }
 
 // Whether a GEMM over all rows of `flops` FLOPs may use BLAS's threads (NOTE [Threads]).
@@ -1041,8 +1059,59 @@ std::vector<Slab> make_slabs(const Layout& L, int64_t parts) {
   return slabs;
 }
 
+// NOTE [Helpers, not a team]
+//   The tasks of a small call (NOTE [Threads]) are claimed one at a time from a shared counter,
+//   by the calling thread and by `helpers` tasks queued on torch's inter-op thread pool
+//   (at::launch). The calling thread starts at once and, when no task is left to claim, waits
+//   only for tasks a helper has already claimed. A helper that starts late -- its core held by another process -- finds
+//   nothing left and returns without touching the call's data, and nobody waits for it. So a
+//   busy machine costs at most the serial time (plus a task a helper runs slowly), where an
+//   OpenMP team would hold the whole call until every member had run (and its idle members
+//   spin). The board is shared (std::shared_ptr) because a helper may outlive the call.
+struct TaskBoard {
+  int64_t count = 0;
+  std::atomic<int64_t> next{0};      // the next task to claim
+  std::atomic<int64_t> finished{0};  // tasks done
+  std::function<void(int64_t)> run;  // called only for a claimed task, i.e. during the call
+  std::mutex mutex;
+  std::condition_variable all_done;
+  std::exception_ptr error;  // the first task's exception, rethrown by the caller
+};
+
+void run_claimed(TaskBoard& board) {
+  for (;;) {
+    const int64_t i = board.next.fetch_add(1);
+    if (i >= board.count) return;
+    try {
+      board.run(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(board.mutex);
+      if (!board.error) board.error = std::current_exception();
+    }
+    if (board.finished.fetch_add(1) + 1 == board.count) {
+      std::lock_guard<std::mutex> lock(board.mutex);
+      board.all_done.notify_all();
+    }
+  }
+}
+
+// run(i) for i in [0, count), on the calling thread and up to `helpers` others (NOTE [Helpers,
+// not a team]); returns when all are done, rethrowing the first exception.
+void run_with_helpers(int64_t count, int64_t helpers, std::function<void(int64_t)> run) {
+  auto board = std::make_shared<TaskBoard>();
+  board->count = count;
+  board->run = std::move(run);
+  for (int64_t k = 0; k < helpers; ++k) at::launch([board] { run_claimed(*board); });
+  run_claimed(*board);
+  {
+    std::unique_lock<std::mutex> lock(board->mutex);
+    board->all_done.wait(lock, [&] { return board->finished.load() == board->count; });
+  }
+  if (board->error) std::rethrow_exception(board->error);
+}
+
 // Runs the time loop of every job (one direction each) on every slab, all (job, slab) tasks in
-// one parallel region (NOTE [Row slabs], NOTE [Direction tasks]). A job offers ascending() (its
+// one parallel call (NOTE [Row slabs], NOTE [Direction tasks], NOTE [Helpers, not a team]). A job offers ascending() (its
 // visiting order), flops_per_row_step() and step(t, r0, r1): step t on rows [r0, r1) (never
 // empty), called concurrently for disjoint row ranges and different jobs.
 template <typename Job>
@@ -1053,7 +1122,8 @@ void run_jobs(const std::vector<Job>& jobs, const Layout& L) {
   int64_t active_rows = 0;
   for (int64_t b_t : L.sizes) active_rows += b_t;
   for (const Job& job : jobs) flops += double(active_rows) * job.flops_per_row_step();
-  const int64_t threads = loop_threads(flops);  // NOTE [Threads]
+  const LoopPlan plan = loop_plan(flops);  // NOTE [Threads]
+  const int64_t threads = plan.threads;
   const auto slabs = make_slabs(L, std::max<int64_t>(1, threads / n_jobs));
   std::vector<std::pair<const Job*, Slab>> tasks;
   for (const Job& job : jobs)
@@ -1071,6 +1141,11 @@ void run_jobs(const std::vector<Job>& jobs, const Layout& L) {
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   if (threads == 1 || n_tasks == 1) {
     for (const auto& task : tasks) loop(*task.first, task.second);
+    return;
+  }
+  if (!plan.team) {
+    run_with_helpers(n_tasks, std::min(threads, n_tasks) - 1,
+                     [&](int64_t i) { loop(*tasks[i].first, tasks[i].second); });
     return;
   }
   // grain: at::parallel_for starts min(torch's threads, tasks / grain) threads
