@@ -1,15 +1,21 @@
-"""Train, evaluate and use a text classifier: ``train(config) -> metrics``.
+"""Train, evaluate and use a model: ``train(config) -> metrics``; one loop, several tasks.
 
 Importable functions, no argv parsing (``packrnn.cli`` is the thin command line over them):
 
-- ``train(TrainConfig(...))`` trains a ``SequenceClassifier`` on a text file, evaluates every
+- ``train(TrainConfig(...))`` trains the model of ``config.task`` on a file, evaluates every
   epoch, writes ``metrics.json``, a plot and atomic checkpoints to ``config.output``, resumes
   after a kill, and scales out under ``torchrun`` (DDP).
 - ``load_run(directory)`` reads a finished (or interrupted) run back: model, vocabulary,
   labels, tokenizer.
-- ``evaluate(run, path)`` scores a labelled file: accuracy, per-class precision and recall,
-  confusion matrix.
+- ``evaluate(run, path)`` scores a labelled file (classify: accuracy, per-class precision and
+  recall, confusion matrix).
 - ``predict(run, texts)`` gives each text's label and probability.
+
+A trainer is a loop plus a task. The loop here (``_Loop``: epochs, steps, checkpoints, exact
+resume, DDP, progress bar, ``metrics.json``, ``curves.png``) knows nothing of labels or tags;
+a task in ``packrnn.tasks`` supplies data loading, model, loss and metrics
+(``packrnn/tasks/base.py`` lists what it must provide; ``classify`` is the text classifier).
+What one training step does: ``_Loop._train_step``.
 
 Files in the output directory:
 
@@ -34,29 +40,28 @@ weights and metrics equal those of an uninterrupted run (``tests/test_train.py``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import distributed as D
 from .backend import backend_name
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_write_json,
                          load_checkpoint, save_checkpoint)
-from .data import (BucketBatchSampler, Collate, DistributedBucketBatchSampler, LabelMap,
-                   TextClassificationDataset, Vocab, get_tokenizer, load_text_classification)
-from .models import (CELLS, EXECUTIONS, POOLINGS, DictConfig, ModelConfig, SequenceClassifier,
-                     _check_probability)
+from .data import BucketBatchSampler, DistributedBucketBatchSampler, Vocab
+from .models import CELLS, EXECUTIONS, POOLINGS, DictConfig, ModelConfig, _check_probability
+from .tasks import TASKS, Task, get_task
+from .tasks.base import StepStats, TaskData
+from .tasks.classify import tokenizer as _tokenizer
 
 __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", "predict",
            "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
@@ -108,6 +113,7 @@ class TrainConfig(DictConfig):
     # -- data ---------------------------------------------------------------------------------
     train_path: str  # labelled training file
     output: str  # run directory: checkpoint, metrics.json, curves.png, config.json
+    task: str = "classify"  # what is learnt: "classify" (a label per text); see packrnn.tasks
     test_path: str | None = None  # labelled file evaluated after every epoch; None: no evaluation
     format: str = "agnews"  # "agnews" (label 1-4, title, description; no header), "csv", "jsonl"
     text_column: str | None = None  # csv/jsonl: field(s) with the text, comma-separated; None: "text"
@@ -165,6 +171,8 @@ class TrainConfig(DictConfig):
                 setattr(self, name, os.fspath(value))
             elif value is not None and (not isinstance(value, str) or not value):
                 raise TypeError(f"{name}: expected a path or None, got {value!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.format not in FORMATS:
             raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.format == "agnews" and (self.text_column or self.label_column):
@@ -224,69 +232,11 @@ class TrainConfig(DictConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# data: files -> encoded data sets, batches (packrnn.data does the work)
+# batches: the task's data set -> the epoch's batches of indices
 # ----------------------------------------------------------------------------------------------
 
 
-class _Truncate:
-    """A picklable tokenizer that keeps the first ``max_length`` tokens."""
-
-    def __init__(self, tokenizer: Callable[[str], list[str]], max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, text: str) -> list[str]:
-        return self.tokenizer(text)[: self.max_length]
-
-
-def _tokenizer(cfg: TrainConfig) -> Callable[[str], list[str]]:
-    tok = get_tokenizer(cfg.tokenizer)
-    return _Truncate(tok, cfg.max_length) if cfg.max_length else tok
-
-
-def _read_options(cfg: TrainConfig, path: str) -> tuple[str, dict[str, Any]]:
-    """The packrnn.data format name and reader options for ``path``."""
-    fmt, options = cfg.format, {}
-    if fmt in ("csv", "tsv"):
-        if fmt == "csv" and (cfg.delimiter == "\t" or cfg.delimiter is None
-                             and path.lower().endswith(".tsv")):
-            fmt = "tsv"
-        elif fmt == "csv" and cfg.delimiter is not None:
-            options["delimiter"] = cfg.delimiter
-        if cfg.text_column:
-            options["text_column"] = [c.strip() for c in cfg.text_column.split(",")]
-        if cfg.label_column:
-            options["label_column"] = cfg.label_column
-    elif fmt == "jsonl":
-        if cfg.text_column:
-            options["text_key"] = [c.strip() for c in cfg.text_column.split(",")]
-        if cfg.label_column:
-            options["label_key"] = cfg.label_column
-    return fmt, options
-
-
-def _load(cfg: TrainConfig, path: str, vocab: Vocab | None = None,
-          label_map: LabelMap | None = None, progress: bool | None = None
-          ) -> TextClassificationDataset:
-    """Read, tokenize and encode ``path``; builds vocab and labels when not given (training).
-
-    Bad rows raise ``ValueError("<file>:<line>: ...")`` unless ``cfg.skip_bad_rows``; so does a
-    label the training file did not have. The data module's warnings about skipped rows are
-    replaced by ``train``'s own one-line summary.
-    """
-    fmt, options = _read_options(cfg, path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return load_text_classification(
-            path, fmt, tokenizer=_tokenizer(cfg), vocab=vocab, label_map=label_map,
-            min_freq=cfg.min_freq, max_size=cfg.max_vocab_size, skip_bad_rows=cfg.skip_bad_rows,
-            progress=progress, **options)
-
-
-def _collate(cfg: TrainConfig, pad: int) -> Collate:
-    return Collate(packed=cfg.execution == "packed", padding_value=pad, batch_first=True)
-
-
-def _train_sampler(cfg: TrainConfig, ds: TextClassificationDataset, ctx: D.DistContext):
+def _train_sampler(cfg: TrainConfig, ds: Any, ctx: D.DistContext):
     """Batches of random examples, or of similar lengths with ``bucket`` (NOTE [bucketing]).
 
     Without ``bucket`` every pool is one batch, i.e. plain random batches.
@@ -297,10 +247,6 @@ def _train_sampler(cfg: TrainConfig, ds: TextClassificationDataset, ctx: D.DistC
         return DistributedBucketBatchSampler(ds.lengths, num_replicas=ctx.world_size,
                                              rank=ctx.rank, **kw)
     return BucketBatchSampler(ds.lengths, **kw)
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    return inputs.to(device)  # a PackedSequence keeps batch_sizes on the CPU
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,6 +330,10 @@ def _clear_run_files(out: Path) -> None:
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    # A field added after the checkpoint was written had its default value then.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **saved}
     now = cfg.to_dict()
     diffs = [k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if diffs:
@@ -398,8 +348,9 @@ def _epoch_batches(sampler: BucketBatchSampler, epoch: int) -> list[list[int]]:
     return [list(b) for b in sampler.batches(epoch)]
 
 
+
 def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> list[EpochMetrics]:
-    """Train a ``SequenceClassifier`` as ``config`` says; return the metrics of every epoch.
+    """Train the model of ``config.task`` as ``config`` says; return the metrics of every epoch.
 
     Writes to ``config.output`` (main process only): ``checkpoint.pt`` after every epoch and
     every ``checkpoint_every_steps`` steps, ``metrics.json`` and ``curves.png`` after every
@@ -446,7 +397,25 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
 
 def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None
            ) -> list[EpochMetrics]:
-    out = Path(cfg.output)
+    task = get_task(cfg.task)
+    state = _open_run(cfg, ctx)
+    progress = None if (cfg.progress and ctx.is_main) else False
+    data = task.load_data(cfg, state, progress)
+    # Resolve (and on first use build) the recurrence backend here, not inside the first epoch's
+    # timer, and say which one runs.
+    backend = "cuDNN" if ctx.device.type == "cuda" else backend_name()
+    if ctx.is_main:
+        print(f"packrnn: {data.summary}", file=sys.stderr)
+        print(f"packrnn: recurrent backend {backend}", file=sys.stderr)
+        for ds in (data.train, data.test):
+            if ds is not None and ds.skipped:
+                print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
+                      f"(first: {ds.skipped[0]})", file=sys.stderr)
+    return _Loop(cfg, ctx, task, data, state).run(on_step)
+
+
+def _open_run(cfg: TrainConfig, ctx: D.DistContext) -> dict[str, Any] | None:
+    """Check the output directory; the checkpoint to resume from, or None for a fresh run."""
     # Rank 0 decides and tells the others: it writes into `out` soon, and a slower rank must not
     # then mistake the new run's files for an existing run.
     decision: tuple[str, str | None] = ("ok", None)
@@ -459,169 +428,177 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
     decision = D.broadcast_object(ctx, decision)
     if decision[0] == "error":
         raise TrainError(decision[1])
-    resume_path = None if decision[1] is None else Path(decision[1])
-    state = load_checkpoint(resume_path) if resume_path is not None else None
-    if state is not None:
-        _check_resume_config(state["train_config"], cfg)
+    if decision[1] is None:
+        return None
+    state = load_checkpoint(Path(decision[1]))
+    _check_resume_config(state["train_config"], cfg)
+    return state
 
-    # -- data -----------------------------------------------------------------------------------
-    progress = None if (cfg.progress and ctx.is_main) else False
-    if state is not None:  # the vocabulary and labels the weights were trained with
-        train_ds = _load(cfg, cfg.train_path, Vocab.from_dict(state["vocab"]),
-                         LabelMap(state["labels"]), progress=progress)
-    else:
-        train_ds = _load(cfg, cfg.train_path, progress=progress)
-    vocab, label_map = train_ds.vocab, train_ds.label_map
-    label_names = list(label_map.names)
-    test_ds = (_load(cfg, cfg.test_path, vocab, label_map, progress=progress)
-               if cfg.test_path else None)
-    if ctx.is_main:
-        msg = f"packrnn: {len(train_ds)} training texts, {len(label_names)} labels, " \
-              f"vocabulary of {len(vocab)}"
-        if test_ds is not None:
-            msg += f", {len(test_ds)} test texts"
-        print(msg, file=sys.stderr)
-    # Resolve (and on first use build) the recurrence backend here, not inside the first epoch's
-    # timer, and say which one runs.
-    backend = "cuDNN" if ctx.device.type == "cuda" else backend_name()
-    if ctx.is_main:
-        print(f"packrnn: recurrent backend {backend}", file=sys.stderr)
-        for ds in (train_ds, test_ds):
-            if ds is not None and ds.skipped:
-                print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
-                      f"(first: {ds.skipped[0]})", file=sys.stderr)
 
-    # -- model and optimizer ----------------------------------------------------------------------
-    _seed_everything(cfg.seed)
-    mcfg = cfg.model_config(len(vocab), len(label_names), vocab.pad_index)
-    model = SequenceClassifier(mcfg)
-    if cfg.vectors and state is None:
-        found = model.load_vectors(cfg.vectors, vocab.get_itos())
-        if ctx.is_main:
-            print(f"packrnn: {found} of {len(vocab)} embedding rows from {cfg.vectors}",
-                  file=sys.stderr)
-    model.to(ctx.device)
-    optimizer = _Adam(model, cfg)
-    history: list[EpochMetrics] = []
-    epoch, step, step_in_epoch = 0, 0, 0
-    accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-    if state is not None:
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        history = [EpochMetrics(**m) for m in state["history"]]
-        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        accum = dict(state["epoch_accum"])
-        rngs = state["rng"]
-        if len(rngs) != ctx.world_size:
-            raise TrainError(f"resume: expected a checkpoint of a run with {ctx.world_size} "
-                             f"process(es), got one with {len(rngs)}")
-        _set_rng_state(rngs[ctx.rank])
-    else:
-        torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks, repeatably
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if cfg.overwrite:
-                _clear_run_files(out)
-            atomic_write_json(out / CONFIG_NAME, cfg.to_dict())
-    if state is not None and ctx.is_main:
-        # A kill between the epoch's checkpoint and its metrics.json must not lose the epoch:
-        # the checkpoint's history is the truth, rewrite the files from it.
-        _write_metrics(cfg, out, history)
-    D.barrier(ctx)
-    if epoch >= cfg.epochs:
-        if ctx.is_main:
-            print(f"packrnn: the run in {str(out)!r} already finished {epoch} epoch(s)",
-                  file=sys.stderr)
-        return history
-    net: nn.Module = model
-    if ctx.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+class _Loop:
+    """The epoch loop shared by every task: steps, checkpoints, metrics (NOTE [exact resume]).
 
-    sampler = _train_sampler(cfg, train_ds, ctx)
-    pad = vocab.pad_index if vocab.pad_index is not None else 0
-    collate = _collate(cfg, pad)
-    packed = cfg.execution == "packed"
-    loss_fn = nn.CrossEntropyLoss()
+    It knows nothing of labels or tags: the task (``packrnn.tasks``) turns a batch into a loss
+    and ``StepStats``, and scores the test set. Extension points: ``_train_step`` (what one
+    step does), ``net`` (the module the steps call: DDP-wrapped under torchrun), ``checkpoint``
+    (what a checkpoint holds).
+    """
 
-    def checkpoint(epoch_done: int, in_epoch: int, acc: Mapping[str, float]) -> None:
-        rngs = D.all_gather_objects(ctx, _rng_state())
-        if ctx.is_main:
-            save_checkpoint(out / CHECKPOINT_NAME, {
-                "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(),
-                "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                "vocab": vocab.to_dict(), "labels": label_names,
-                "epoch": epoch_done, "step": step, "step_in_epoch": in_epoch,
-                "epoch_accum": dict(acc), "history": [asdict(m) for m in history],
-                "rng": rngs, "world_size": ctx.world_size,
-            })
+    def __init__(self, cfg: TrainConfig, ctx: D.DistContext, task: Task, data: TaskData,
+                 state: Mapping[str, Any] | None) -> None:
+        self.cfg, self.ctx, self.task, self.data = cfg, ctx, task, data
+        self.out = Path(cfg.output)
+        _seed_everything(cfg.seed)
+        self.model = model = task.build_model(cfg, data)
+        if cfg.vectors and state is None:
+            tokens = data.state["vocab"]["tokens"]
+            found = model.load_vectors(cfg.vectors, tokens)
+            if ctx.is_main:
+                print(f"packrnn: {found} of {len(tokens)} embedding rows from {cfg.vectors}",
+                      file=sys.stderr)
+        model.to(ctx.device)
+        self.optimizer = _Adam(model, cfg)
+        self.history: list[EpochMetrics] = []
+        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
+        self.accum = _empty_accum()
+        if state is not None:
+            model.load_state_dict(state["model_state"])
+            self.optimizer.load_state_dict(state["optimizer_state"])
+            self.history = [EpochMetrics(**m) for m in state["history"]]
+            self.epoch, self.step = state["epoch"], state["step"]
+            self.step_in_epoch = state["step_in_epoch"]
+            self.accum = dict(state["epoch_accum"])
+            rngs = state["rng"]
+            if len(rngs) != ctx.world_size:
+                raise TrainError(f"resume: expected a checkpoint of a run with {ctx.world_size} "
+                                 f"process(es), got one with {len(rngs)}")
+            _set_rng_state(rngs[ctx.rank])
+        else:
+            torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks, repeatably
+            if ctx.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                if cfg.overwrite:
+                    _clear_run_files(self.out)
+                atomic_write_json(self.out / CONFIG_NAME, cfg.to_dict())
+        if state is not None and ctx.is_main:
+            # A kill between the epoch's checkpoint and its metrics.json must not lose the
+            # epoch: the checkpoint's history is the truth, rewrite the files from it.
+            _write_metrics(cfg, self.out, self.history)
         D.barrier(ctx)
+        self.net: nn.Module = model
+        if ctx.distributed:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    while epoch < cfg.epochs:
-        batches = _epoch_batches(sampler, epoch)
-        todo = batches[step_in_epoch:]
+    def run(self, on_step: Callable[[int], None] | None) -> list[EpochMetrics]:
+        cfg, ctx = self.cfg, self.ctx
+        if self.epoch >= cfg.epochs:
+            if ctx.is_main:
+                print(f"packrnn: the run in {str(self.out)!r} already finished {self.epoch} "
+                      "epoch(s)", file=sys.stderr)
+            return self.history
+        sampler = _train_sampler(cfg, self.data.train, ctx)
+        collate = self.task.collate(cfg, self.data)
+        while self.epoch < cfg.epochs:
+            self._run_epoch(_epoch_batches(sampler, self.epoch), collate, on_step)
+            self._end_epoch()
+        return self.history
+
+    def _train_step(self, batch: Any) -> StepStats:
+        """What one training step does: the task's loss, backward, clipping, Adam."""
+        loss, stats = self.task.step(self.net, batch, self.ctx.device)
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            _clip_grad_norm(self.model, self.cfg.grad_clip)
+        self.optimizer.step()
+        return stats
+
+    def _run_epoch(self, batches: list[list[int]], collate: Callable,
+                   on_step: Callable[[int], None] | None) -> None:
+        cfg, accum = self.cfg, self.accum
         loader = torch.utils.data.DataLoader(
-            train_ds, batch_sampler=todo, num_workers=cfg.num_workers, collate_fn=collate,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        bar = _progress(cfg, ctx, total=len(batches), initial=step_in_epoch, epoch=epoch)
+            self.data.train, batch_sampler=batches[self.step_in_epoch:],
+            num_workers=cfg.num_workers, collate_fn=collate,
+            generator=torch.Generator().manual_seed(cfg.seed + self.epoch))
+        bar = _progress(cfg, self.ctx, total=len(batches), initial=self.step_in_epoch,
+                        epoch=self.epoch)
         # A function of the epoch alone, so a resumed run gets the same rate (no scheduler state).
-        optimizer.set_lr(cfg.lr * cfg.lr_decay ** epoch)
-        net.train()
+        self.optimizer.set_lr(cfg.lr * cfg.lr_decay ** self.epoch)
+        self.net.train()
         t0 = time.perf_counter()
-        for inputs, lengths, labels in loader:
-            inputs, labels = _to_device(inputs, ctx.device), labels.to(ctx.device)
-            logits = net(inputs) if packed else net(inputs, lengths)  # (B, C)
-            loss = loss_fn(logits, labels)
-            optimizer.zero_grad()
-            loss.backward()
-            if cfg.grad_clip is not None:
-                _clip_grad_norm(model, cfg.grad_clip)
-            optimizer.step()
-            n = labels.numel()
-            accum["loss_sum"] += float(loss.detach()) * n
-            accum["correct"] += float((logits.detach().argmax(-1) == labels).sum())
-            accum["count"] += n
-            step += 1
-            step_in_epoch += 1
+        for batch in loader:
+            stats = self._train_step(batch)
+            accum["loss_sum"] += stats.loss_sum
+            accum["correct"] += stats.correct
+            accum["count"] += stats.count
+            self.step += 1
+            self.step_in_epoch += 1
             if bar is not None:
                 elapsed = accum["seconds"] + time.perf_counter() - t0
                 bar.update(1)
                 bar.set_postfix(loss=f"{accum['loss_sum'] / accum['count']:.4f}",
                                 acc=f"{accum['correct'] / accum['count']:.3f}",
-                                samples_s=f"{accum['count'] * ctx.world_size / max(elapsed, 1e-9):.0f}",
+                                samples_s=f"{accum['count'] * self.ctx.world_size / max(elapsed, 1e-9):.0f}",
                                 refresh=False)
-            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 \
-                    and step_in_epoch < len(batches):
+            if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
+                    and self.step_in_epoch < len(batches):
                 now = time.perf_counter()
-                checkpoint(epoch, step_in_epoch, {**accum, "seconds": accum["seconds"] + now - t0})
+                self.checkpoint(self.epoch, self.step_in_epoch,
+                                {**accum, "seconds": accum["seconds"] + now - t0})
                 t0 -= time.perf_counter() - now  # checkpoint time is not training time
             if on_step is not None:
-                on_step(step)
+                on_step(self.step)
         if bar is not None:
             bar.close()
-        seconds = accum["seconds"] + time.perf_counter() - t0
+        accum["seconds"] += time.perf_counter() - t0
+
+    def _end_epoch(self) -> None:
+        """Sum the epoch over ranks, score the test set, checkpoint, write metrics."""
+        ctx, accum = self.ctx, self.accum
         loss_sum, correct, count = D.all_reduce_sum(
             ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
-        seconds = max(D.all_reduce_sum(ctx, [seconds])[0] / ctx.world_size, 1e-9)
+        seconds = max(D.all_reduce_sum(ctx, [accum["seconds"]])[0] / ctx.world_size, 1e-9)
         test_acc = None
-        if test_ds is not None:
-            test_acc = _evaluate_dataset(model, test_ds, cfg, ctx)["accuracy"]
-        epoch += 1
-        history.append(EpochMetrics(
-            epoch=epoch, train_loss=loss_sum / max(count, 1), train_accuracy=correct / max(count, 1),
-            test_accuracy=test_acc, seconds=seconds, samples_per_second=count / seconds,
-            samples=int(count)))
-        step_in_epoch = 0
-        accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-        checkpoint(epoch, 0, accum)
+        if self.data.test is not None:
+            test_acc = self.task.evaluate(self.model, self.data.test, self.cfg, ctx)["accuracy"]
+        self.epoch += 1
+        self.history.append(EpochMetrics(
+            epoch=self.epoch, train_loss=loss_sum / max(count, 1),
+            train_accuracy=correct / max(count, 1), test_accuracy=test_acc, seconds=seconds,
+            samples_per_second=count / seconds, samples=int(count)))
+        self.step_in_epoch = 0
+        self.accum = _empty_accum()
+        self.checkpoint(self.epoch, 0, self.accum)
         if ctx.is_main:
-            _write_metrics(cfg, out, history)
-            m = history[-1]
+            _write_metrics(self.cfg, self.out, self.history)
+            m = self.history[-1]
+            rate = "samples/s" if self.task.unit == "texts" else f"{self.task.unit}/s"
             print(f"epoch {m.epoch}: train_loss {m.train_loss:.4f} train_accuracy "
                   f"{m.train_accuracy:.4f} test_accuracy "
                   f"{'-' if m.test_accuracy is None else f'{m.test_accuracy:.4f}'} "
-                  f"({m.seconds:.1f} s, {m.samples_per_second:.0f} samples/s)", file=sys.stderr)
-    return history
+                  f"({m.seconds:.1f} s, {m.samples_per_second:.0f} {rate})", file=sys.stderr)
+
+    def checkpoint(self, epoch_done: int, in_epoch: int, acc: Mapping[str, float]) -> None:
+        """Save everything an exact resume needs (NOTE [exact resume]); every rank calls it."""
+        rngs = D.all_gather_objects(self.ctx, _rng_state())
+        if self.ctx.is_main:
+            save_checkpoint(self.out / CHECKPOINT_NAME, {
+                **self.data.state,  # the task's vocabularies: "vocab", "labels", ...
+                "model_config": self.model.config.to_dict(),
+                "train_config": self.cfg.to_dict(),
+                "model_state": self.model.state_dict(),
+                "optimizer_state": self.optimizer.state_dict(),
+                "epoch": epoch_done, "step": self.step, "step_in_epoch": in_epoch,
+                "epoch_accum": dict(acc), "history": [asdict(m) for m in self.history],
+                "rng": rngs, "world_size": self.ctx.world_size,
+            })
+        D.barrier(self.ctx)
+
+
+def _empty_accum() -> dict[str, float]:
+    """The running sums of an epoch (saved in checkpoints as ``epoch_accum``)."""
+    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
 
 
 def _write_metrics(cfg: TrainConfig, out: Path, history: Sequence[EpochMetrics]) -> None:
@@ -660,7 +637,7 @@ class _Adam:
     rows in the batch only), another ~6x on the embedding; the other parameters keep Adam.
     """
 
-    def __init__(self, model: SequenceClassifier, cfg: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
         emb = model.embedding.weight
         sparse = cfg.sparse_embedding and emb.requires_grad
         dense = [p for p in model.parameters() if p.requires_grad and not (sparse and p is emb)]
@@ -734,57 +711,10 @@ def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
+
 # ----------------------------------------------------------------------------------------------
-# evaluation and prediction
+# reading a run back: evaluation and prediction (the task does the work)
 # ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _evaluate_dataset(model: SequenceClassifier, ds: TextClassificationDataset, cfg: TrainConfig,
-                      ctx: D.DistContext | None = None, batch_size: int | None = None
-                      ) -> dict[str, Any]:
-    """Confusion matrix and derived scores of ``model`` on ``ds`` (sharded over ranks)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    num_classes = model.config.num_classes
-    # Sorted by length (little padding); the packed results do not depend on the batching.
-    sampler = BucketBatchSampler(ds.lengths, batch_size or cfg.eval_batch_size, shuffle=False)
-    batches = sampler.batches(0)
-    if ctx is not None and ctx.distributed:
-        batches = batches[ctx.rank::ctx.world_size]
-    collate = _collate(cfg, model.config.padding_idx or 0)
-    packed = cfg.execution == "packed"
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
-    for batch in batches:
-        inputs, lengths, labels = collate([ds[i] for i in batch])
-        inputs = _to_device(inputs, device)
-        logits = model(inputs) if packed else model(inputs, lengths)  # (B, C)
-        pred = logits.argmax(-1).cpu()  # (B,)
-        confusion.index_put_((labels, pred), torch.ones(len(batch), dtype=torch.float64),
-                             accumulate=True)
-    if ctx is not None and ctx.distributed:
-        flat = D.all_reduce_sum(ctx, confusion.flatten().tolist())
-        confusion = torch.tensor(flat, dtype=torch.float64).view(num_classes, num_classes)
-    model.train(was_training)
-    return _scores(confusion)
-
-
-def _scores(confusion: Tensor) -> dict[str, Any]:
-    total = float(confusion.sum())
-    tp = confusion.diagonal()
-    predicted = confusion.sum(0)
-    actual = confusion.sum(1)
-    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in range(len(tp))]
-    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in range(len(tp))]
-    return {
-        "count": int(total),
-        "accuracy": float(tp.sum()) / total if total else float("nan"),
-        "precision": precision,
-        "recall": recall,
-        "support": [int(a) for a in actual],
-        "confusion": confusion.to(torch.int64).tolist(),
-    }
 
 
 @dataclass
@@ -792,9 +722,9 @@ class Run:
     """A trained (or interrupted) run read back from its directory by ``load_run``."""
 
     directory: Path  # the run's output directory
-    model: SequenceClassifier  # in eval mode
+    model: nn.Module  # in eval mode: a SequenceClassifier for task "classify"
     vocab: Any  # packrnn.data.Vocab of the training file
-    labels: list[str]  # label names; the model's class i is labels[i]
+    labels: list[str]  # label (or tag) names; the model's class i is labels[i]
     config: TrainConfig  # the run's training config
     epochs_done: int  # finished epochs
     history: list[EpochMetrics]  # metrics of the finished epochs
@@ -814,11 +744,9 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
     state = load_checkpoint(directory)
     path = Path(directory)
     try:
-        mcfg = ModelConfig.from_dict(state["model_config"])
         tcfg = TrainConfig.from_dict(state["train_config"])
         vocab = Vocab.from_dict(state["vocab"])
-        model = SequenceClassifier(mcfg)
-        model.load_state_dict(state["model_state"])
+        model = get_task(tcfg.task).model_from_state(state)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
@@ -859,14 +787,9 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
                                  ("label_column", label_column),
                                  ("skip_bad_rows", skip_bad_rows)) if v is not None}
     cfg = dataclasses.replace(run.config, **changes) if changes else run.config
-    ds = _load(cfg, os.fspath(path), run.vocab, LabelMap(run.labels))
-    result = _evaluate_dataset(run.model, ds, cfg, batch_size=batch_size)
-    result["labels"] = list(run.labels)
-    result["skipped"] = len(ds.skipped)
-    return result
+    return get_task(cfg.task).evaluate_file(run, cfg, os.fspath(path), batch_size)
 
 
-@torch.no_grad()
 def predict(run: Run | str | os.PathLike, texts: Sequence[str], batch_size: int = 256
             ) -> list[dict[str, Any]]:
     """Label each text: ``[{"text", "label", "probability", "probabilities"}, ...]``.
@@ -878,26 +801,4 @@ def predict(run: Run | str | os.PathLike, texts: Sequence[str], batch_size: int 
     run = _as_run(run)
     if isinstance(texts, str):
         raise TypeError("texts: expected a list of str, got a str (wrap it in a list)")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}]: expected a str, got {type(t).__name__}")
-    tokenizer = _tokenizer(run.config)
-    pad = run.vocab.pad_index if run.vocab.pad_index is not None else 0
-    collate = _collate(run.config, pad)
-    packed = run.config.execution == "packed"
-    device = next(run.model.parameters()).device
-    run.model.eval()
-    results: list[dict[str, Any]] = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        inputs, lengths, _ = collate([torch.tensor(run.vocab(tokenizer(t)), dtype=torch.int64)
-                                      for t in chunk])
-        inputs = _to_device(inputs, device)
-        logits = run.model(inputs) if packed else run.model(inputs, lengths)  # (B, C)
-        probs = torch.softmax(logits.float(), dim=-1).cpu()  # (B, C)
-        for t, p in zip(chunk, probs):
-            k = int(p.argmax())
-            results.append({"text": t, "label": run.labels[k], "probability": float(p[k]),
-                            "probabilities": {name: float(q) for name, q in zip(run.labels, p)}})
-    return results
+    return get_task(run.config.task).predict(run, list(texts), batch_size)

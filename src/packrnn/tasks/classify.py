@@ -1,0 +1,216 @@
+"""Text classification: one label per text, a ``SequenceClassifier``, cross-entropy over texts.
+
+Files: AG News CSV, CSV/TSV with a header, JSONL (``TrainConfig.format``), read by
+``packrnn.data.load_text_classification``. Metrics: accuracy, per-class precision and recall,
+confusion matrix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as D
+from ..data import (BucketBatchSampler, Collate, LabelMap, TextClassificationDataset, Vocab,
+                    get_tokenizer, load_text_classification)
+from ..models import ModelConfig, SequenceClassifier
+from .base import StepStats, TaskData
+
+if TYPE_CHECKING:
+    from ..train import Run, TrainConfig
+
+__all__ = ["ClassifyTask"]
+
+
+class _Truncate:
+    """A picklable tokenizer that keeps the first ``max_length`` tokens."""
+
+    def __init__(self, tokenizer: Callable[[str], list[str]], max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, text: str) -> list[str]:
+        return self.tokenizer(text)[: self.max_length]
+
+
+def tokenizer(cfg: TrainConfig) -> Callable[[str], list[str]]:
+    """The run's tokenizer, truncating to ``cfg.max_length`` if set."""
+    tok = get_tokenizer(cfg.tokenizer)
+    return _Truncate(tok, cfg.max_length) if cfg.max_length else tok
+
+
+def read_options(cfg: TrainConfig, path: str) -> tuple[str, dict[str, Any]]:
+    """The packrnn.data format name and reader options for ``path``."""
+    fmt, options = cfg.format, {}
+    if fmt in ("csv", "tsv"):
+        if fmt == "csv" and (cfg.delimiter == "\t" or cfg.delimiter is None
+                             and path.lower().endswith(".tsv")):
+            fmt = "tsv"
+        elif fmt == "csv" and cfg.delimiter is not None:
+            options["delimiter"] = cfg.delimiter
+        if cfg.text_column:
+            options["text_column"] = [c.strip() for c in cfg.text_column.split(",")]
+        if cfg.label_column:
+            options["label_column"] = cfg.label_column
+    elif fmt == "jsonl":
+        if cfg.text_column:
+            options["text_key"] = [c.strip() for c in cfg.text_column.split(",")]
+        if cfg.label_column:
+            options["label_key"] = cfg.label_column
+    return fmt, options
+
+
+def _load(cfg: TrainConfig, path: str, vocab: Vocab | None = None,
+          label_map: LabelMap | None = None, progress: bool | None = None
+          ) -> TextClassificationDataset:
+    """Read, tokenize and encode ``path``; builds vocab and labels when not given (training).
+
+    Bad rows raise ``ValueError("<file>:<line>: ...")`` unless ``cfg.skip_bad_rows``; so does a
+    label the training file did not have. The data module's warnings about skipped rows are
+    replaced by ``train``'s own one-line summary.
+    """
+    fmt, options = read_options(cfg, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return load_text_classification(
+            path, fmt, tokenizer=tokenizer(cfg), vocab=vocab, label_map=label_map,
+            min_freq=cfg.min_freq, max_size=cfg.max_vocab_size, skip_bad_rows=cfg.skip_bad_rows,
+            progress=progress, **options)
+
+
+def _collate(cfg: TrainConfig, pad: int) -> Collate:
+    return Collate(packed=cfg.execution == "packed", padding_value=pad, batch_first=True)
+
+
+class ClassifyTask:
+    """One label per text (see ``packrnn.tasks.base.Task`` for the interface)."""
+
+    name = "classify"
+    unit = "texts"
+
+    def load_data(self, cfg: TrainConfig, saved: Mapping[str, Any] | None,
+                  progress: bool | None) -> TaskData:
+        if saved is not None:  # the vocabulary and labels the weights were trained with
+            train = _load(cfg, cfg.train_path, Vocab.from_dict(saved["vocab"]),
+                          LabelMap(saved["labels"]), progress=progress)
+        else:
+            train = _load(cfg, cfg.train_path, progress=progress)
+        test = (_load(cfg, cfg.test_path, train.vocab, train.label_map, progress=progress)
+                if cfg.test_path else None)
+        summary = (f"{len(train)} training texts, {len(train.label_map)} labels, "
+                   f"vocabulary of {len(train.vocab)}")
+        if test is not None:
+            summary += f", {len(test)} test texts"
+        return TaskData(train, test, {"vocab": train.vocab.to_dict(),
+                                      "labels": list(train.label_map.names)}, summary)
+
+    def build_model(self, cfg: TrainConfig, data: TaskData) -> SequenceClassifier:
+        vocab = data.train.vocab
+        model = SequenceClassifier(cfg.model_config(len(vocab), len(data.train.label_map),
+                                                    vocab.pad_index))
+        return model
+
+    def collate(self, cfg: TrainConfig, data: TaskData) -> Collate:
+        pad = data.train.vocab.pad_index
+        return _collate(cfg, pad if pad is not None else 0)
+
+    def step(self, net: nn.Module, batch: Any, device: torch.device) -> tuple[Tensor, StepStats]:
+        inputs, lengths, labels = batch
+        inputs, labels = inputs.to(device), labels.to(device)
+        packed = not isinstance(inputs, Tensor)
+        logits = net(inputs) if packed else net(inputs, lengths)  # (B, C)
+        loss = nn.functional.cross_entropy(logits, labels)
+        n = labels.numel()
+        return loss, StepStats(loss_sum=float(loss.detach()) * n,
+                               correct=float((logits.detach().argmax(-1) == labels).sum()),
+                               count=n)
+
+    @torch.no_grad()
+    def evaluate(self, model: SequenceClassifier, dataset: TextClassificationDataset,
+                 cfg: TrainConfig, ctx: D.DistContext | None = None,
+                 batch_size: int | None = None) -> dict[str, Any]:
+        """Confusion matrix and derived scores of ``model`` on ``dataset`` (sharded over ranks)."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        num_classes = model.config.num_classes
+        # Sorted by length (little padding); the packed results do not depend on the batching.
+        sampler = BucketBatchSampler(dataset.lengths, batch_size or cfg.eval_batch_size,
+                                     shuffle=False)
+        batches = sampler.batches(0)
+        if ctx is not None and ctx.distributed:
+            batches = batches[ctx.rank::ctx.world_size]
+        collate = _collate(cfg, model.config.padding_idx or 0)
+        packed = cfg.execution == "packed"
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
+        for batch in batches:
+            inputs, lengths, labels = collate([dataset[i] for i in batch])
+            inputs = inputs.to(device)
+            logits = model(inputs) if packed else model(inputs, lengths)  # (B, C)
+            pred = logits.argmax(-1).cpu()  # (B,)
+            confusion.index_put_((labels, pred), torch.ones(len(batch), dtype=torch.float64),
+                                 accumulate=True)
+        if ctx is not None and ctx.distributed:
+            flat = D.all_reduce_sum(ctx, confusion.flatten().tolist())
+            confusion = torch.tensor(flat, dtype=torch.float64).view(num_classes, num_classes)
+        model.train(was_training)
+        return scores(confusion)
+
+    def model_from_state(self, state: Mapping[str, Any]) -> SequenceClassifier:
+        model = SequenceClassifier(ModelConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["model_state"])
+        return model
+
+    def evaluate_file(self, run: Run, cfg: TrainConfig, path: str, batch_size: int
+                      ) -> dict[str, Any]:
+        ds = _load(cfg, path, run.vocab, LabelMap(run.labels))
+        result = self.evaluate(run.model, ds, cfg, batch_size=batch_size)
+        result["labels"] = list(run.labels)
+        result["skipped"] = len(ds.skipped)
+        return result
+
+    @torch.no_grad()
+    def predict(self, run: Run, inputs: Sequence[str], batch_size: int) -> list[dict[str, Any]]:
+        for i, t in enumerate(inputs):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}]: expected a str, got {type(t).__name__}")
+        tok = tokenizer(run.config)
+        pad = run.vocab.pad_index if run.vocab.pad_index is not None else 0
+        collate = _collate(run.config, pad)
+        packed = run.config.execution == "packed"
+        device = next(run.model.parameters()).device
+        run.model.eval()
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            ids, lengths, _ = collate([torch.tensor(run.vocab(tok(t)), dtype=torch.int64)
+                                       for t in chunk])
+            ids = ids.to(device)
+            logits = run.model(ids) if packed else run.model(ids, lengths)  # (B, C)
+            probs = torch.softmax(logits.float(), dim=-1).cpu()  # (B, C)
+            for t, p in zip(chunk, probs):
+                k = int(p.argmax())
+                results.append({"text": t, "label": run.labels[k], "probability": float(p[k]),
+                                "probabilities": {name: float(q) for name, q in
+                                                  zip(run.labels, p)}})
+        return results
+
+
+def scores(confusion: Tensor) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/support of a (true, predicted) confusion matrix."""
+    total = float(confusion.sum())
+    tp = confusion.diagonal()
+    predicted = confusion.sum(0)
+    actual = confusion.sum(1)
+    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in range(len(tp))]
+    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in range(len(tp))]
+    return {
+        "count": int(total),
+        "accuracy": float(tp.sum()) / total if total else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "support": [int(a) for a in actual],
+        "confusion": confusion.to(torch.int64).tolist(),
+    }
