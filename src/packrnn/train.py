@@ -64,12 +64,26 @@ from .tasks.base import StepStats, TaskData
 from .tasks.classify import tokenizer as _tokenizer
 
 __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", "predict",
-           "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
+           "generate", "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
 CONFIG_NAME = "config.json"
-FORMATS = ("agnews", "csv", "tsv", "jsonl")
+FORMATS = ("agnews", "csv", "tsv", "jsonl", "conllu", "conll", "text")
+# What each task reads (the first is the command line's default) and which fields only some
+# tasks use: such a field must keep its default for the other tasks.
+TASK_FORMATS = {"classify": ("agnews", "csv", "tsv", "jsonl"),
+                "tag": ("conllu", "conll", "jsonl"),
+                "lm": ("text", "agnews", "csv", "tsv", "jsonl")}
+_TASK_FIELDS = {
+    "pooling": ("classify",), "tagset": ("tag",), "token_column": ("tag",),
+    "tag_column": ("tag",), "lowercase": ("tag",), "char_features": ("tag",),
+    "char_embed_dim": ("tag",), "char_hidden_size": ("tag",), "level": ("lm",),
+    "tie_weights": ("lm",), "vectors": ("classify", "tag"),
+    "freeze_embedding": ("classify", "tag"), "sparse_embedding": ("classify", "tag"),
+    "max_length": ("classify", "lm"), "bidirectional": ("classify", "tag"),
+    "delimiter": ("classify", "tag", "lm"),
+}
 
 # Fields that may change between a run and its resumption (they do not change the numbers).
 _RESUMABLE_CHANGES = frozenset({
@@ -113,11 +127,15 @@ class TrainConfig(DictConfig):
     # -- data ---------------------------------------------------------------------------------
     train_path: str  # labelled training file
     output: str  # run directory: checkpoint, metrics.json, curves.png, config.json
-    task: str = "classify"  # what is learnt: "classify" (a label per text); see packrnn.tasks
+    task: str = "classify"  # what is learnt: "classify" (a label per text), "tag" (a tag per
+    #   token) or "lm" (the next token); see packrnn.tasks
     test_path: str | None = None  # labelled file evaluated after every epoch; None: no evaluation
-    format: str = "agnews"  # "agnews" (label 1-4, title, description; no header), "csv", "jsonl"
+    format: str = "agnews"  # "agnews" (label 1-4, title, description; no header), "csv", "tsv",
+    #   "jsonl"; tag: "conllu", "conll" or "jsonl"; lm: "text" (a text per line) or the above
     text_column: str | None = None  # csv/jsonl: field(s) with the text, comma-separated; None: "text"
+    #   (tag, jsonl: the key of the token list; None: "tokens")
     label_column: str | None = None  # csv/jsonl: field with the label; None: "label"
+    #   (tag, jsonl: the key of the tag list; None: "tags")
     delimiter: str | None = None  # csv: field separator; None: tab for .tsv files, else ","
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping with an error
     tokenizer: str = "basic_english"  # "basic_english" or "split" (whitespace)
@@ -137,6 +155,16 @@ class TrainConfig(DictConfig):
     vectors: str | None = None  # word2vec/GloVe text file to initialise the embedding from
     freeze_embedding: bool = False  # keep the embedding fixed
     sparse_embedding: bool = False  # lazy Adam on the embedding: update only the batch's rows
+    # -- tagging (task "tag") and language modelling (task "lm") ------------------------------
+    tagset: str = "upos"  # conllu: "upos" (column 4) or "xpos" (column 5)
+    token_column: int = 0  # conll: 0-based column of the word (negative: from the end)
+    tag_column: int = -1  # conll: 0-based column of the tag (negative: from the end)
+    lowercase: bool = False  # tag: look words up lowercased (characters keep their case)
+    char_features: bool = False  # tag: add a character-level recurrent layer's word features
+    char_embed_dim: int = 16  # tag: character embedding size
+    char_hidden_size: int = 32  # tag: character layer's hidden size per direction
+    level: str = "char"  # lm: predict characters ("char") or words ("word", by `tokenizer`)
+    tie_weights: bool = False  # lm: the output layer reuses the embedding (embed_dim == hidden_size)
     # -- optimisation -------------------------------------------------------------------------
     batch_size: int = 16  # sequences per batch (per process under torchrun)
     epochs: int = 1  # passes over the training data
@@ -175,6 +203,24 @@ class TrainConfig(DictConfig):
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.format not in FORMATS:
             raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format not in TASK_FORMATS[self.task]:
+            raise ValueError(f"format: expected one of {', '.join(TASK_FORMATS[self.task])} for "
+                             f"task {self.task!r}, got {self.format!r}")
+        for name, tasks in _TASK_FIELDS.items():
+            default = TrainConfig.__dataclass_fields__[name].default
+            if self.task not in tasks and getattr(self, name) != default:
+                raise ValueError(f"{name}: expected only with task "
+                                 f"{' or '.join(repr(t) for t in tasks)}, got task {self.task!r}")
+        if self.tagset not in ("upos", "xpos"):
+            raise ValueError(f"tagset: expected 'upos' or 'xpos', got {self.tagset!r}")
+        if self.level not in ("char", "word"):
+            raise ValueError(f"level: expected 'char' or 'word', got {self.level!r}")
+        for name in ("token_column", "tag_column"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise TypeError(f"{name}: expected an int column index, got {getattr(self, name)!r}")
+        if self.tie_weights and self.embed_dim != self.hidden_size:
+            raise ValueError("tie_weights: expected embed_dim == hidden_size, got "
+                             f"{self.embed_dim} and {self.hidden_size}")
         if self.format == "agnews" and (self.text_column or self.label_column):
             raise ValueError("text_column/label_column: expected only with format csv or jsonl, "
                              "got format 'agnews'")
@@ -188,7 +234,7 @@ class TrainConfig(DictConfig):
             raise ValueError(f"execution: expected one of {', '.join(EXECUTIONS)}, "
                              f"got {self.execution!r}")
         for name in ("embed_dim", "hidden_size", "num_layers", "batch_size", "epochs",
-                     "min_freq", "eval_batch_size"):
+                     "min_freq", "eval_batch_size", "char_embed_dim", "char_hidden_size"):
             _check_pos_int(name, getattr(self, name))
         for name in ("max_vocab_size", "max_length", "max_tokens", "checkpoint_every_steps",
                      "threads"):
@@ -214,7 +260,7 @@ class TrainConfig(DictConfig):
             raise ValueError("weight_decay: expected 0 with sparse_embedding=True (sparse Adam has "
                              f"no weight decay), got {self.weight_decay}")
         for name in ("bidirectional", "skip_bad_rows", "freeze_embedding", "sparse_embedding",
-                     "bucket", "resume",
+                     "bucket", "resume", "lowercase", "char_features", "tie_weights",
                      "overwrite", "progress", "plot"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
@@ -728,6 +774,7 @@ class Run:
     config: TrainConfig  # the run's training config
     epochs_done: int  # finished epochs
     history: list[EpochMetrics]  # metrics of the finished epochs
+    char_vocab: Any = None  # task "tag" with char_features: the characters' Vocab
 
     def tokenize(self, text: str) -> list[str]:
         """The run's tokenizer (truncating to ``max_length`` if the run did)."""
@@ -752,9 +799,11 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
         raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
                               f"({first})") from e
     model.to(device).eval()
+    chars = state.get("char_vocab")
     return Run(directory=path, model=model, vocab=vocab, labels=list(state["labels"]),
                config=tcfg, epochs_done=int(state["epoch"]),
-               history=[EpochMetrics(**m) for m in state["history"]])
+               history=[EpochMetrics(**m) for m in state["history"]],
+               char_vocab=Vocab.from_dict(chars) if chars else None)
 
 
 def _as_run(run: Run | str | os.PathLike) -> Run:
@@ -802,3 +851,38 @@ def predict(run: Run | str | os.PathLike, texts: Sequence[str], batch_size: int 
     if isinstance(texts, str):
         raise TypeError("texts: expected a list of str, got a str (wrap it in a list)")
     return get_task(run.config.task).predict(run, list(texts), batch_size)
+
+
+def generate(run: Run | str | os.PathLike, prefix: str = "", max_new: int = 100, *,
+             temperature: float = 1.0, top_k: int | None = None, seed: int | None = None) -> str:
+    """Continue ``prefix`` with a trained language model (task ``"lm"``); returns the whole text.
+
+    The prefix is split like the training texts (characters, or words by the run's tokenizer;
+    unknown units become ``<unk>``), then ``LanguageModel.generate`` samples up to ``max_new``
+    units step by step, stopping at ``<eos>``. Characters are joined as they are, words with
+    spaces.
+
+    Args:
+        run: a ``Run`` or its directory. prefix (str): the start of the text. Default: "".
+        max_new (int): at most this many new characters or words. Default: 100.
+        temperature (float): > 0 samples, 0 is greedy. Default: 1.0.
+        top_k (int, optional): sample among the likeliest ``top_k`` only.
+        seed (int, optional): same seed, same text.
+
+    >>> generate("runs/charlm", "Stocks ", max_new=40, seed=0)  # doctest: +SKIP
+    'Stocks rise as oil prices fall'
+    """
+    run = _as_run(run)
+    if run.config.task != "lm":
+        raise ValueError(f"run: expected a run of task 'lm', got task {run.config.task!r}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
+    from .data.language_modeling import split_text
+
+    units = split_text(prefix, run.config.level, _tokenizer(run.config))
+    new = run.model.generate(run.vocab(units), max_new, temperature=temperature, top_k=top_k,
+                             seed=seed)
+    words = run.vocab.lookup_tokens(new)
+    if run.config.level == "char":
+        return prefix + "".join(words)
+    return " ".join([prefix.rstrip(), *words]).strip() if prefix.strip() else " ".join(words)

@@ -5,6 +5,8 @@ A task supplies data loading, the model, the loss of one batch and the metrics
 
 ============  ====================================================================
 ``classify``  one label per text: ``SequenceClassifier`` (``classify.py``)
+``tag``       one tag per token: ``SequenceTagger`` (``tag.py``)
+``lm``        the next character or word at every step: ``LanguageModel`` (``lm.py``)
 ============  ====================================================================
 """
 
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 from .base import StepStats, Task, TaskData
 from .classify import ClassifyTask
+from .lm import LanguageModelTask
+from .tag import TagTask
 
 __all__ = ["TASKS", "Task", "TaskData", "StepStats", "get_task"]
 
-_REGISTRY: dict[str, type] = {"classify": ClassifyTask}
+_REGISTRY: dict[str, type] = {"classify": ClassifyTask, "tag": TagTask, "lm": LanguageModelTask}
 TASKS = tuple(_REGISTRY)
 
 
