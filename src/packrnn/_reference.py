@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["rnn_tanh_cell", "rnn_relu_cell", "lstm_cell", "gru_cell", "recurrence"]
+__all__ = ["rnn_tanh_cell", "rnn_relu_cell", "lstm_cell", "gru_cell", "recurrence",
+           "recurrence_from_gates"]
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -110,6 +111,58 @@ def recurrence(*, mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Opt
         outputs[t] = h_new
     if not outputs:
         output = x.new_zeros(0, h0.shape[1])
+    else:
+        output = torch.cat(outputs, 0)  # (N, H_out)
+    return output, h, c
+
+
+def recurrence_from_gates(*, mode: str, gates_x: Tensor, batch_sizes: Tensor, h0: Tensor,
+                          c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
+                          w_hr: Optional[Tensor], reverse: bool, padded: bool = False
+                          ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The backend contract's time loop, one step at a time in differentiable torch ops.
+
+    Same arguments and results as a backend's ``recurrence_forward`` (NOTE [Backend contract]
+    in ``_lean.py``): ``gates_x`` (N, G*H) holds ``x W_ih^T + b_ih`` (+ ``b_hh`` for rnn/lstm;
+    gru passes ``b_hh``). ``padded``: the rows are a time-major padded batch sorted longest
+    first, step t at rows ``[t*B, t*B + batch_sizes[t])`` with B = h0's rows (NOTE [Padded
+    layout] in recurrence.cpp); padding rows of the output are zero. Used for second
+    derivatives of the native kernel (NOTE [Second derivatives] in ``_ops.py``).
+
+    Returns output (N, H_out), h_n (B, H_out), c_n (B, H) or None.
+    """
+    sizes = batch_sizes.tolist()
+    batch, width = h0.shape[0], h0.shape[1]
+    offsets = [t * batch for t in range(len(sizes))] if padded else \
+        [sum(sizes[:t]) for t in range(len(sizes))]
+    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+    h, c = h0, c0
+    outputs: list[Optional[Tensor]] = [None] * len(sizes)
+    for t in order:
+        size, gx = sizes[t], gates_x[offsets[t] : offsets[t] + sizes[t]]  # (b_t, G*H)
+        h_prev = h[:size]  # (b_t, H_out)
+        if mode == "lstm":
+            i, f, g, o = (gx + h_prev @ w_hh.t()).chunk(4, 1)
+            c_new = torch.sigmoid(f) * c[:size] + torch.sigmoid(i) * torch.tanh(g)  # (b_t, H)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            if w_hr is not None:
+                h_new = h_new @ w_hr.t()  # (b_t, P)
+            c = torch.cat([c_new, c[size:]], 0)
+        elif mode == "gru":
+            x_r, x_z, x_n = gx.chunk(3, 1)
+            h_r, h_z, h_n = _linear(h_prev, w_hh, b_hh).chunk(3, 1)
+            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+            h_new = (1 - z) * torch.tanh(x_n + r * h_n) + z * h_prev
+        elif mode in ("rnn_tanh", "rnn_relu"):
+            pre = gx + h_prev @ w_hh.t()
+            h_new = torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)
+        else:
+            raise ValueError(f"mode: expected rnn_tanh, rnn_relu, lstm or gru, got {mode!r}")
+        h = torch.cat([h_new, h[size:]], 0)
+        outputs[t] = torch.cat([h_new, h_new.new_zeros(batch - size, width)], 0) if padded \
+            else h_new
+    if not outputs:
+        output = gates_x.new_zeros(0, width)
     else:
         output = torch.cat(outputs, 0)  # (N, H_out)
     return output, h, c

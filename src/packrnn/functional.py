@@ -14,9 +14,19 @@ direction to a backend (see NOTE [Backend contract] in ``_lean.py``):
 On CUDA (and ``backend=None``) the call is delegated to torch's cuDNN implementation with the
 same parameters.
 
-The hand-written backward of the "python" and "native" backends is once-differentiable: second
-derivatives (``create_graph=True`` through a layer, e.g. a gradient penalty) need
-``backend="reference"``; otherwise autograd reports the input as unused.
+The native backend's time loop is the registered operator
+``torch.ops.packrnn.recurrence_forward_directions`` (``packrnn._ops``): autograd, ``torch.compile``
+and ``torch.export`` see one opaque op per layer, and second derivatives (``create_graph=True``,
+e.g. a gradient penalty) are exact (NOTE [Second derivatives] in ``_ops.py``). The python
+backend's hand-written backward is once-differentiable: asking it for a second derivative
+raises; use the native or the reference backend for those.
+
+NOTE [Padded layout] (see also recurrence.cpp): with ``padded=True`` the rows are a
+time-major padded batch sorted longest first, ``data`` (T*B, E) and step t at rows
+``[t*B, t*B + batch_sizes[t])``, ``batch_sizes`` (T,) possibly ending in zeros. No shape then
+depends on the lengths' values, which is what ``torch.compile`` / ``torch.export`` need; the
+native kernel runs this layout directly, the python and reference backends gather the real rows
+first (eager only).
 
 Letters: T steps, B batch, N packed rows, E input size, H hidden size, P proj_size,
 H_out = P or H, G gates, L layers, D directions.
@@ -131,7 +141,8 @@ def _folded_bias(mode: str, d: _Direction) -> Optional[Tensor]:
 
 def _project(mode: str, x: Tensor, directions: Sequence[_Direction],
              backend: ModuleType) -> list[Tensor]:
-    """Input projections of every row for every direction in one (batched) GEMM."""
+    """Input projections of every row for every direction in one (batched) GEMM (the python
+    backend's; the native backend's layer_forward operator does its own)."""
     biases = [_folded_bias(mode, d) for d in directions]
     num_dirs, rows, width = len(directions), x.shape[0], directions[0].w_ih.shape[0]
     out = None
@@ -163,14 +174,22 @@ def _direction_args(spec: _LayerSpec, d: _Direction) -> dict:
 
 
 def _run_directions(spec: _LayerSpec, x: Tensor, directions: Sequence[_Direction],
-                    need_backward: bool):
+                    need_backward: bool, padded: bool = False):
     """Forward of one layer: projections, then the backend's time loop of every direction
-    (one call: the backend may run the directions concurrently)."""
-    gates = _project(spec.mode, x, directions, spec.backend)
-    results = spec.backend.recurrence_forward_directions(
-        mode=spec.mode, batch_sizes=spec.batch_sizes, need_backward=need_backward,
-        directions=[dict(_direction_args(spec, d), gates_x=gates_x)
-                    for d, gates_x in zip(directions, gates)])
+    (one call: the backend may run the directions concurrently). With the native backend this
+    is differentiable as it stands (registered autograd, ``packrnn._ops``)."""
+    if _registered_autograd(spec.backend):  # one operator: projections and time loop
+        results = spec.backend.layer_forward(
+            mode=spec.mode, batch_sizes=spec.batch_sizes, x=x, need_backward=need_backward,
+            padded=padded, directions=[
+                dict(_direction_args(spec, d), w_ih=d.w_ih, bias=_folded_bias(spec.mode, d))
+                for d in directions])
+    else:
+        gates = _project(spec.mode, x, directions, spec.backend)
+        results = spec.backend.recurrence_forward_directions(
+            mode=spec.mode, batch_sizes=spec.batch_sizes, need_backward=need_backward,
+            directions=[dict(_direction_args(spec, d), gates_x=gates_x)
+                        for d, gates_x in zip(directions, gates)])
     outputs = [r[0] for r in results]
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)  # (N, D*H_out)
     h_n = torch.stack([r[1] for r in results])  # (D, B, H_out)
@@ -178,8 +197,14 @@ def _run_directions(spec: _LayerSpec, x: Tensor, directions: Sequence[_Direction
     return output, h_n, c_n, outputs, [r[3] for r in results]
 
 
+def _registered_autograd(backend) -> bool:
+    """Whether the backend's time loop is a registered operator with autograd (native)."""
+    return getattr(backend, "REGISTERED_OPS", False)
+
+
 class _LayerFunction(torch.autograd.Function):
-    """One layer (one or two directions) with a hand-written backward through time.
+    """One layer (one or two directions) with a hand-written backward through time: the
+    python backend's autograd (the native backend's is registered with its operator).
 
     Positional inputs after ``spec``: see NOTE [Autograd argument order].
     """
@@ -259,8 +284,10 @@ class _LayerFunction(torch.autograd.Function):
 
 
 def _layer(*, mode: str, x: Tensor, batch_sizes: Tensor, directions: Sequence[_Direction],
-           backend) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """One layer through ``backend``: (output (N, D*H_out), h_n (D, B, H_out), c_n or None)."""
+           backend, padded: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer through ``backend``: (output (N, D*H_out), h_n (D, B, H_out), c_n or None).
+
+    ``padded`` (NOTE [Padded layout]) only with a backend of registered operators (native)."""
     if backend == "reference":
         results = [
             _reference.recurrence(mode=mode, x=x, batch_sizes=batch_sizes, h0=d.h0, c0=d.c0,
@@ -277,8 +304,8 @@ def _layer(*, mode: str, x: Tensor, batch_sizes: Tensor, directions: Sequence[_D
     flat = _flatten(directions)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in flat))
-    if not needs_grad:
-        output, h_n, c_n, _, _ = _run_directions(spec, x, directions, False)
+    if not needs_grad or _registered_autograd(backend):
+        output, h_n, c_n, _, _ = _run_directions(spec, x, directions, needs_grad, padded)
         return output, h_n, c_n
     result = _LayerFunction.apply(spec, x, *flat)
     if mode == "lstm":
@@ -363,16 +390,27 @@ def _check_state(state: Tensor, name: str, sizes: tuple[int, int], min_batch: in
 def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
          c0: Optional[Tensor], weights: Sequence[Tensor], bias: bool, num_layers: int,
          dropout: float, training: bool, bidirectional: bool, backend: Optional[str],
-         batch_sizes_checked: bool = False):
+         batch_sizes_checked: bool = False, padded: bool = False,
+         dropout_rows: Optional[tuple[int, Tensor]] = None):
     """The body of rnn/lstm/gru; packrnn's layers call it directly (see ``_check`` for
-    ``batch_sizes_checked``). Returns (output (N, D*H_out), h_n, c_n or None)."""
+    ``batch_sizes_checked``). Returns (output (N, D*H_out), h_n, c_n or None).
+
+    ``padded``: the rows are in the padded layout (NOTE [Padded layout]); the caller built
+    ``batch_sizes`` and passes ``h0`` (and ``c0``) with the full batch B = N / T.
+    ``dropout_rows``: (rows of the padded layout, index of this call's rows in it), for the
+    compact form of a padded call (NOTE [Compact padded calls])."""
     num_dirs = 2 if bidirectional else 1
     per_dir = _check(data, batch_sizes, weights, num_layers, num_dirs, bias, mode,
-                     batch_sizes_checked)
+                     batch_sizes_checked or padded)
     has_proj = per_dir in (3, 5)
     hidden, width = _check_weights(data, weights, mode=mode, per_dir=per_dir, num_dirs=num_dirs,
                                    bias=bias, has_proj=has_proj)  # H, H_out
-    batch = int(batch_sizes[0]) if batch_sizes.numel() else 0
+    if padded:
+        if h0 is None or (mode == "lstm" and c0 is None):
+            raise ValueError("hx: expected the initial state with padded=True, got None")
+        batch = 0  # any B: the layout's rows are checked by the kernel
+    else:
+        batch = int(batch_sizes[0]) if batch_sizes.numel() else 0
     opts = dict(dtype=data.dtype, device=data.device)
     if h0 is None:
         h0 = torch.zeros(num_layers * num_dirs, batch, width, **opts)  # (L*D, B, H_out)
@@ -390,6 +428,16 @@ def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
                          training=training, bidirectional=bidirectional)
 
     impl = _get_backend(backend, data.dtype)
+    if padded and _compact(impl, data, weights):
+        # NOTE [Compact padded calls]: gather the real rows, run them packed, scatter back.
+        rows = _padded_rows(batch_sizes, h0.shape[1])  # (N_real,)
+        out, h_out, c_out = _run(
+            mode=mode, data=data.index_select(0, rows), batch_sizes=batch_sizes[batch_sizes > 0],
+            h0=h0, c0=c0, weights=weights, bias=bias, num_layers=num_layers, dropout=dropout,
+            training=training, bidirectional=bidirectional, backend=backend,
+            batch_sizes_checked=True, dropout_rows=(data.shape[0], rows))
+        full = out.new_zeros(data.shape[0], out.shape[1]).index_copy(0, rows, out)  # (T*B, .)
+        return full, h_out, c_out
     x = data  # (N, E)
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -407,18 +455,52 @@ def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
                 w_hr=w[-1].contiguous() if has_proj else None,
             ))
         x, layer_h, layer_c = _layer(mode=mode, x=x, batch_sizes=batch_sizes,
-                                     directions=directions, backend=impl)
+                                     directions=directions, backend=impl, padded=padded)
         h_n.append(layer_h)
         if mode == "lstm":
             c_n.append(layer_c)
         if training and dropout > 0 and layer < num_layers - 1:
-            x = F.dropout(x, p=dropout, training=True)  # (N, D*H_out), between layers only
+            x = _dropout(x, dropout, dropout_rows)  # (N, D*H_out), between layers only
     # One layer: its states are fresh tensors already, no need to copy them through cat.
     h_out = h_n[0] if num_layers == 1 else torch.cat(h_n, 0)  # (L*D, B, H_out)
     c_out = None
     if mode == "lstm":
         c_out = c_n[0] if num_layers == 1 else torch.cat(c_n, 0)  # (L*D, B, H)
     return x, h_out, c_out
+
+
+# NOTE [Compact padded calls]
+# A padded-layout call (NOTE [Padded layout]) saves activations for all T*B rows. In eager mode
+# with gradients, packrnn instead gathers the real rows, runs them packed (saved activations
+# O(real rows), projections over real rows only) and scatters the output back; the python and
+# reference backends always do, as their time loops are not registered operators. Under
+# torch.compile / torch.export the layout stays padded (static shapes). So that both forms give
+# the same numbers for a seed, inter-layer dropout of the compact form draws its mask over the
+# padded layout's T*B rows and keeps the real rows' part (_dropout).
+def _compact(impl, data: Tensor, weights: Sequence[Tensor]) -> bool:
+    """Whether a padded-layout call runs compact (NOTE [Compact padded calls])."""
+    if not _registered_autograd(impl):
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch.is_grad_enabled() and (data.requires_grad or any(w.requires_grad for w in weights))
+
+
+def _dropout(x: Tensor, p: float, dropout_rows: Optional[tuple[int, Tensor]]) -> Tensor:
+    """Inter-layer dropout; with ``dropout_rows`` the mask of the padded layout's rows
+    (NOTE [Compact padded calls])."""
+    if dropout_rows is None:
+        return F.dropout(x, p=p, training=True)
+    total, rows = dropout_rows
+    mask = F.dropout(x.new_ones(total, x.shape[1]), p=p, training=True)  # (T*B, F): 0 or 1/(1-p)
+    return x * mask.index_select(0, rows)
+
+
+def _padded_rows(batch_sizes: Tensor, batch: int) -> Tensor:
+    """The real rows of the padded layout, in packed order: t*B + [0, batch_sizes[t])."""
+    steps = batch_sizes.numel()
+    active = torch.arange(batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B)
+    return torch.arange(steps * batch).view(steps, batch)[active]  # (N_real,)
 
 
 def _run_cuda(*, mode, data, batch_sizes, h0, c0, weights, bias, num_layers, dropout, training,

@@ -100,6 +100,23 @@ def _check_input_features(data: Tensor, name: str, input_size: int, weight: Tens
                          f"got {data.device}")
 
 
+def _lengths(lengths, batch: int, steps: int) -> Tensor:
+    """``lengths`` of a padded batch as a (B,) CPU int64 tensor.
+
+    Eager: validated by ``as_lengths`` (count, integers, 0 <= length <= T). Under
+    ``torch.compile`` / ``torch.export`` the values are not inspected (that would be a
+    data-dependent guard, i.e. a graph break): an int tensor of B lengths is taken as it is,
+    and a length outside [0, T] acts as if clamped to it.
+    """
+    if not torch.compiler.is_compiling():
+        return as_lengths(lengths, batch, max_length=steps)
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"lengths: expected a 1-D tensor of {batch} lengths, got shape "
+                         f"{tuple(lengths.shape)}")
+    return lengths.to(device="cpu", dtype=torch.int64)
+
+
 class _RNNBase(nn.Module):
     """Shared parameters, validation and input handling of RNN, LSTM and GRU.
 
@@ -234,17 +251,19 @@ class _RNNBase(nn.Module):
             states.append(value.unsqueeze(1) if unbatched else value)
         return states[0], (states[1] if is_lstm else None)
 
-    def _run(self, data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Optional[Tensor]):
+    def _run(self, data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Optional[Tensor],
+             padded: bool = False):
         """Packed rows in sorted order -> (output rows, h_n, c_n or None) via functional.
 
         Calls the body of functional.rnn/lstm/gru directly: ``batch_sizes`` is valid here (a
         checked PackedSequence's, or built by ``forward``), so functional skips re-checking it.
+        ``padded``: rows in the padded layout (NOTE [Padded layout] in ``functional``).
         """
         return functional._run(
             mode=self.mode.lower(), data=data, batch_sizes=batch_sizes, h0=h0, c0=c0,
             weights=self._flat_weights, bias=self.bias, num_layers=self.num_layers,
             dropout=self.dropout, training=self.training, bidirectional=self.bidirectional,
-            backend=self.backend, batch_sizes_checked=True)
+            backend=self.backend, batch_sizes_checked=True, padded=padded)
 
     def _finish(self, output, h_n: Tensor, c_n: Optional[Tensor]):
         if self.mode == "LSTM":
@@ -273,7 +292,7 @@ class _RNNBase(nn.Module):
         h0, c0 = self._prepare_hx(hx, batch, input, unbatched)
 
         if lengths is not None:
-            lengths = as_lengths(lengths, batch, max_length=steps)
+            lengths = _lengths(lengths, batch, steps)
         if lengths is None or batch == 0:
             # Every step is real: the packed rows of a full batch are the time-major rows. An
             # empty batch (B = 0, which torch accepts) has no rows and no steps to pack.
@@ -290,11 +309,44 @@ class _RNNBase(nn.Module):
                 c_n = c_n.squeeze(1) if c_n is not None else None
             return self._finish(output, h_n, c_n)
 
-        packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first)
-        packed_out, h_n, c_n = self._forward_sorted(packed, h0, c0, batch, zero_state=hx is None)
-        output, _ = pad_packed_sequence(packed_out, batch_first=self.batch_first,
-                                        total_length=steps)
-        return self._finish(output, h_n, c_n)
+        if input.is_cuda:  # cuDNN runs packed rows
+            packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first)
+            packed_out, h_n, c_n = self._forward_sorted(packed, h0, c0, batch,
+                                                        zero_state=hx is None)
+            output, _ = pad_packed_sequence(packed_out, batch_first=self.batch_first,
+                                            total_length=steps)
+            return self._finish(output, h_n, c_n)
+        return self._finish(*self._forward_lengths(input, lengths, h0, c0, hx is None))
+
+    def _forward_lengths(self, input: Tensor, lengths: Tensor, h0: Tensor, c0: Optional[Tensor],
+                         zero_state: bool):
+        """Padded input with lengths, in the padded layout (NOTE [Padded layout] in
+        ``functional``): sort the batch longest first, run, unsort. No shape depends on the
+        lengths' values and nothing is packed, so this path compiles and exports; the kernel
+        still computes only the real steps. Returns (output, h_n, c_n or None)."""
+        x = input.transpose(0, 1) if self.batch_first else input  # (T, B, E)
+        steps, batch = x.shape[0], x.shape[1]
+        order = None
+        if batch > 1:  # one sequence: nothing to sort
+            order = torch.argsort(lengths, descending=True, stable=True)  # (B,) sorted -> original
+            lengths = lengths.index_select(0, order)
+            x = x.index_select(1, order)  # (T, B, E)
+            if not zero_state:  # zeros need no reordering
+                h0 = h0.index_select(1, order)
+                c0 = c0.index_select(1, order) if c0 is not None else None
+        # batch_sizes[t] = sequences longer than t: (T,), may end in zeros
+        batch_sizes = (lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
+        out, h_n, c_n = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h0, c0,
+                                  padded=True)
+        output = out.view(steps, batch, out.shape[1])  # (T, B, D*H_out), zero at padding
+        if order is not None:
+            inverse = torch.argsort(order)  # (B,) original -> sorted
+            output = output.index_select(1, inverse)
+            h_n = h_n.index_select(1, inverse)
+            c_n = c_n.index_select(1, inverse) if c_n is not None else None
+        if self.batch_first:
+            output = output.transpose(0, 1)  # (B, T, D*H_out)
+        return output, h_n, c_n
 
     def _forward_packed(self, input, hx, lengths):
         if lengths is not None:

@@ -5,7 +5,10 @@ once with ``torch.utils.cpp_extension.load`` into a cache directory keyed by the
 a hash of the sources and flags, so later processes only load the shared library. Selection and
 fallback (``PACKRNN_BACKEND``) live in ``packrnn.backend``; this module only builds and calls.
 
-The contract's functions take exactly its arguments, by keyword (see NOTE [Backend contract] in
+The kernels are torch operators (``torch.ops.packrnn.*``: schemas and CPU kernels in C++, fake
+implementations and autograd in ``packrnn._ops``), so eager calls, ``torch.compile`` and
+``torch.export`` all go through the dispatcher. The contract's functions take exactly its
+arguments, by keyword (see NOTE [Backend contract] in
 ``packrnn._lean``), and return the same structure as the lean backend; the ``_directions`` forms
 run all directions of a layer in one kernel call.
 """
@@ -24,7 +27,7 @@ from torch import Tensor
 
 __all__ = ["load_library", "build_directory", "kernel_info", "clear_cache", "empty",
            "recurrence_forward", "recurrence_backward", "recurrence_forward_directions",
-           "recurrence_backward_directions"]
+           "recurrence_backward_directions", "layer_forward"]
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("recurrence.cpp", "recurrence.h")
@@ -33,6 +36,9 @@ _SOURCES = ("recurrence.cpp", "recurrence.h")
 # step's rows over torch's intra-op threads (it links the libgomp torch already loaded).
 _CFLAGS = ("-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)
+
+# functional.py: this backend's time loop is a registered operator with autograd (_ops.py).
+REGISTERED_OPS = True
 
 _log = logging.getLogger("packrnn")
 _lock = threading.Lock()
@@ -88,6 +94,9 @@ def load_library(verbose: bool = False) -> str:
             is_python_module=False,
             verbose=verbose,
         )
+        from packrnn import _ops
+
+        _ops.register()  # fake implementations and autograd beside the C++ kernels
         _loaded = str(path) if path is not None else str(directory)
         return _loaded
 
@@ -175,20 +184,26 @@ def recurrence_forward(
     gru: r, z, n and the hidden n-term (N, 4H); rnn: nothing).
     """
     out = _ops().recurrence_forward(
-        mode, gates_x, batch_sizes, h0, c0, w_hh, b_hh, w_hr, bool(reverse), bool(need_backward)
+        mode, gates_x, batch_sizes, h0, c0, w_hh, b_hh, w_hr, bool(reverse), bool(need_backward),
+        False,
     )
     return _forward_result(mode, out)
 
 
 def recurrence_forward_directions(
-    *, mode: str, batch_sizes: Tensor, need_backward: bool, directions: Sequence[dict]
+    *, mode: str, batch_sizes: Tensor, need_backward: bool, directions: Sequence[dict],
+    padded: bool = False,
 ) -> list[tuple[Tensor, Tensor, Optional[Tensor], tuple[Tensor, ...]]]:
     """Every direction of one layer (backend contract) in one kernel call, the directions
     running concurrently (NOTE [Direction tasks] in recurrence.cpp).
 
     ``directions[k]`` holds direction k's keywords of :func:`recurrence_forward` (``gates_x,
-    h0, c0, w_hh, b_hh, w_hr``); direction 1 runs reversed. Returns one
-    :func:`recurrence_forward` result per direction.
+    h0, c0, w_hh, b_hh, w_hr``); direction 1 runs reversed. ``padded``: the rows are a
+    time-major padded batch sorted longest first (NOTE [Padded layout] in recurrence.cpp).
+    Returns one :func:`recurrence_forward` result per direction.
+
+    Differentiable: autograd runs :func:`recurrence_backward_directions` (registered in
+    ``packrnn._ops``); ``need_backward`` must be True for that.
     """
     _check_directions(directions, _FORWARD_KEYS)
     out = _ops().recurrence_forward_directions(
@@ -196,7 +211,31 @@ def recurrence_forward_directions(
         [d["gates_x"] for d in directions], [d["h0"] for d in directions],
         [d["c0"] for d in directions], [d["w_hh"] for d in directions],
         [d["b_hh"] for d in directions], [d["w_hr"] for d in directions], bool(need_backward),
+        bool(padded),
     )
+    return [_forward_result(mode, r) for r in _per_direction(out, len(directions))]
+
+
+_LAYER_KEYS = ("w_ih", "bias", "h0", "c0", "w_hh", "b_hh", "w_hr")
+
+
+def layer_forward(
+    *, mode: str, batch_sizes: Tensor, x: Tensor, need_backward: bool, padded: bool,
+    directions: Sequence[dict],
+) -> list[tuple[Tensor, Tensor, Optional[Tensor], tuple[Tensor, ...]]]:
+    """One whole layer in one operator call: the input projections ``x @ w_ih^T + bias`` of
+    every direction, then :func:`recurrence_forward_directions` on them.
+
+    ``directions[k]`` holds ``w_ih`` (G*H, E), ``bias`` (G*H,) or None (b_ih + b_hh folded for
+    rnn/lstm; b_ih for gru), and ``h0, c0, w_hh, b_hh, w_hr`` as for
+    :func:`recurrence_forward`. Differentiable (autograd registered in ``packrnn._ops``, exact
+    to any order); ``need_backward`` must be True when a gradient will be taken.
+    Returns one :func:`recurrence_forward` result per direction.
+    """
+    _check_directions(directions, _LAYER_KEYS)
+    out = _ops().layer_forward(
+        mode, batch_sizes, x, *[[d[key] for d in directions] for key in _LAYER_KEYS],
+        bool(need_backward), bool(padded))
     return [_forward_result(mode, r) for r in _per_direction(out, len(directions))]
 
 
@@ -226,13 +265,13 @@ def recurrence_backward(
     """
     out = _ops().recurrence_backward(
         mode, grad_output, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
-        bool(reverse), output, list(saved),
+        bool(reverse), output, list(saved), False,
     )
     return _backward_result(mode, w_hr is not None, out)
 
 
 def recurrence_backward_directions(
-    *, mode: str, batch_sizes: Tensor, directions: Sequence[dict]
+    *, mode: str, batch_sizes: Tensor, directions: Sequence[dict], padded: bool = False
 ) -> list[tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]]:
     """Backward of :func:`recurrence_forward_directions`, the directions concurrently.
 
@@ -248,6 +287,7 @@ def recurrence_backward_directions(
         [d["c0"] for d in directions], [d["w_hh"] for d in directions],
         [d["b_hh"] for d in directions], [d["w_hr"] for d in directions],
         [d["output"] for d in directions], [t for d in directions for t in d["saved"]],
+        bool(padded),
     )
     return [_backward_result(mode, d["w_hr"] is not None, r)
             for d, r in zip(directions, _per_direction(out, len(directions)))]

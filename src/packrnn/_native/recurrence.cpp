@@ -542,14 +542,35 @@ void copy_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t r0,
 
 // ---------------------------------------------------------------------------------------------
 // The packed layout of one call: per-step sizes and offsets, in torch's row order.
+//
+// NOTE [Padded layout]
+//   With padded = true the rows are a time-major padded batch sorted longest first: step t's
+//   rows start at off_t = t * B (B = the full batch, zero-length sequences included), N = T * B,
+//   and b_t may be 0 (steps past the longest sequence). The active rows of step t are still
+//   [off_t, off_t + b_t) (NOTE [Active prefix]), so the time loops are unchanged; the rows
+//   [off_t + b_t, off_t + B) are padding: never read, and zero in every N-row buffer this
+//   kernel returns or multiplies over all rows (zero_padding). That is the layout of a padded
+//   batch with lengths: no packing copy, static shapes for torch.compile / torch.export.
 struct Layout {
   std::vector<int64_t> sizes;    // (T,) b_t
   std::vector<int64_t> offsets;  // (T,) off_t
   int64_t rows = 0;              // N
   int64_t max_active = 0;        // b_0
+  int64_t stride = 0;            // padded: B, the rows of every step; packed: 0
 };
 
-Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch) {
+// Zeroes the padding rows [off_t + b_t, off_t + B) of an (N, width) buffer in the padded
+// layout (NOTE [Padded layout]); nothing in the packed layout.
+template <typename T>
+void zero_padding(T* p, int64_t width, const Layout& L) {
+  if (L.stride == 0) return;
+  for (size_t t = 0; t < L.sizes.size(); ++t) {
+    const int64_t first = L.offsets[t] + L.sizes[t], count = L.stride - L.sizes[t];
+    if (count > 0) std::memset(p + first * width, 0, sizeof(T) * count * width);
+  }
+}
+
+Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch, bool padded) {
   TORCH_CHECK_TYPE(batch_sizes.scalar_type() == at::kLong && batch_sizes.device().is_cpu() &&
                        batch_sizes.dim() == 1,
                    "batch_sizes: expected a 1-D int64 CPU tensor, got ",
@@ -562,17 +583,20 @@ Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch)
   L.sizes.assign(p, p + T);
   L.offsets.resize(T);
   int64_t prev = T > 0 ? L.sizes[0] : 0;
+  L.stride = padded ? batch : 0;
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK_VALUE(L.sizes[t] > 0 && L.sizes[t] <= prev,
-                      "batch_sizes: expected positive, non-increasing values, got ",
-                      L.sizes[t], " at step ", t, " after ", prev);
+    TORCH_CHECK_VALUE((L.sizes[t] > 0 || padded) && L.sizes[t] >= 0 && L.sizes[t] <= prev,
+                      "batch_sizes: expected ", padded ? "non-negative" : "positive",
+                      ", non-increasing values, got ", L.sizes[t], " at step ", t, " after ",
+                      prev);
     prev = L.sizes[t];
-    L.offsets[t] = L.rows;
-    L.rows += L.sizes[t];
+    L.offsets[t] = padded ? t * batch : L.rows;
+    L.rows += padded ? batch : L.sizes[t];
   }
   L.max_active = T > 0 ? L.sizes[0] : 0;
-  TORCH_CHECK_VALUE(L.rows == n_rows, "batch_sizes: expected them to sum to the ", n_rows,
-                    " packed rows, got ", L.rows);
+  TORCH_CHECK_VALUE(L.rows == n_rows, "batch_sizes: expected ",
+                    padded ? "T * B rows (padded layout), " : "them to sum to the ", n_rows,
+                    padded ? " rows given" : " packed rows", ", got ", L.rows);
   TORCH_CHECK_VALUE(L.max_active <= batch, "h0: expected at least batch_sizes[0] = ",
                     L.max_active, " rows, got ", batch);
   return L;
@@ -610,7 +634,8 @@ std::vector<Slab> make_slabs(const Layout& L, int64_t parts) {
   if (parts <= 1 || b0 < 2) return {{0, b0}};
   // len[b] = number of steps row b is active (rows are sorted longest first).
   std::vector<int64_t> len(b0, 0);
-  for (int64_t b_t : L.sizes) len[b_t - 1] += 1;
+  for (int64_t b_t : L.sizes)
+    if (b_t > 0) len[b_t - 1] += 1;  // padded layout: steps without active rows
   for (int64_t b = b0 - 2; b >= 0; --b) len[b] += len[b + 1];
   // Smallest max-slab-cost that fits into `parts` slabs (greedy check + bisection).
   auto cut = [&](double budget, std::vector<Slab>* out) {
@@ -644,7 +669,9 @@ void run_jobs(const std::vector<Job>& jobs, const Layout& L) {
   const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
   const int64_t n_jobs = static_cast<int64_t>(jobs.size());
   double flops = 0;
-  for (const Job& job : jobs) flops += double(L.rows) * job.flops_per_row_step();
+  int64_t active_rows = 0;
+  for (int64_t b_t : L.sizes) active_rows += b_t;
+  for (const Job& job : jobs) flops += double(active_rows) * job.flops_per_row_step();
   const int64_t threads = at::get_num_threads();
   const bool parallel = threads > 1 && flops >= kMinParallelFlops;
   const auto slabs = make_slabs(L, parallel ? threads / n_jobs : 1);
@@ -779,6 +806,8 @@ struct ForwardJob {
     act_p = act.defined() ? act.data_ptr<T>() : nullptr;
     cells_p = cells.defined() ? cells.data_ptr<T>() : nullptr;
     r_p = r_all.defined() ? r_all.data_ptr<T>() : nullptr;
+    zero_padding<T>(out, Hout, *L);                              // NOTE [Padded layout]
+    if (r_p && need_backward) zero_padding<T>(r_p, H, *L);       // grad_w_hr's GEMM input
   }
 
   bool ascending() const { return !reverse; }
@@ -898,6 +927,11 @@ struct BackwardJob {
     dproj = P > 0 ? d_proj.data_ptr<T>() : nullptr;
     dr_scratch = P > 0 ? DR.data_ptr<T>() : nullptr;
     act_width = gru ? 4 * H : GH;
+    // NOTE [Padded layout]: the buffers returned or multiplied over all rows.
+    zero_padding<T>(dgx, GH, *L);
+    if (gru) zero_padding<T>(dgh, GH, *L);
+    zero_padding<T>(hprev, Hout, *L);
+    if (dproj) zero_padding<T>(dproj, P, *L);
   }
 
   // Backward visits the steps in the opposite order of forward.
@@ -996,7 +1030,8 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& x) {
 // Checks the directions of a forward call and runs them in one parallel region; returns the
 // results of direction 0, then 1, ... (each [output, h_n, (c_n), saved...]).
 std::vector<at::Tensor> forward_directions(const std::string& mode, const at::Tensor& batch_sizes,
-                                           std::vector<ForwardArgs> dirs, bool need_backward) {
+                                           std::vector<ForwardArgs> dirs, bool need_backward,
+                                           bool padded) {
   TORCH_CHECK_VALUE(!dirs.empty(), "gates_x: expected at least one direction, got none");
   std::vector<Dims> dims;
   std::optional<Layout> layout;
@@ -1008,7 +1043,7 @@ std::vector<at::Tensor> forward_directions(const std::string& mode, const at::Te
     TORCH_CHECK_VALUE(a.gates_x.dim() == 2, "gates_x: expected shape (N, ", d.G * d.H, "), got ",
                       a.gates_x.sizes());
     check_tensor(a.gates_x, "gates_x", dtype, {a.gates_x.size(0), d.G * d.H});
-    Layout L = make_layout(batch_sizes, a.gates_x.size(0), d.B);
+    Layout L = make_layout(batch_sizes, a.gates_x.size(0), d.B, padded);
     if (!layout) layout = std::move(L);
     a.gates_x = a.gates_x.contiguous();
     a.h0 = a.h0.contiguous();
@@ -1034,7 +1069,7 @@ std::vector<at::Tensor> forward_directions(const std::string& mode, const at::Te
 // The same for backward (each direction's result as BackwardJob::finish()).
 std::vector<at::Tensor> backward_directions(const std::string& mode,
                                             const at::Tensor& batch_sizes,
-                                            std::vector<BackwardArgs> dirs) {
+                                            std::vector<BackwardArgs> dirs, bool padded) {
   TORCH_CHECK_VALUE(!dirs.empty(), "output: expected at least one direction, got none");
   std::vector<Dims> dims;
   std::optional<Layout> layout;
@@ -1068,7 +1103,7 @@ std::vector<at::Tensor> backward_directions(const std::string& mode,
     } else if (d.mode == Mode::kGru) {
       check_tensor(a.saved[0], "saved[0]", dtype, {N, 4 * H});
     }
-    Layout L = make_layout(batch_sizes, N, d.B);
+    Layout L = make_layout(batch_sizes, N, d.B, padded);
     if (!layout) layout = std::move(L);
     // grad_output: its rows must be contiguous, any row stride (BackwardArgs).
     if (a.grad_output && a.grad_output->size(1) > 1 && a.grad_output->stride(1) != 1)
@@ -1110,17 +1145,17 @@ std::vector<at::Tensor> recurrence_forward(
     const std::string& mode, const at::Tensor& gates_x, const at::Tensor& batch_sizes,
     const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
-    bool need_backward) {
+    bool need_backward, bool padded) {
   return forward_directions(mode, batch_sizes, {ForwardArgs{gates_x, h0, c0, w_hh, b_hh, w_hr,
                                                             reverse}},
-                            need_backward);
+                            need_backward, padded);
 }
 
 std::vector<at::Tensor> recurrence_forward_directions(
     const std::string& mode, const at::Tensor& batch_sizes, at::TensorList gates_x,
     at::TensorList h0, const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
     const c10::List<std::optional<at::Tensor>>& b_hh,
-    const c10::List<std::optional<at::Tensor>>& w_hr, bool need_backward) {
+    const c10::List<std::optional<at::Tensor>>& w_hr, bool need_backward, bool padded) {
   const size_t D = gates_x.size();
   TORCH_CHECK_VALUE(D == 1 || D == 2, "gates_x: expected 1 or 2 directions, got ", D);
   check_count(h0.size(), D, "h0");
@@ -1133,7 +1168,7 @@ std::vector<at::Tensor> recurrence_forward_directions(
     dirs.push_back(ForwardArgs{gates_x[k], h0[k], c0.get(k), w_hh[k], b_hh.get(k), w_hr.get(k),
                                /*reverse=*/k == 1});
   }
-  return forward_directions(mode, batch_sizes, std::move(dirs), need_backward);
+  return forward_directions(mode, batch_sizes, std::move(dirs), need_backward, padded);
 }
 
 std::vector<at::Tensor> recurrence_backward(
@@ -1142,11 +1177,12 @@ std::vector<at::Tensor> recurrence_backward(
     const at::Tensor& batch_sizes, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse, const at::Tensor& output,
-    at::TensorList saved) {
+    at::TensorList saved, bool padded) {
   return backward_directions(
       mode, batch_sizes,
       {BackwardArgs{grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr, reverse, output,
-                    saved.vec()}});
+                    saved.vec()}},
+      padded);
 }
 
 std::vector<at::Tensor> recurrence_backward_directions(
@@ -1157,7 +1193,7 @@ std::vector<at::Tensor> recurrence_backward_directions(
     const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
     const c10::List<std::optional<at::Tensor>>& b_hh,
     const c10::List<std::optional<at::Tensor>>& w_hr, at::TensorList output,
-    at::TensorList saved) {
+    at::TensorList saved, bool padded) {
   const size_t D = output.size();
   TORCH_CHECK_VALUE(D == 1 || D == 2, "output: expected 1 or 2 directions, got ", D);
   check_count(grad_output.size(), D, "grad_output");
@@ -1178,7 +1214,38 @@ std::vector<at::Tensor> recurrence_backward_directions(
                                 output[k],
                                 saved.slice(k * per_dir, per_dir).vec()});
   }
-  return backward_directions(mode, batch_sizes, std::move(dirs));
+  return backward_directions(mode, batch_sizes, std::move(dirs), padded);
+}
+
+std::vector<at::Tensor> layer_forward(
+    const std::string& mode, const at::Tensor& batch_sizes, const at::Tensor& x,
+    at::TensorList w_ih, const c10::List<std::optional<at::Tensor>>& bias, at::TensorList h0,
+    const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
+    const c10::List<std::optional<at::Tensor>>& b_hh,
+    const c10::List<std::optional<at::Tensor>>& w_hr, bool need_backward, bool padded) {
+  const size_t D = w_ih.size();
+  TORCH_CHECK_VALUE(D == 1 || D == 2, "w_ih: expected 1 or 2 directions, got ", D);
+  check_count(bias.size(), D, "bias");
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected shape (N, E), got ", x.sizes());
+  TORCH_CHECK_TYPE(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  // Input projections of every row: one GEMM per direction into buffers of the cache (their
+  // page faults cost ~10 % of an inference forward at B = 256 otherwise).
+  std::vector<at::Tensor> gates;
+  for (size_t k = 0; k < D; ++k) {
+    TORCH_CHECK_VALUE(w_ih[k].dim() == 2 && w_ih[k].size(1) == x.size(1) &&
+                          w_ih[k].scalar_type() == x.scalar_type(),
+                      "w_ih[", k, "]: expected a (G*H, ", x.size(1), ") tensor of dtype ",
+                      x.scalar_type(), ", got ", w_ih[k].sizes(), " ", w_ih[k].scalar_type());
+    at::Tensor g = empty_rows(x.size(0), w_ih[k].size(0), x.options());  // (N, G*H)
+    const auto b = bias.get(k);
+    if (b.has_value())
+      at::addmm_out(g, *b, x, w_ih[k].t());
+    else
+      at::mm_out(g, x, w_ih[k].t());
+    gates.push_back(g);
+  }
+  return recurrence_forward_directions(mode, batch_sizes, gates, h0, c0, w_hh, b_hh, w_hr,
+                                       need_backward, padded);
 }
 
 void clear_cache() { BufferCache::instance().clear(); }
@@ -1202,26 +1269,39 @@ std::string kernel_info() {
 // _directions forms. Registered through the dispatcher (no pybind11), which keeps the build to
 // one small translation unit.
 TORCH_LIBRARY(packrnn, m) {
+  // Schemas only: the CPU kernels are registered below for the CPU dispatch key, and the
+  // fake (shape) implementations and autograd formulas in Python (packrnn/_ops.py), so that
+  // the dispatcher, torch.compile and torch.export see each entry point as one opaque op.
   m.def(
       "recurrence_forward(str mode, Tensor gates_x, Tensor batch_sizes, Tensor h0, Tensor? c0, "
-      "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, bool reverse, bool need_backward) -> Tensor[]",
-      &packrnn::recurrence_forward);
+      "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, bool reverse, bool need_backward, "
+      "bool padded) -> Tensor[]");
   m.def(
       "recurrence_backward(str mode, Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor batch_sizes, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
-      "bool reverse, Tensor output, Tensor[] saved) -> Tensor[]",
-      &packrnn::recurrence_backward);
+      "bool reverse, Tensor output, Tensor[] saved, bool padded) -> Tensor[]");
   m.def(
       "recurrence_forward_directions(str mode, Tensor batch_sizes, Tensor[] gates_x, "
       "Tensor[] h0, Tensor?[] c0, Tensor[] w_hh, Tensor?[] b_hh, Tensor?[] w_hr, "
-      "bool need_backward) -> Tensor[]",
-      &packrnn::recurrence_forward_directions);
+      "bool need_backward, bool padded) -> Tensor[]");
   m.def(
       "recurrence_backward_directions(str mode, Tensor batch_sizes, Tensor?[] grad_output, "
       "Tensor?[] grad_h_n, Tensor?[] grad_c_n, Tensor[] h0, Tensor?[] c0, Tensor[] w_hh, "
-      "Tensor?[] b_hh, Tensor?[] w_hr, Tensor[] output, Tensor[] saved) -> Tensor[]",
-      &packrnn::recurrence_backward_directions);
+      "Tensor?[] b_hh, Tensor?[] w_hr, Tensor[] output, Tensor[] saved, bool padded) "
+      "-> Tensor[]");
+  m.def(
+      "layer_forward(str mode, Tensor batch_sizes, Tensor x, Tensor[] w_ih, Tensor?[] bias, "
+      "Tensor[] h0, Tensor?[] c0, Tensor[] w_hh, Tensor?[] b_hh, Tensor?[] w_hr, "
+      "bool need_backward, bool padded) -> Tensor[]");
   m.def("kernel_info() -> str", &packrnn::kernel_info);
   m.def("clear_cache() -> ()", &packrnn::clear_cache);
   m.def("empty_buffer(int rows, int cols, ScalarType dtype) -> Tensor", &packrnn::empty_buffer);
+}
+
+TORCH_LIBRARY_IMPL(packrnn, CPU, m) {
+  m.impl("recurrence_forward", &packrnn::recurrence_forward);
+  m.impl("recurrence_backward", &packrnn::recurrence_backward);
+  m.impl("recurrence_forward_directions", &packrnn::recurrence_forward_directions);
+  m.impl("recurrence_backward_directions", &packrnn::recurrence_backward_directions);
+  m.impl("layer_forward", &packrnn::layer_forward);
 }

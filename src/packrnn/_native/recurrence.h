@@ -89,13 +89,17 @@
 
 namespace packrnn {
 
+// Every entry point takes `padded`: false = packed rows (off_t = sum(batch_sizes[:t])), true =
+// a time-major padded batch sorted longest first (off_t = t * B, N = T * B, b_t may be 0); see
+// NOTE [Padded layout] in recurrence.cpp. Padding rows of the returned N-row buffers are zero.
+//
 // One direction (reverse = run t = T-1..0). Returns [output, h_n, (c_n if lstm), saved...];
 // saved is backend-private (see above).
 std::vector<at::Tensor> recurrence_forward(
     const std::string& mode, const at::Tensor& gates_x, const at::Tensor& batch_sizes,
     const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
-    bool need_backward);
+    bool need_backward, bool padded);
 
 // Every direction of one layer in one parallel region (NOTE [Direction tasks]): each list has one
 // entry per direction (1 or 2), direction 1 runs reversed. Returns the results of
@@ -104,7 +108,7 @@ std::vector<at::Tensor> recurrence_forward_directions(
     const std::string& mode, const at::Tensor& batch_sizes, at::TensorList gates_x,
     at::TensorList h0, const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
     const c10::List<std::optional<at::Tensor>>& b_hh,
-    const c10::List<std::optional<at::Tensor>>& w_hr, bool need_backward);
+    const c10::List<std::optional<at::Tensor>>& w_hr, bool need_backward, bool padded);
 
 // One direction. grad_output, grad_h_n, grad_c_n: None means zero (the loss did not use that
 // output); grad_output may be a column block of a wider tensor (rows contiguous, any row
@@ -116,7 +120,7 @@ std::vector<at::Tensor> recurrence_backward(
     const at::Tensor& batch_sizes, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse, const at::Tensor& output,
-    at::TensorList saved);
+    at::TensorList saved, bool padded);
 
 // Every direction of one layer, as recurrence_forward_directions: one entry per direction in
 // each list; `saved` is the directions' saved tensors concatenated (the same count each).
@@ -129,7 +133,21 @@ std::vector<at::Tensor> recurrence_backward_directions(
     const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
     const c10::List<std::optional<at::Tensor>>& b_hh,
     const c10::List<std::optional<at::Tensor>>& w_hr, at::TensorList output,
-    at::TensorList saved);
+    at::TensorList saved, bool padded);
+
+// One layer: the input projections gates_x[k] = x @ w_ih[k]^T (+ bias[k]: b_ih + b_hh folded for
+// rnn/lstm, b_ih for gru) into buffers of the cache, then recurrence_forward_directions. This is
+// the entry point the layers call (one opaque operator per layer for torch.compile/export; its
+// autograd, registered in packrnn/_ops.py, computes the projections' gradients as GEMMs over
+// all rows after recurrence_backward_directions).
+//   x (N, E) caller; w_ih[k] (G*H, E) caller; bias[k] (G*H,) caller or None.
+//   Returns what recurrence_forward_directions returns.
+std::vector<at::Tensor> layer_forward(
+    const std::string& mode, const at::Tensor& batch_sizes, const at::Tensor& x,
+    at::TensorList w_ih, const c10::List<std::optional<at::Tensor>>& bias, at::TensorList h0,
+    const c10::List<std::optional<at::Tensor>>& c0, at::TensorList w_hh,
+    const c10::List<std::optional<at::Tensor>>& b_hh,
+    const c10::List<std::optional<at::Tensor>>& w_hr, bool need_backward, bool padded);
 
 // Frees the blocks the buffer cache holds (NOTE [Buffer cache] in recurrence.cpp).
 void clear_cache();
