@@ -823,7 +823,10 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
         ``{"count", "accuracy", "labels", "precision", "recall", "support", "confusion",
         "skipped"}``: per-class lists in the order of ``labels``; ``confusion[i][j]`` counts
         texts of label ``i`` predicted as ``j``; precision/recall are ``None`` for a class never
-        predicted / absent.
+        predicted / absent. A tagger (task ``"tag"``) counts tokens and adds per-tag ``"f1"``
+        and ``"macro_f1"``; a language model (``"lm"``) returns ``{"count", "loss",
+        "perplexity", "bits_per_token", "accuracy", "level", "skipped"}`` (and
+        ``"bits_per_char"`` at character level).
 
     Raises:
         ValueError: a bad row or a label the run never saw in training
@@ -839,13 +842,17 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
     return get_task(cfg.task).evaluate_file(run, cfg, os.fspath(path), batch_size)
 
 
-def predict(run: Run | str | os.PathLike, texts: Sequence[str], batch_size: int = 256
+def predict(run: Run | str | os.PathLike, texts: Sequence[Any], batch_size: int = 256
             ) -> list[dict[str, Any]]:
     """Label each text: ``[{"text", "label", "probability", "probabilities"}, ...]``.
 
     ``probability`` is the softmax probability of the predicted ``label``;
     ``probabilities`` maps every label to its probability. A text with no known tokens is
     still classified (from the model's state for an empty or all-<unk> sequence).
+
+    A tagger (task ``"tag"``) takes sentences (a str split on whitespace, or a list of
+    tokens) and returns ``[{"tokens", "tags", "probabilities"}, ...]``, one tag and its
+    probability per token. A language model has no ``predict``: see ``generate``.
     """
     run = _as_run(run)
     if isinstance(texts, str):
