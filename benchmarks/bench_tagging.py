@@ -51,9 +51,9 @@ TRAIN, TEST = "en_lines-ud-train.conllu", "en_lines-ud-test.conllu"
 # The README's recommended configuration. Kept in one place: the script runs exactly this and
 # prints it as a command line.
 RECOMMENDED = dict(model="lstm", bidirectional=True, embed_dim=100, hidden_size=128,
-                   char_features=True, char_embed_dim=32, char_hidden_size=32, lowercase=True,
+                   char_features=True, char_embed_dim=32, char_hidden_size=50, lowercase=True,
                    min_freq=2, embed_dropout=0.3, dropout=0.3, batch_size=32, lr=5e-3,
-                   lr_decay=0.7, epochs=5, grad_clip=5.0)
+                   lr_decay=0.75, epochs=8, grad_clip=5.0)
 FLAGS = {"model": "--model", "embed_dim": "--embed-dim", "hidden_size": "--hidden-size",
          "char_embed_dim": "--char-embed-dim", "char_hidden_size": "--char-hidden-size",
          "min_freq": "--min-freq", "embed_dropout": "--embed-dropout", "dropout": "--dropout",
