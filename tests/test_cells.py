@@ -12,14 +12,15 @@ KINDS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 TOL = {torch.float64: dict(rtol=1e-7, atol=1e-7), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
-def make_pair(kind, dtype=torch.float64, bias=True):
+def make_pair(kind, dtype=torch.float64, bias=True, input_size=E, hidden_size=H):
+    sizes = (input_size, hidden_size)
     if kind.startswith("rnn"):
         args = dict(bias=bias, nonlinearity=kind[4:], dtype=dtype)
-        ours, theirs = packrnn.RNNCell(E, H, **args), torch.nn.RNNCell(E, H, **args)
+        ours, theirs = packrnn.RNNCell(*sizes, **args), torch.nn.RNNCell(*sizes, **args)
     elif kind == "lstm":
-        ours, theirs = packrnn.LSTMCell(E, H, bias=bias, dtype=dtype), torch.nn.LSTMCell(E, H, bias=bias, dtype=dtype)
+        ours, theirs = packrnn.LSTMCell(*sizes, bias=bias, dtype=dtype), torch.nn.LSTMCell(*sizes, bias=bias, dtype=dtype)
     else:
-        ours, theirs = packrnn.GRUCell(E, H, bias=bias, dtype=dtype), torch.nn.GRUCell(E, H, bias=bias, dtype=dtype)
+        ours, theirs = packrnn.GRUCell(*sizes, bias=bias, dtype=dtype), torch.nn.GRUCell(*sizes, bias=bias, dtype=dtype)
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
 
@@ -50,7 +51,24 @@ def clone_leaf(value):
 def test_cell_matches_torch(kind, bias, batched, with_hx, dtype):
     torch.manual_seed(0)
     ours, theirs = make_pair(kind, dtype, bias)
-    shape_x, shape_h = ((B, E), (B, H)) if batched else ((E,), (H,))
+    assert_cell_matches(ours, theirs, kind, batched, with_hx, dtype)
+
+
+@pytest.mark.parametrize("with_hx", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("sizes", [(E, 0), (0, H)], ids=["hidden_size=0", "input_size=0"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cell_zero_sizes_match_torch(kind, sizes, batched, with_hx):
+    """torch's cells accept hidden_size=0 ((B, 0) states) and input_size=0; so do packrnn's."""
+    torch.manual_seed(3)
+    ours, theirs = make_pair(kind, input_size=sizes[0], hidden_size=sizes[1])
+    assert_cell_matches(ours, theirs, kind, batched, with_hx, torch.float64)
+
+
+def assert_cell_matches(ours, theirs, kind, batched, with_hx, dtype):
+    """Outputs and the gradients of input, states and parameters equal torch's."""
+    e, h = ours.input_size, ours.hidden_size
+    shape_x, shape_h = ((B, e), (B, h)) if batched else ((e,), (h,))
     x = torch.randn(shape_x, dtype=dtype)
     hx = states(kind, shape_h, dtype) if with_hx else None
     x1, x2 = clone_leaf(x), clone_leaf(x)
@@ -134,8 +152,8 @@ def test_cell_errors(call, error, match):
 
 
 def test_cell_constructor_and_lstm_hx_errors():
-    with pytest.raises(ValueError, match=r"hidden_size: expected an int >= 1, got 0"):
-        packrnn.LSTMCell(E, 0)
+    with pytest.raises(ValueError, match=r"hidden_size: expected an int >= 0, got -1"):
+        packrnn.LSTMCell(E, -1)
     with pytest.raises(TypeError, match=r"input_size: expected an int, got 1.5"):
         packrnn.GRUCell(1.5, H)
     with pytest.raises(ValueError, match=r"nonlinearity: expected 'tanh' or 'relu', got 'sigmoid'"):

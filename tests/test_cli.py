@@ -201,3 +201,84 @@ def test_hello_example_and_order_task():
             assert sorted(present) == sorted(MARKERS)  # both once: words alone do not tell
     assert {r["label"] for r in rows} == set(LABELS)
     assert torch.is_tensor(hello())
+
+
+def test_resume_from_the_directory_alone(tmp_path, capsys):
+    train_path = write_agnews(tmp_path / "train.csv", 96, 0)
+    run = ["--train", str(train_path), "--model", "gru", "--hidden-size", "8", "--embed-dim", "8",
+           "--lr", "0.01", "--dropout", "0.2", "--no-progress", "--no-plot", "--threads", "1"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert main(["train", *run, "--epochs", "2", "--output", str(straight)]) == 0
+    assert main(["train", *run, "--epochs", "1", "--output", str(out)]) == 0
+    capsys.readouterr()
+    # Only the directory (and the flags that may change on resume): the saved settings go on.
+    assert main(["train", "--resume", "--output", str(out), "--epochs", "2", "--no-progress"]) == 0
+    numbers = ("epoch", "train_loss", "train_accuracy", "samples")  # not the timings
+    assert [[m[k] for k in numbers] for m in json.loads((out / "metrics.json").read_text())] == \
+        [[m[k] for k in numbers] for m in json.loads((straight / "metrics.json").read_text())]
+    # Flags that restate the saved settings are fine; others are refused by name.
+    assert main(["train", "--resume", "--output", str(out), "--model", "gru", "--lr", "0.01",
+                 "--epochs", "2"]) == 0
+    for flag, value, saved in (("--hidden-size", "16", "8"), ("--model", "lstm", "'gru'"),
+                               ("--lr", "0.1", "0.01"), ("--bidirectional", None, "False"),
+                               ("--train", str(tmp_path / "other.csv"), repr(str(train_path)))):
+        capsys.readouterr()
+        argv = ["train", "--resume", "--output", str(out), flag] + ([value] if value else [])
+        assert main(argv) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"packrnn: error: {flag}: expected {saved} as saved in the run" in line, line
+        assert f"leave {flag} out), got " in line
+    assert main(["train", "--resume", "--output", str(tmp_path / "new")]) == 2
+    assert ("the following arguments are required: --train, --model (no packrnn run in "
+            in one_error_line(capsys.readouterr().err))
+
+
+def test_ctrl_c_saves_exits_130_and_resume_continues(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import packrnn.train as T
+
+    train_path = write_agnews(tmp_path / "train.csv", 64, 0)
+    out = tmp_path / "run"
+    real_step, calls = T._Adam.step, []
+
+    def step_then_ctrl_c(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(T._Adam, "step", step_then_ctrl_c)
+    argv = ["train", "--train", str(train_path), "--model", "rnn", "--epochs", "2",
+            "--output", str(out), *FAST]
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "packrnn: interrupted: saving a checkpoint after the current step" in err
+    assert (f"packrnn: interrupted after step 3 (epoch 1, batch 3 of 4); checkpoint saved in "
+            f"{str(out)!r}: continue with `packrnn train --resume --output {out}`") in err
+    monkeypatch.setattr(T._Adam, "step", real_step)
+    assert main(["train", "--resume", "--output", str(out)]) == 0
+    assert [m["epoch"] for m in json.loads((out / "metrics.json").read_text())] == [1, 2]
+
+
+def test_disk_full_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import packrnn.checkpoint as C
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = C.atomic_write
+    monkeypatch.setattr(C, "atomic_write", lambda path, write, what=None: real(path, full, what))
+    train_path = write_agnews(tmp_path / "train.csv", 32, 0)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--train", str(train_path), "--model", "rnn", "--output", str(out),
+                 *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"packrnn: error: no space left on device while writing {out / 'checkpoint.pt'}; "
+        "no partial file was left")

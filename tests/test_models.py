@@ -273,6 +273,13 @@ def test_load_vectors_errors(tmp_path):
     nan.write_text("the 1 2 3 4\ncat 1 x 3 4\n")
     with pytest.raises(ValueError, match=r"vectors: expected numbers after the token, got .* in .*nan.txt:2"):
         load_vectors(nan, {"cat": 1}, dim=4)
+    for value in ("nan", "inf", "-Infinity", "1e39"):  # 1e39 overflows float32
+        nonfinite = tmp_path / "nonfinite.txt"
+        nonfinite.write_text(f"dog nan nan nan nan\nthe 1 2 3 4\ncat 1 2 {value} 4\n")
+        with pytest.raises(ValueError, match=rf"vectors: expected finite numbers after the token, "
+                                             rf"got '{value}' for 'cat' in .*nonfinite.txt:3"):
+            load_vectors(nonfinite, {"cat": 1}, dim=4)
+    assert list(load_vectors(nonfinite, {"the": 1}, dim=4)) == [1]  # unused rows are not read
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(ValueError, match=r"vectors: expected at least one vector, got an empty file"):

@@ -10,12 +10,14 @@ The first test of a session compiles the kernel (~15 s) unless it is cached on d
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 from torch.nn.utils import rnn as tnn_rnn
 
 import packrnn
@@ -475,6 +477,128 @@ def test_layers_on_native_gradcheck(kind):
 
 
 # --------------------------------------------------------------------------------------------
+# Subnormal floats: flushed inside the kernel only (NOTE [Subnormals] in recurrence.cpp).
+
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+x86_only = pytest.mark.skipif(not IS_X86, reason="FTZ/DAZ are set only on x86 (MXCSR)")
+KEEP_VAR = "PACKRNN_KEEP_SUBNORMALS"
+# A subnormal of each dtype, as its bits (converting 1e-40 to float32 would itself be flushed on
+# a thread that flushes).
+SUBNORMAL_BITS = {torch.float32: (torch.int32, 1 << 20), torch.float64: (torch.int64, 1 << 40)}
+
+
+def subnormal_like(x: Tensor) -> Tensor:
+    """A tensor of x's shape and dtype filled with one subnormal value, whatever the FP mode."""
+    int_dtype, bits = SUBNORMAL_BITS[x.dtype]
+    return torch.full(x.shape, bits, dtype=int_dtype).view(x.dtype)
+
+
+def bits(x: Tensor) -> Tensor:
+    """x's bit patterns as integers: compared on a thread with DAZ, a subnormal equals zero."""
+    return x.view(SUBNORMAL_BITS[x.dtype][0])
+
+
+@pytest.fixture
+def flush_denormal(request):
+    """torch.set_flush_denormal(param) on this thread for the test, switched off after."""
+    if not torch.set_flush_denormal(request.param):
+        pytest.skip("torch.set_flush_denormal is not supported on this CPU")
+    yield request.param
+    torch.set_flush_denormal(False)
+
+
+def torch_flushes_here() -> bool:
+    """Whether torch, on the calling thread, flushes a subnormal product to zero now."""
+    product = torch.tensor([1e-30]) * torch.tensor([1e-10])  # 1e-40: subnormal float32
+    return bits(product).item() == 0
+
+
+def torch_flushed_pattern() -> torch.Tensor:
+    """Which elements of a product big enough for torch's worker threads come out zero."""
+    return bits(torch.full((1 << 18,), 1e-30) * 1e-10) == 0  # (2^18,) 1e-40 or 0 each
+
+
+def subnormal_case(dtype, threads: int) -> dict:
+    """rnn_relu with w_hh = 0 and h0 = 0: forward output = relu(gates_x); parallel at 2 threads
+    (16 x 40 rows, H = 64: above the kernel's parallel threshold)."""
+    lengths, hidden = ([40] * 16, 64) if threads > 1 else ([3, 2], 4)
+    case = make_case("rnn_relu", lengths, hidden=hidden, dtype=dtype)
+    case.update(h0=torch.zeros_like(case["h0"]), w_hh=torch.zeros_like(case["w_hh"]))
+    return case
+
+
+def run_subnormal_case(case: dict, phase: str) -> Tensor:
+    """The kernel result that holds a subnormal unless the kernel flushed: forward output of
+    gates_x = subnormal; or grad_gates_x of grad_output = subnormal (forward output 1)."""
+    from packrnn import _native
+
+    if phase == "forward":
+        case = dict(case, gates_x=subnormal_like(case["gates_x"]))
+        return _native.recurrence_forward(**case, reverse=False, need_backward=False)[0]
+    case = dict(case, gates_x=torch.ones_like(case["gates_x"]))
+    out, _, _, saved = _native.recurrence_forward(**case, reverse=False, need_backward=True)
+    rest = {k: v for k, v in case.items() if k != "gates_x"}
+    return _native.recurrence_backward(grad_output=subnormal_like(out), grad_h_n=None,
+                                       grad_c_n=None, **rest, reverse=False, output=out,
+                                       saved=saved)[0]
+
+
+@native_only
+@x86_only
+@pytest.mark.parametrize("flush_denormal", [False, True], indirect=True,
+                         ids=["caller-keeps", "caller-flushes"])
+@pytest.mark.parametrize("keep", ["0", "1"], ids=["default", "KEEP=1"])
+@pytest.mark.parametrize("num_threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_kernel_flushes_subnormals_and_restores_the_caller(dtype, phase, num_threads, keep,
+                                                           flush_denormal, monkeypatch):
+    # By default every thread of the call flushes; with KEEP=1 every thread follows the caller
+    # (so torch.set_flush_denormal(True) still flushes, worker threads included). Either way the
+    # caller's and the workers' own setting is the same after the call as before it.
+    monkeypatch.setenv(KEEP_VAR, keep)
+    workers_before = torch_flushed_pattern()
+    case = subnormal_case(dtype, num_threads)
+    got = run_subnormal_case(case, phase)
+    assert torch_flushes_here() == flush_denormal
+    assert torch.equal(torch_flushed_pattern(), workers_before)
+    if keep == "0" or flush_denormal:
+        assert torch.all(bits(got) == 0), f"{int((bits(got) != 0).sum())} of {got.numel()} kept"
+    else:
+        assert torch.equal(bits(got), bits(subnormal_like(got)))
+
+
+@native_only
+@x86_only
+@pytest.mark.parametrize("flush_denormal", [False, True], indirect=True)
+def test_kernel_restores_the_caller_when_it_raises(flush_denormal):
+    from packrnn import _native
+
+    case = subnormal_case(torch.float32, threads=1)
+    with pytest.raises(ValueError, match="batch_sizes: expected them to sum"):
+        _native.recurrence_forward(**dict(case, gates_x=case["gates_x"][:-1]), reverse=False,
+                                   need_backward=False)
+    assert torch_flushes_here() == flush_denormal
+
+
+@native_only
+def test_keep_subnormals_variable(monkeypatch):
+    from packrnn import _native
+
+    expect = "subnormals: flushed" if IS_X86 else "subnormals: not controlled"
+    monkeypatch.delenv(KEEP_VAR, raising=False)
+    assert expect in _native.kernel_info()
+    assert expect in backend.backend_info()
+    if IS_X86:
+        monkeypatch.setenv(KEEP_VAR, "1")
+        assert "subnormals: kept" in _native.kernel_info()
+    monkeypatch.setenv(KEEP_VAR, "yes")
+    case = subnormal_case(torch.float32, threads=1)
+    with pytest.raises(ValueError, match="PACKRNN_KEEP_SUBNORMALS: expected 0 or 1, got 'yes'"):
+        _native.recurrence_forward(**case, reverse=False, need_backward=False)
+
+
+# --------------------------------------------------------------------------------------------
 # Backend selection.
 
 def test_backend_env_var_python_and_invalid(monkeypatch):
@@ -544,6 +668,10 @@ def test_bench_config_errors():
         BenchConfig("x", "transformer", 4, 3, 5)
     with pytest.raises(ValueError, match="batch: expected a positive int, got 0"):
         BenchConfig("x", "lstm", 0, 3, 5)
+    with pytest.raises(ValueError, match="longest: expected None or a positive int, got 0"):
+        BenchConfig("x", "lstm", 4, 3, 5, longest=0)
+    with pytest.raises(ValueError, match="loss: expected 'sum' or 'last', got 'mean'"):
+        BenchConfig("x", "lstm", 4, 3, 5, loss="mean")
 
 
 def test_run_bench_tiny_prints_the_table():
@@ -562,6 +690,56 @@ def test_run_bench_tiny_prints_the_table():
 def test_step_memory_is_measured_in_a_subprocess():
     from packrnn.bench import BenchConfig, measure_step_memory
 
-    megabytes = measure_step_memory(BenchConfig("tiny", "lstm", 64, 32, 64), "packrnn",
-                                    threads=1)
+    # bench_long's settings (longest, loss) travel to the child process too.
+    megabytes = measure_step_memory(BenchConfig("tiny", "lstm", 64, 32, 64, longest=30,
+                                                loss="last"), "packrnn", threads=1)
     assert megabytes >= 0
+
+
+def _load_bench_long():
+    """benchmarks/bench_long.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_long.py"
+    spec = importlib.util.spec_from_file_location("bench_long", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaled_lengths_reach_the_longest():
+    from packrnn.bench import scaled_lengths
+
+    torch.manual_seed(0)
+    lengths = scaled_lengths(32, 1000)
+    assert lengths.dtype == torch.int64 and int(lengths.max()) == 1000
+    assert int(lengths.min()) >= 1 and float(lengths.float().median()) < 1000
+
+
+def test_bench_long_tiny_sweep_prints_goals_and_skips_torch_packed(monkeypatch):
+    # packed_limit_s=0: torch packed runs at the first length only (no estimate yet), and is
+    # skipped after with the reason.
+    bench_long = _load_bench_long()
+    monkeypatch.delenv("PACKRNN_KEEP_SUBNORMALS", raising=False)
+    lines = []
+    results, goals = bench_long.run_long(lengths=[6, 12], repeats=1, threads=1, memory=False,
+                                         packed_limit_s=0.0, batch=3, input_size=2,
+                                         hidden_size=4, out=lines.append)
+    text = "\n".join(lines)
+    assert [r.longest for r in results] == [6, 12]
+    assert set(results[0].seconds) == set(bench_long.VARIANTS)
+    assert set(results[1].seconds) == set(bench_long.VARIANTS) - {"torch_packed"}
+    assert "T=12: torch packed skipped: estimated" in text and "> the 0 s limit" in text
+    assert goals["vs_padded"] is None and "SKIP: packrnn vs torch padded at T=1000" in text
+    assert isinstance(goals["flat"], bool)
+    assert ("PASS: packrnn's time per real step" in text) == goals["flat"]
+    assert "load average at start" in text and "load average at end" in text
+    assert os.environ.get("PACKRNN_KEEP_SUBNORMALS") is None  # the kept variant restored it
+
+
+def test_bench_long_rejects_bad_lengths(capsys):
+    bench_long = _load_bench_long()
+    with pytest.raises(SystemExit):
+        bench_long.main(["--lengths", "50,x"])
+    assert "expected comma-separated positive ints, got '50,x'" in capsys.readouterr().err

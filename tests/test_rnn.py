@@ -517,6 +517,20 @@ def test_dropout_train_mode_matches_torch_with_same_seed(kind, form):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", ["lstm_proj", "gru", "rnn_relu"])
+def test_dropout_one_drops_every_inter_layer_output_as_torch(kind, form):
+    """torch accepts dropout=1.0: in training every layer but the first sees zeros."""
+    torch.manual_seed(15)
+    module, reference = make_pair(kind, num_layers=3, bidirectional=True, dropout=1.0)
+    assert module.dropout == 1.0
+    module.train()
+    reference.train()
+    hx = make_hx(kind, 3, True, len(LENGTHS), torch.float64)
+    compare(module, reference, form=form, x=padded_input(False, torch.float64), hx=hx,
+            lengths=LENGTHS, batch_first=False, dtype=torch.float64)
+
+
 def test_dropout_single_layer_warns_like_torch():
     with pytest.warns(UserWarning, match="num_layers greater than 1"):
         packrnn.LSTM(E, H, dropout=0.3)
@@ -560,9 +574,9 @@ def test_saved_activations_scale_with_real_steps():
     (dict(num_layers=0), ValueError, r"num_layers: expected an int >= 1, got 0"),
     (dict(input_size=2.5), TypeError, r"input_size: expected an int, got 2.5"),
     (dict(hidden_size=True), TypeError, r"hidden_size: expected an int, got True"),
-    (dict(dropout=1.0), ValueError, r"dropout: expected a float in \[0, 1\), got 1.0"),
-    (dict(dropout=-0.1), ValueError, r"dropout: expected a float in \[0, 1\), got -0.1"),
-    (dict(dropout="0.1"), TypeError, r"dropout: expected a float in \[0, 1\), got '0.1'"),
+    (dict(dropout=1.5), ValueError, r"dropout: expected a float in \[0, 1\], got 1.5"),
+    (dict(dropout=-0.1), ValueError, r"dropout: expected a float in \[0, 1\], got -0.1"),
+    (dict(dropout="0.1"), TypeError, r"dropout: expected a float in \[0, 1\], got '0.1'"),
     (dict(proj_size=H), ValueError, r"proj_size: expected 0 <= proj_size < hidden_size = 4, got 4"),
     (dict(proj_size=-1), ValueError, r"proj_size: expected an int >= 0, got -1"),
     (dict(bias=1), TypeError, r"bias: expected a bool, got 1"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from packrnn.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, atomic_write_text,
-                                load_checkpoint, save_checkpoint)
+from packrnn.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, DiskFullError,
+                                atomic_write_text, load_checkpoint, save_checkpoint)
+from packrnn.rundir import LOCK_NAME, RunDirError, RunLockedError, TrainInterrupted
 from packrnn.train import TrainConfig, TrainError, evaluate, load_run, predict, train
 
 TOPICS = {1: "war peace nation leader", 2: "goal match team score",
@@ -82,7 +84,9 @@ def _kill_at(step_to_die: int):
     return on_step
 
 
-@pytest.mark.parametrize("kill_step", [22, 15])  # mid-epoch 2 after a checkpoint at 20; epoch 1
+# mid-epoch 2 after a checkpoint at 20; end of epoch 1; step 2, before any periodic checkpoint
+# (the run's first checkpoint, of step 0)
+@pytest.mark.parametrize("kill_step", [22, 15, 2])
 def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, kill_step):
     # 240 texts / 16 = 15 batches per epoch; checkpoints every 4 steps and every epoch.
     # Two layers with dropout, so the saved RNG states matter.
@@ -138,15 +142,182 @@ def test_resume_without_checkpoint_starts_fresh(data, tmp_path):
 
 def test_existing_output_is_refused_unless_overwrite(data, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
+    train(config(data, out, epochs=1))
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(TrainError, match="output: directory .* already exists and is not empty; "
-                                         "pass --resume .* or --overwrite"):
+    with pytest.raises(RunDirError, match="output: directory .* already exists and is not empty; "
+                                          "pass --resume .* or --overwrite"):
         train(config(data, out, epochs=1))
-    assert not (out / CHECKPOINT_NAME).exists()
-    train(config(data, out, epochs=1, overwrite=True))
-    assert (out / CHECKPOINT_NAME).is_file()
+    before = (out / CHECKPOINT_NAME).read_bytes()
+    train(config(data, out, epochs=1, overwrite=True, seed=1))
+    assert (out / CHECKPOINT_NAME).read_bytes() != before
     assert (out / "notes.txt").read_text() == "mine"  # overwrite removes only packrnn's files
+
+
+@pytest.mark.parametrize("flag", ["overwrite", "resume", None])
+def test_a_directory_that_is_not_a_run_is_never_written(data, tmp_path, flag):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}')
+    (out / "metrics.json").write_text('{"my": "results"}')
+    with pytest.raises(RunDirError, match=r"output: expected a new or empty directory or a packrnn "
+                                          r"run.*holding other files \(config.json, metrics.json\) "
+                                          r"and no packrnn checkpoint.pt; nothing was changed"):
+        train(config(data, out, epochs=1, **({flag: True} if flag else {})))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json"]
+    assert (out / "config.json").read_text() == '{"my": "settings"}'
+    assert (out / "metrics.json").read_text() == '{"my": "results"}'
+
+
+def test_an_empty_directory_or_leftovers_start_a_run(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.pt.999999.0badc0de.tmp").write_bytes(b"x" * 100)  # a killed first write
+    train(config(data, out, epochs=1))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.json"]
+
+
+def test_second_training_on_the_same_directory_is_refused(data, tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "run"
+    seen = []
+
+    def start_another(step):
+        if step == 3:
+            with pytest.raises(RunLockedError, match=rf"output: directory .* is in use by another "
+                                                     rf"training \(pid {os.getpid()} on host "
+                                                     rf"{socket.gethostname()}, started "):
+                train(config(data, out, epochs=1, overwrite=True))
+            seen.append(step)
+
+    first = train(config(data, out, epochs=1), on_step=start_another)
+    assert seen == [3] and len(first) == 1
+    assert load_checkpoint(out)["history"][0]["train_loss"] == first[0].train_loss
+    assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+def test_stale_lock_and_temp_files_of_a_killed_run_are_cleaned(data, tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    kw = dict(checkpoint_every_steps=4, epochs=2)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(config(data, out, **kw), on_step=_kill_at(6))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                             "started": "2026-01-01 00:00:00"}))
+    leaked = [".checkpoint.pt.%d.0123abcd.tmp" % dead.pid, ".metrics.json.17.ffff0000.tmp"]
+    for name in leaked:
+        (out / name).write_bytes(b"\0" * 4096)
+    (out / ".my.own.tmp").write_text("not packrnn's")
+    capsys.readouterr()
+    train(config(data, out, resume=True, **kw))
+    err = capsys.readouterr().err
+    assert f"taking over the stale lock of {str(out)!r} (pid {dead.pid} on host" in err
+    assert "removed 2 stale temporary file(s) of interrupted writes" in err
+    assert sorted(p.name for p in out.iterdir()) == [".my.own.tmp", "checkpoint.pt", "config.json",
+                                                     "metrics.json"]
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_resumes(data, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    kw = dict(checkpoint_every_steps=4, epochs=1)
+    straight = train(config(data, tmp_path / "straight", **kw))
+    out = tmp_path / "run"
+    real_open = builtins.open
+
+    def full(path, mode="r", *a, **k):
+        if mode == "xb":  # the temp file of an atomic write
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *a, **k)
+
+    def fill_disk(step):
+        if step == 6:
+            monkeypatch.setattr(builtins, "open", full)
+
+    with pytest.raises(DiskFullError, match=r"^no space left on device while writing .*run/"
+                                            r"checkpoint.pt; the previous checkpoint is intact$"):
+        train(config(data, out, **kw), on_step=fill_disk)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert load_checkpoint(out)["step"] == 4
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    resumed = train(config(data, out, resume=True, **kw))
+    assert [m.train_loss for m in resumed] == [m.train_loss for m in straight]
+
+
+def test_changed_data_is_refused_on_resume(data, tmp_path, capsys):
+    train_path = write_agnews(tmp_path / "train.csv", 240, 0)
+    kw = dict(checkpoint_every_steps=4, epochs=2)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(config((train_path, data[1]), out, **kw), on_step=_kill_at(5))
+    assert set(load_checkpoint(out)["data_fingerprints"]) == {"train_path", "test_path"}
+    write_agnews(train_path, 80, 0)  # cut the training file
+    with pytest.raises(RunDirError, match=r"train_path: expected the data file the checkpoint was "
+                                          r"trained on, but '.*train.csv' changed \(lines 240 -> "
+                                          r"80, .*\); .* pass --allow-data-change"):
+        train(config((train_path, data[1]), out, resume=True, **kw))
+    capsys.readouterr()
+    metrics = train(config((train_path, data[1]), out, resume=True, allow_data_change=True, **kw))
+    assert len(metrics) == 2
+    assert "warning: train_path" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_step_and_batch(data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=r"loss: expected a finite number, got (nan|inf) at step \d+ "
+                                         r"\(epoch 1, batch \d+ of 15\); stopped"):
+        train(config(data, out, lr=1e38))
+    state = load_checkpoint(out)  # the steps before it are saved (here: step 0)
+    assert state["step"] == 0 and json.loads((out / "config.json").read_text())["lr"] == 1e38
+
+
+def test_non_finite_vectors_are_refused(data, tmp_path):
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("the " + " ".join(["nan"] * 16) + "\n")
+    with pytest.raises(ValueError, match=r"vectors: expected finite numbers after the token, got "
+                                         r"'nan' for 'the' in .*vectors.txt:1"):
+        train(config(data, tmp_path / "run", vectors=str(vectors)))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(data, tmp_path):
+    import signal
+
+    kw = dict(dropout=0.25, num_layers=2, epochs=2)  # no periodic checkpoints: only Ctrl-C's
+    straight = train(config(data, tmp_path / "straight", **kw))
+    out = tmp_path / "run"
+
+    def ctrl_c(step):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    class Unhandled(Exception):
+        pass
+
+    def unhandled(signum, frame):  # what train() must replace (and then restore)
+        raise Unhandled
+
+    before = signal.signal(signal.SIGINT, unhandled)
+    try:
+        with pytest.raises(TrainInterrupted, match=rf"interrupted after step 7 \(epoch 1, batch 7 "
+                                                   rf"of 15\); checkpoint saved in .*: continue "
+                                                   rf"with `packrnn train --resume --output {out}`"):
+            train(config(data, out, **kw), on_step=ctrl_c)
+        assert signal.getsignal(signal.SIGINT) is unhandled
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert load_checkpoint(out)["step"] == 7
+    resumed = train(config(data, out, resume=True, **kw))
+    assert resumed == [replace(m, seconds=a.seconds, samples_per_second=a.samples_per_second)
+                       for m, a in zip(straight, resumed)]
+    wa, wb = load_checkpoint(tmp_path / "straight")["model_state"], load_checkpoint(out)["model_state"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -233,10 +404,10 @@ def test_checkpoint_errors(data, tmp_path):
     state["format_version"] = FORMAT_VERSION + 1
     torch.save(state, out / CHECKPOINT_NAME)
     with pytest.raises(CheckpointError, match=rf"has format version {FORMAT_VERSION + 1} .*reads "
-                                              rf"version {FORMAT_VERSION}"):
+                                              rf"version 1 or {FORMAT_VERSION}"):
         load_run(out)
     del state["optimizer_state"]
-    state["format_version"] = FORMAT_VERSION
+    state["format_version"] = 1  # version 1: the state itself, no checksum envelope
     torch.save(state, out / CHECKPOINT_NAME)
     with pytest.raises(CheckpointError, match=r"is incomplete: it lacks \['optimizer_state'\]"):
         load_run(out)

@@ -23,14 +23,19 @@ from .packing import (
 )
 
 from . import functional
+from .errors import InputError, InputTypeError
 from .backend import backend_info, backend_name
 from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .convert import from_torch, to_torch
 
 from .ops import last_step, lengths_to_mask, max_pool, mean_pool, reverse_sequences
 
 # the classifier and its training config (train/evaluate/predict live in packrnn.train)
 from .models import ModelConfig, SequenceClassifier
 from .train import TrainConfig
+
+# ONNX export with real lengths (needs the onnx package: packrnn[onnx])
+from .onnx_export import export_onnx
 
 __version__ = "0.1.0"
 
@@ -61,6 +66,12 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "functional",
+    # the same layers as torch.nn's classes and back (for torch-only tools: quantize_dynamic)
+    "to_torch",
+    "from_torch",
+    # errors that are both packrnn's documented class and what torch raises for the same input
+    "InputError",
+    "InputTypeError",
     # which recurrence backend runs (PACKRNN_BACKEND = auto | native | python)
     "backend_name",
     "backend_info",
@@ -74,4 +85,6 @@ __all__ = [
     "ModelConfig",
     "SequenceClassifier",
     "TrainConfig",
+    # ONNX
+    "export_onnx",
 ]

@@ -36,6 +36,14 @@ NOTE [Backend contract]
     Gradients handed to backward may be None where the loss did not use that output (h_n,
     c_n, or the output rows): they count as zero. ``grad_output`` may be a non-contiguous
     column block of the layer's (N, D*H_out) gradient.
+
+    The native backend adds two things beyond this contract (``packrnn._native``): its entry
+    points are registered torch operators, and ``layer_forward`` runs a whole layer (the input
+    projections too) as one operator with registered autograd, which ``functional`` calls in
+    place of the projections + ``recurrence_forward_directions`` + its own autograd.Function;
+    and a ``padded`` flag, for rows in the padded layout (NOTE [Padded layout] in
+    recurrence.cpp). This backend runs packed rows only; ``functional`` gathers the real rows of
+    a padded call for it (NOTE [Compact padded calls]).
 """
 
 from __future__ import annotations

@@ -56,6 +56,8 @@ def _summarise(error: BaseException) -> str:
 def _try_native() -> Optional[str]:
     """Build/load the native kernel once per process; the reason it failed, or None."""
     global _native_tried, _native_error
+    if _native_tried:  # no lock once decided (torch.compile traces this: no context managers)
+        return _native_error
     with _lock:
         if not _native_tried:
             try:

@@ -8,9 +8,11 @@ What is measured (issue 5's protocol):
 * inputs: ``B`` sequences with lognormal lengths (median 40, sigma 0.35, rounded, clamped to
   [5, 200]) drawn after ``torch.manual_seed(0)``, features ``randn``; the padded batch is
   ``(T_max, B, E)`` float32, the packed one is ``pack_padded_sequence(..., enforce_sorted=False)``
-  done once outside the timing (a data loader delivers it packed);
-* training step: forward + backward of ``output.sum()`` (packed: ``output.data.sum()``) with the
-  input requiring grad; parameter grads are reset (not timed) before each step;
+  done once outside the timing (a data loader delivers it packed); ``BenchConfig.longest``
+  scales the same draw so that the longest is that length (``benchmarks/bench_long.py``);
+* training step: forward + backward of ``output.sum()`` (packed: ``output.data.sum()``; or of
+  ``h_n.sum()`` with ``BenchConfig.loss="last"``) with the input requiring grad; parameter grads
+  are reset (not timed) before each step;
 * inference: forward under ``torch.no_grad()``;
 * contenders: packrnn on the packed input, torch.nn on the padded batch, torch.nn on the packed
   input, same weights; all run in one process, interleaved (one of each per round), and the best
@@ -39,8 +41,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.nn.utils import rnn as torch_rnn
 
-__all__ = ["BenchConfig", "BenchResult", "CONFIGS", "lognormal_lengths", "matmul_peak",
-           "run_bench", "measure_step_memory", "main"]
+__all__ = ["BenchConfig", "BenchResult", "CONFIGS", "lognormal_lengths", "scaled_lengths",
+           "matmul_peak", "run_bench", "measure_step_memory", "load_average", "cpu_name", "main"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,12 @@ class BenchConfig:
     bidirectional: bool = False
     # the issue's goals: train vs torch padded, train vs torch packed, inference vs torch packed
     goals: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # lengths: None = the protocol above; else the same draw scaled so the longest is this
+    # (benchmarks/bench_long.py)
+    longest: Optional[int] = None
+    # the training step's loss: "sum" = output.sum(); "last" = h_n.sum(), the last state only,
+    # as a sequence classifier (its gradient decays along the sequence, into subnormal floats)
+    loss: str = "sum"
 
     def __post_init__(self):
         if self.kind not in ("lstm", "gru", "rnn_tanh"):
@@ -63,6 +71,10 @@ class BenchConfig:
         for attr in ("batch", "input_size", "hidden_size", "num_layers"):
             if getattr(self, attr) < 1:
                 raise ValueError(f"{attr}: expected a positive int, got {getattr(self, attr)}")
+        if self.longest is not None and self.longest < 1:
+            raise ValueError(f"longest: expected None or a positive int, got {self.longest}")
+        if self.loss not in ("sum", "last"):
+            raise ValueError(f"loss: expected 'sum' or 'last', got {self.loss!r}")
 
     @property
     def label(self) -> str:
@@ -91,6 +103,13 @@ def lognormal_lengths(batch: int, median: float = 40.0, sigma: float = 0.35,
     z = torch.randn(batch, dtype=torch.float64)  # (B,)
     lengths = torch.exp(z * sigma + torch.log(torch.tensor(median, dtype=torch.float64)))
     return lengths.round().clamp(low, high).to(torch.int64)
+
+
+def scaled_lengths(batch: int, longest: int) -> torch.Tensor:
+    """(B,) int64 lengths: :func:`lognormal_lengths` scaled so that the longest is ``longest``
+    (rounded, at least 1; global RNG)."""
+    lengths = lognormal_lengths(batch).to(torch.float64)  # (B,)
+    return (lengths * (longest / lengths.max())).round().clamp(1, longest).to(torch.int64)
 
 
 def useful_flops(config: BenchConfig, real_steps: int) -> float:
@@ -126,7 +145,11 @@ class _Case:
 
         torch.manual_seed(seed)
         batch = batch or config.batch
-        self.lengths = lognormal_lengths(batch)  # (B,)
+        self.config = config
+        if config.longest is None:
+            self.lengths = lognormal_lengths(batch)  # (B,)
+        else:
+            self.lengths = scaled_lengths(batch, config.longest)  # (B,)
         steps = int(self.lengths.max())
         self.x = torch.randn(steps, batch, config.input_size)  # (T, B, E) padded, time-major
         self.packed = torch_rnn.pack_padded_sequence(self.x, self.lengths, enforce_sorted=False)
@@ -155,11 +178,13 @@ class _Case:
                     p.grad = None
             with torch.set_grad_enabled(train):
                 if variant == "torch_padded":
-                    out, _ = module(self.x.detach().requires_grad_(train))
-                    total = out.sum()
+                    out, state = module(self.x.detach().requires_grad_(train))  # (T, B, D*H)
                 else:
-                    out, _ = module(self._packed_input(train))
-                    total = out.data.sum()
+                    out, state = module(self._packed_input(train))
+                    out = out.data  # (N, D*H)
+                if self.config.loss == "last":
+                    out = state[0] if isinstance(state, tuple) else state  # h_n (L*D, B, H)
+                total = out.sum()
                 if train:
                     total.backward()
 
@@ -270,7 +295,7 @@ def _run_bench(configs: Sequence[BenchConfig], repeats: int, threads: int, memor
     from packrnn import backend
 
     say(f"packrnn bench: backend {backend.backend_info()}")
-    say(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs visible, "
+    say(f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs visible, "
         f"torch {torch.__version__}, {threads} threads")
     say("lengths: lognormal median 40, sigma 0.35, clamped to [5, 200], torch.manual_seed(0); "
         f"best of {repeats} interleaved rounds")
@@ -306,7 +331,16 @@ def _run_bench(configs: Sequence[BenchConfig], repeats: int, threads: int, memor
     return results
 
 
-def _cpu_name() -> str:
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, e.g. ``"0.52 0.61 0.70"`` (``"?"`` if unknown)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name), else what ``platform`` says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

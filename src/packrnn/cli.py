@@ -1,8 +1,10 @@
 """The ``packrnn`` command: a thin argparse layer over ``packrnn.train`` and friends.
 
     packrnn train [--task classify|tag|lm] --train PATH [--test PATH] --model lstm --output DIR [...]
+    packrnn train --resume --output DIR          (continue a run with its saved settings)
     packrnn evaluate DIR --data PATH [--json]
     packrnn predict DIR "some text" ... [--json]      (or one text per line on stdin)
+    packrnn export DIR model.onnx                     (then: packrnn predict model.onnx ...)
     packrnn generate DIR "prefix" [--max-new N] [--temperature T] [--top-k K] [--seed S]
     packrnn bench [...]
     packrnn demo [...]
@@ -16,6 +18,7 @@ the traceback of an unexpected error. Distributed: run the same command under to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -87,12 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", choices=["classify", "tag", "lm"], default="classify",
                    help="classify: a label per text; tag: a tag per token; lm: the next "
                         "character or word (default: classify)")
-    t.add_argument("--train", required=True, metavar="PATH", help="labelled training file")
+    # --train and --model are required unless --resume finds a run in --output (_train_config).
+    t.add_argument("--train", metavar="PATH", help="labelled training file (required unless "
+                   "--resume continues a run)")
     t.add_argument("--test", metavar="PATH", help="labelled file evaluated after every epoch")
     _add_format_args(t, "agnews")
     t.add_argument("--delimiter", metavar="CHAR", help="csv: field separator (default: tab for "
                    ".tsv, else comma)")
-    t.add_argument("--model", required=True, choices=["rnn", "lstm", "gru"], help="recurrent cell")
+    t.add_argument("--model", choices=["rnn", "lstm", "gru"], help="recurrent cell (required "
+                   "unless --resume continues a run)")
     t.add_argument("--bidirectional", action="store_true", help="add a reverse direction")
     t.add_argument("--layers", type=_positive_int, default=1, metavar="N",
                    help="stacked recurrent layers (default: 1)")
@@ -155,9 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", required=True, metavar="DIR", help="run directory")
     group = t.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
-                       help="continue the run in --output from its last checkpoint")
+                       help="continue the run in --output from its last checkpoint, with its "
+                            "saved settings (other flags given must match them, except --epochs, "
+                            "--test, --threads, --device and the like)")
     group.add_argument("--overwrite", action="store_true",
                        help="replace the run in --output (removes only packrnn's files)")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue even if a data file changed since the checkpoint")
     t.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (default: every epoch)")
     t.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader workers")
@@ -178,15 +188,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="label texts (or tag sentences) with a trained run",
-                       description="Label each text (arguments, or one per line on stdin). A "
-                                   "tagger reads sentences of whitespace-separated tokens and "
-                                   "prints one token<TAB>tag per line, a blank line after each "
-                                   "sentence.")
-    p.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
+    p = sub.add_parser("predict", help="label texts (or tag sentences) with a trained run or an "
+                       "exported .onnx",
+                       description="Label each text (arguments, or one per line on stdin). "
+                                   "With a .onnx file from `packrnn export`, onnxruntime serves "
+                                   "it without packrnn's model code. A tagger reads sentences of "
+                                   "whitespace-separated tokens and prints one token<TAB>tag per "
+                                   "line, a blank line after each sentence.")
+    p.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`, or a "
+                   ".onnx file written by `packrnn export`")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts; none: read lines from stdin")
     p.add_argument("--json", action="store_true", help="one JSON object per text")
     p.set_defaults(func=_cmd_predict)
+
+    x = sub.add_parser("export", help="write a trained run as an ONNX file",
+                       description="Write the run's classifier as ONNX (standard LSTM/GRU/RNN "
+                                   "operators fed the real lengths; inputs ids (B, T) and "
+                                   "lengths (B,), output logits), with the vocabulary, labels "
+                                   "and tokenizer as metadata. Needs packrnn[onnx].")
+    x.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
+    x.add_argument("output", metavar="MODEL.onnx", help="file to write")
+    x.set_defaults(func=_cmd_export)
 
     gen = sub.add_parser("generate", help="continue a text with a trained language model",
                          description="Sample a continuation of PREFIX from a run of --task lm, "
@@ -219,30 +241,80 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
-    from .train import TASK_FORMATS, TrainConfig, train
+# `packrnn train` options whose TrainConfig field has another name; the others keep theirs.
+_TRAIN_FIELDS = {"train": "train_path", "test": "test_path", "layers": "num_layers",
+                 "max_vocab": "max_vocab_size", "checkpoint_every": "checkpoint_every_steps",
+                 "no_progress": "progress", "no_plot": "plot"}
 
-    config = TrainConfig(
-        task=a.task, tagset=a.tagset, token_column=a.token_column, tag_column=a.tag_column,
-        lowercase=a.lowercase, char_features=a.char_features, char_embed_dim=a.char_embed_dim,
-        char_hidden_size=a.char_hidden_size, level=a.level, tie_weights=a.tie_weights,
-        train_path=a.train, test_path=a.test, output=a.output,
-        format=a.format or TASK_FORMATS[a.task][0],
-        text_column=a.text_column, label_column=a.label_column, delimiter=a.delimiter,
-        skip_bad_rows=bool(a.skip_bad_rows), tokenizer=a.tokenizer, min_freq=a.min_freq,
-        max_vocab_size=a.max_vocab, max_length=a.max_length, model=a.model,
-        embed_dim=a.embed_dim, hidden_size=a.hidden_size, num_layers=a.layers,
-        bidirectional=a.bidirectional, dropout=a.dropout,
-        embed_dropout=a.embed_dropout, pooling=a.pooling,
-        execution=a.execution, vectors=a.vectors, freeze_embedding=a.freeze_embedding,
-        sparse_embedding=a.sparse_embedding,
-        batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, lr_decay=a.lr_decay, weight_decay=a.weight_decay,
-        grad_clip=a.grad_clip, seed=a.seed, bucket=a.bucket, max_tokens=a.max_tokens,
-        eval_batch_size=a.eval_batch_size, checkpoint_every_steps=a.checkpoint_every,
-        resume=a.resume, overwrite=a.overwrite, num_workers=a.num_workers, device=a.device,
-        threads=a.threads, progress=not a.no_progress, plot=not a.no_plot,
-    )
-    train(config)
+
+def _train_options(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> option string ("--hidden-size") of every `packrnn train` option."""
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                 ).choices["train"]
+    return {a.dest: a.option_strings[-1] for a in train._actions
+            if a.option_strings and a.dest != "help"}
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """The dests of the `packrnn train` options written on the command line (not defaults)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) & set(_train_options(parser))
+
+
+def _field(a: argparse.Namespace, dest: str) -> tuple[str, object]:
+    """The TrainConfig field and value of option ``dest``."""
+    value = getattr(a, dest)
+    if dest in ("no_progress", "no_plot"):
+        value = not value
+    elif dest == "skip_bad_rows":
+        value = bool(value)
+    elif dest == "format" and value is None:  # each task has its own default format
+        from .train import TASK_FORMATS
+
+        value = TASK_FORMATS[a.task][0]
+    return _TRAIN_FIELDS.get(dest, dest), value
+
+
+def _train_config(a: argparse.Namespace, given: set[str]):
+    """The run's TrainConfig: from the flags, or with --resume from the run's saved settings.
+
+    ``packrnn train --resume --output DIR`` alone continues with the saved settings; a flag
+    given beside it must match its saved value unless it may change on resume (--epochs,
+    --test, --threads, ...), and is refused otherwise, naming the flag.
+    """
+    from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from .rundir import classify
+    from .train import _RESUMABLE_CHANGES, TrainConfig, TrainError
+
+    options = _train_options(build_parser())
+    run = a.resume and classify(a.output, [CHECKPOINT_NAME]) == "run"
+    if not run:
+        missing = [options[d] for d in ("train", "model") if getattr(a, d) is None]
+        if missing:
+            why = f" (no packrnn run in {a.output!r} to resume)" if a.resume else ""
+            raise SystemExit(_fail("packrnn train: the following arguments are required: "
+                                   f"{', '.join(missing)}{why}", EXIT_USAGE))
+        return TrainConfig(**dict(_field(a, d) for d in options))
+    saved = dict(load_checkpoint(a.output)["train_config"])
+    values = dict(saved)
+    for dest in sorted(given - {"output", "resume", "overwrite"}):
+        name, value = _field(a, dest)
+        if name not in _RESUMABLE_CHANGES and value != saved.get(name):
+            raise TrainError(f"{options[dest]}: expected {saved.get(name)!r} as saved in the run "
+                             f"{a.output!r} (--resume continues with its settings: leave "
+                             f"{options[dest]} out), got {value!r}")
+        values[name] = value
+    values.update(output=a.output, resume=True, overwrite=False)
+    return TrainConfig.from_dict(values)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .train import train
+
+    train(_train_config(a, a.given))
     return 0
 
 
@@ -281,7 +353,17 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from .train import load_run, predict
 
-    run = load_run(a.dir)  # fail on a bad directory before waiting for stdin
+    if os.path.isfile(a.dir):  # a run is a directory; a file is an exported model
+        from .serve_onnx import OnnxClassifier
+
+        try:  # fail on a bad file before waiting for stdin
+            served = OnnxClassifier(a.dir)
+        except ImportError as e:
+            return _fail(f"predict: {e}", EXIT_FAILURE)
+        predictor = served.predict
+    else:
+        run = load_run(a.dir)  # fail on a bad directory before waiting for stdin
+        predictor = functools.partial(predict, run)
     texts = a.texts
     if not texts:
         if sys.stdin.isatty():
@@ -292,7 +374,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         if not texts:
             return _fail("predict: expected texts as arguments or lines on stdin, got none",
                          EXIT_USAGE)
-    for p in predict(run, texts):
+    for p in predictor(texts):
         if a.json:
             print(json.dumps(p, ensure_ascii=False))
         elif "tags" in p:  # a tagger: one token<TAB>tag per line, a blank line per sentence
@@ -340,6 +422,22 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+    from .train import load_run
+
+    run = load_run(a.dir)
+    try:
+        path = export_onnx(run, a.output)
+    except ImportError as e:
+        return _fail(f"export: {e}", EXIT_FAILURE)
+    c = run.model.config
+    print(f"wrote {path} ({'bidirectional ' if c.bidirectional else ''}{c.cell}, "
+          f"{c.num_layers} layer(s), pooling {c.pooling}, {len(run.labels)} labels); serve it "
+          f"with: packrnn predict {path} \"some text\"")
+    return 0
+
+
 def _cmd_bench(argv: list[str]) -> int:
     try:
         from . import bench
@@ -366,7 +464,8 @@ def _cmd_demo(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``packrnn`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, DiskFullError
+    from .rundir import TrainInterrupted
     from .train import TrainError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -376,13 +475,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["demo"]:
             return _cmd_demo(argv[1:])
         args = build_parser().parse_args(argv)
+        if args.command == "train":
+            args.given = _given_options(argv)
         return args.func(args)
     except SystemExit as e:  # argparse: --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    except TrainInterrupted as e:  # Ctrl-C in training, after saving a checkpoint
+        print(f"packrnn: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("packrnn: interrupted" + ("; continue with `packrnn train ... --resume`"
+        print("packrnn: interrupted" + ("; continue with `packrnn train --resume --output DIR`"
                                         if argv[:1] == ["train"] else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except DiskFullError as e:  # the environment, not the input: exit 1, but one clear line
+        if os.environ.get("PACKRNN_DEBUG"):
+            raise
+        return _fail(str(e), EXIT_FAILURE)
     except (CheckpointError, TrainError, ValueError, TypeError, FileNotFoundError,
             PermissionError, IsADirectoryError, UnicodeDecodeError) as e:
         if os.environ.get("PACKRNN_DEBUG"):

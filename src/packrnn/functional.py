@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from packrnn import _lean, _reference
+from packrnn.errors import InputError, InputTypeError
 from packrnn.packing import check_batch_sizes
 
 __all__ = ["rnn", "lstm", "gru"]
@@ -63,6 +64,15 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 _HAS_SELECTION = importlib.util.find_spec("packrnn.backend") is not None
 
 
+@torch.compiler.assume_constant_result
+def _selected_backend_name() -> str:
+    """``packrnn.backend.backend_name()``; torch.compile calls it once while tracing and bakes
+    the answer into the graph (it builds the kernel on first use, behind a lock)."""
+    from packrnn import backend as selection
+
+    return selection.backend_name()
+
+
 def _get_backend(name: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """The recurrence backend for ``name``; the ONE place that decides which backend runs.
 
@@ -78,9 +88,7 @@ def _get_backend(name: Optional[str] = None, dtype: Optional[torch.dtype] = None
         # inside it must surface, so only its absence falls back to the lean backend.
         if not _HAS_SELECTION:
             return _lean
-        from packrnn import backend as selection
-
-        name = selection.backend_name()
+        name = _selected_backend_name()
         if name == "native" and dtype is not None and dtype not in _NATIVE_DTYPES:
             return _lean  # NOTE [half precision]
     if name == "python":
@@ -321,12 +329,12 @@ def _check(data: Tensor, batch_sizes: Tensor, weights: Sequence[Tensor], num_lay
     against ``data`` (check_packed_sequence, or built them itself); skip those tensor ops.
     """
     if not isinstance(data, Tensor) or data.dim() != 2:
-        raise ValueError(f"data: expected a 2-D tensor (N, E), got "
+        raise InputError(f"data: expected a 2-D tensor (N, E), got "
                          f"{tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__}")
     if not batch_sizes_checked:
         check_batch_sizes(batch_sizes)
         if int(batch_sizes.sum()) != data.shape[0]:
-            raise ValueError(f"batch_sizes: expected to sum to data.shape[0] = {data.shape[0]}, "
+            raise InputError(f"batch_sizes: expected to sum to data.shape[0] = {data.shape[0]}, "
                              f"got {int(batch_sizes.sum())}")
     if num_layers < 1:
         raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
@@ -334,7 +342,7 @@ def _check(data: Tensor, batch_sizes: Tensor, weights: Sequence[Tensor], num_lay
     base = 4 if bias else 2
     allowed = (base, base + 1) if mode == "lstm" else (base,)
     if extra or per_dir not in allowed:
-        raise ValueError(f"weights: expected {' or '.join(str(a * num_layers * num_directions) for a in allowed)} "
+        raise InputError(f"weights: expected {' or '.join(str(a * num_layers * num_directions) for a in allowed)} "
                          f"tensors for num_layers={num_layers}, bidirectional="
                          f"{num_directions == 2}, bias={bias}, got {len(weights)}")
     return per_dir
@@ -354,21 +362,21 @@ def _check_weights(data: Tensor, weights: Sequence[Tensor], *, mode: str, per_di
         if not isinstance(w, Tensor):
             raise TypeError(f"{where(idx)}: expected a Tensor, got {type(w).__name__}")
         if w.dtype != data.dtype or w.device != data.device:
-            raise TypeError(f"{where(idx)}: expected dtype {data.dtype} on {data.device} (as data), "
+            raise InputTypeError(f"{where(idx)}: expected dtype {data.dtype} on {data.device} (as data), "
                             f"got {w.dtype} on {w.device}")
     w_ih, w_hh, w_last = weights[0], weights[1], weights[per_dir - 1]
     hidden = w_hh.shape[0] // _GATES[mode] if w_hh.dim() == 2 else 0  # H
     gates = _GATES[mode] * hidden  # G*H
     width = w_last.shape[0] if has_proj and w_last.dim() == 2 else hidden  # H_out
     if w_ih.dim() == 2 and data.shape[1] != w_ih.shape[1]:
-        raise ValueError(f"data: expected {w_ih.shape[1]} features (as {where(0)}), got "
+        raise InputError(f"data: expected {w_ih.shape[1]} features (as {where(0)}), got "
                          f"shape {tuple(data.shape)}")
     expected = {"w_hh": (gates, width), "b_ih": (gates,), "b_hh": (gates,), "w_hr": (width, hidden)}
     for idx, w in enumerate(weights):
         layer_in = data.shape[1] if idx < per_dir * num_dirs else width * num_dirs
         shape = expected.get(slots[idx % per_dir], (gates, layer_in))
         if hidden < 1 or tuple(w.shape) != shape:
-            raise ValueError(f"{where(idx)}: expected shape {shape} for {mode} with hidden size "
+            raise InputError(f"{where(idx)}: expected shape {shape} for {mode} with hidden size "
                              f"{hidden}, got {tuple(w.shape)}")
     return hidden, width
 
@@ -380,10 +388,10 @@ def _check_state(state: Tensor, name: str, sizes: tuple[int, int], min_batch: in
         raise TypeError(f"{name}: expected a Tensor, got {type(state).__name__}")
     layers, width = sizes
     if state.dim() != 3 or state.shape[0] != layers or state.shape[2] != width or state.shape[1] < min_batch:
-        raise ValueError(f"{name}: expected shape ({layers}, B, {width}) with B >= batch_sizes[0] = "
+        raise InputError(f"{name}: expected shape ({layers}, B, {width}) with B >= batch_sizes[0] = "
                          f"{min_batch}, got {tuple(state.shape)}")
     if state.dtype != data.dtype or state.device != data.device:
-        raise TypeError(f"{name}: expected dtype {data.dtype} on {data.device} (as data), got "
+        raise InputTypeError(f"{name}: expected dtype {data.dtype} on {data.device} (as data), got "
                         f"{state.dtype} on {state.device}")
 
 
@@ -420,7 +428,7 @@ def _run(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
     if mode == "lstm":
         _check_state(c0, "hx[1]", (num_layers * num_dirs, hidden), h0.shape[1], data)
         if c0.shape[1] != h0.shape[1]:
-            raise ValueError(f"hx[1]: expected batch size {h0.shape[1]} (as hx[0]), got {c0.shape[1]}")
+            raise InputError(f"hx[1]: expected batch size {h0.shape[1]} (as hx[0]), got {c0.shape[1]}")
 
     if data.is_cuda and backend is None:
         return _run_cuda(mode=mode, data=data, batch_sizes=batch_sizes, h0=h0, c0=c0,

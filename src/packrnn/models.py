@@ -213,6 +213,10 @@ class SequenceClassifier(nn.Module):
                                  f"got {tuple(lengths.shape)}")
         if c.execution == "padded":
             return self._forward_padded(ids, lengths)
+        if torch.compiler.is_compiling():
+            # NOTE [compiled classifier]: packing has data-dependent shapes; the layer's padded
+            # + lengths path computes the same real steps with static shapes.
+            return self._forward_lengths(ids, lengths)
         packed = pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
         return self._forward_packed(packed)
 
@@ -226,6 +230,19 @@ class SequenceClassifier(nn.Module):
             z = self._last_state(h)
         else:
             z = _POOL[c.pooling](out)  # (B, D) over real steps
+        return self.fc(self.dropout(z))  # (B, C)
+
+    def _forward_lengths(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        """The packed execution's numbers from padded ids: the layer runs only the real steps
+        of each sequence (NOTE [compiled classifier]). Embedding dropout here draws over the
+        padded positions, so under training a seed gives other masks than the packed form."""
+        c = self.config
+        emb = self.embed_dropout(self.embedding(ids.long()))  # (B, T, E)
+        out, h = self.rnn(emb, lengths=lengths)  # (B, T, D): zero at padding
+        if c.pooling == "last":
+            z = self._last_state(h)  # each sequence's state at its last real step
+        else:
+            z = _POOL[c.pooling](out, lengths, batch_first=True)  # (B, D) over real steps
         return self.fc(self.dropout(z))  # (B, C)
 
     def _forward_padded(self, ids: Tensor, lengths: Tensor) -> Tensor:
@@ -307,7 +324,7 @@ def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
 
     Raises:
         ValueError: missing or empty file, or a line (named by file and line number) whose
-            vector has the wrong size or a non-number.
+            vector has the wrong size or a non-number, or (for a kept token) NaN or infinity.
     """
     p = Path(path)
     if not p.is_file():
@@ -339,10 +356,15 @@ def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
             if row is None:
                 continue
             try:
-                found[row] = torch.tensor([float(x) for x in values], dtype=torch.float32)
+                vector = torch.tensor([float(x) for x in values], dtype=torch.float32)  # (D,)
             except ValueError:
                 raise ValueError(f"vectors: expected numbers after the token, got "
                                  f"{' '.join(values[:3])!r}... in {p}:{lineno}") from None
+            if not bool(torch.isfinite(vector).all()):  # a NaN row would make the model NaN
+                bad = values[int((~torch.isfinite(vector)).nonzero()[0])]
+                raise ValueError(f"vectors: expected finite numbers after the token, got {bad!r} "
+                                 f"for {token!r} in {p}:{lineno}")
+            found[row] = vector
     if not any_line:
         raise ValueError(f"vectors: expected at least one vector, got an empty file {str(p)!r}")
     return found

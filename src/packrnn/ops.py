@@ -60,11 +60,13 @@ def lengths_to_mask(
     if device is None:
         device = lengths.device if isinstance(lengths, Tensor) else "cpu"
     if max_length is not None:
-        if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+        if isinstance(max_length, bool) or not isinstance(max_length,
+                                                          (numbers.Integral, torch.SymInt)):
             raise TypeError(f"max_length: expected None or a non-negative int, got {max_length!r}")
         if max_length < 0:
             raise ValueError(f"max_length: expected None or a non-negative int, got {max_length!r}")
-        max_length = int(max_length)
+        if not isinstance(max_length, torch.SymInt):  # a traced size stays symbolic
+            max_length = int(max_length)
     lengths = as_lengths(lengths, max_length=max_length)
     if max_length is None:
         max_length = int(lengths.max()) if lengths.numel() else 0

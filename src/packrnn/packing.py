@@ -9,7 +9,9 @@ Where torch's users are stuck, packrnn goes further:
 * ``lengths`` may be a list, tuple, numpy array or a tensor of any integer dtype on any device.
 * Zero-length sequences are accepted; see NOTE [zero-length sequences].
 * Unsorted batches just work; see NOTE [enforce_sorted default].
-* Bad input raises ``ValueError`` / ``TypeError`` of the form ``"<arg>: expected X, got Y"``.
+* Bad input raises ``ValueError`` / ``TypeError`` of the form ``"<arg>: expected X, got Y"``;
+  where torch raises ``RuntimeError`` for the same input, the error is also a ``RuntimeError``
+  (:mod:`packrnn.errors`).
 
 Shape letters: ``T`` time, ``B`` batch, ``N`` packed rows (sum of lengths), ``*`` trailing dims.
 
@@ -56,6 +58,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence as _TorchPackedSequence
+
+from .errors import InputError, InputTypeError
 
 try:  # numpy is optional: torch works without it
     import numpy as _np
@@ -147,7 +151,9 @@ def as_lengths(
 
     Raises:
         TypeError: non-integer lengths or an unsupported container.
-        ValueError: not 1-D, negative, wrong count, or longer than ``max_length``.
+        packrnn.errors.InputError (a ValueError and a RuntimeError): not 1-D, negative, wrong
+            count, or longer than ``max_length`` (values checked in eager mode only, not
+            while ``torch.compile`` / ``torch.export`` trace).
 
     >>> as_lengths([3, 1, 2])
     tensor([3, 1, 2])
@@ -156,7 +162,7 @@ def as_lengths(
         if not _is_integer_dtype(lengths.dtype):
             raise TypeError(f"{name}: expected integer lengths, got a tensor of dtype {lengths.dtype}")
         if lengths.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 f"{name}: expected a 1-D sequence of lengths, got a tensor of shape {tuple(lengths.shape)}"
             )
         out = lengths.to(device="cpu", dtype=torch.int64)
@@ -164,7 +170,7 @@ def as_lengths(
         if lengths.dtype.kind not in "iu":
             raise TypeError(f"{name}: expected integer lengths, got a numpy array of dtype {lengths.dtype}")
         if lengths.ndim != 1:
-            raise ValueError(
+            raise InputError(
                 f"{name}: expected a 1-D sequence of lengths, got a numpy array of shape {lengths.shape}"
             )
         out = torch.from_numpy(lengths.astype(_np.int64))
@@ -176,7 +182,7 @@ def as_lengths(
             elif _np is not None and isinstance(v, _np.integer):
                 v = int(v)
             elif isinstance(v, (list, tuple, Tensor)) or (_np is not None and isinstance(v, _np.ndarray)):
-                raise ValueError(
+                raise InputError(
                     f"{name}: expected a 1-D sequence of lengths, got a nested {type(v).__name__} at index {i}"
                 )
             elif not isinstance(v, numbers.Integral) or isinstance(v, bool):
@@ -189,19 +195,21 @@ def as_lengths(
         )
 
     if batch_size is not None and out.numel() != batch_size:
-        raise ValueError(
+        raise InputError(
             f"{name}: expected {batch_size} lengths (one per sequence in the batch), got {out.numel()}"
         )
-    if out.numel():
+    # Under torch.compile / torch.export the values are not inspected: that would be a
+    # data-dependent guard (a graph break). A length outside [0, T] then acts as if clamped.
+    if out.numel() and not torch.compiler.is_compiling():
         low = int(out.min())
         if low < 0:
             i = int((out < 0).nonzero()[0])
-            raise ValueError(f"{name}: expected non-negative lengths, got {low} at index {i}")
+            raise InputError(f"{name}: expected non-negative lengths, got {low} at index {i}")
         if max_length is not None:
             high = int(out.max())
             if high > max_length:
                 i = int((out > max_length).nonzero()[0])
-                raise ValueError(
+                raise InputError(
                     f"{name}: expected every length <= {max_length} (the padded time dimension), "
                     f"got {high} at index {i}"
                 )
@@ -247,7 +255,8 @@ def packing_order(
     Args:
         lengths: ``(B,)`` CPU int64, ``B >= 1`` (see :func:`as_lengths`).
         enforce_sorted (bool or None): see NOTE [enforce_sorted default]. ``True`` raises
-            ``ValueError`` (naming ``name``) if lengths are not decreasing.
+            ``packrnn.errors.InputError`` (a ValueError and, as torch, a RuntimeError) naming
+            ``name`` if lengths are not decreasing.
         name (str): argument name for the error message. Default: ``"lengths"``.
 
     Returns:
@@ -266,7 +275,7 @@ def packing_order(
     is_sorted = torch.equal(sorted_lengths, lengths)  # already non-increasing?
     if enforce_sorted and not is_sorted:
         what = "lengths" if name == "lengths" else "sequences by length"
-        raise ValueError(
+        raise InputError(
             f"{name}: expected {what} sorted in decreasing order since enforce_sorted=True, got "
             f"lengths {_short(lengths)}; pass enforce_sorted=False (or leave the default None) to "
             f"pack an unsorted batch"
@@ -327,12 +336,12 @@ def check_batch_sizes(batch_sizes, name: str = "batch_sizes") -> None:
     ``batch_sizes`` on its own).
 
     Raises:
-        ValueError naming ``name``.
+        packrnn.errors.InputError (a ValueError and a RuntimeError) naming ``name``.
 
     >>> check_batch_sizes(torch.tensor([2, 0]))
     Traceback (most recent call last):
     ...
-    ValueError: batch_sizes: expected every entry >= 1, got [2, 0]
+    packrnn.errors.InputError: batch_sizes: expected every entry >= 1, got [2, 0]
     """
     if not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64:
         got = (
@@ -340,17 +349,17 @@ def check_batch_sizes(batch_sizes, name: str = "batch_sizes") -> None:
             if isinstance(batch_sizes, Tensor)
             else type(batch_sizes).__name__
         )
-        raise ValueError(f"{name}: expected a 1-D int64 tensor, got {got}")
+        raise InputError(f"{name}: expected a 1-D int64 tensor, got {got}")
     if batch_sizes.device.type != "cpu":
-        raise ValueError(f"{name}: expected a CPU tensor, got device {batch_sizes.device}")
+        raise InputError(f"{name}: expected a CPU tensor, got device {batch_sizes.device}")
     if batch_sizes.numel():
         # Every layer call checks its batch: numpy's view of the CPU tensor does it in ~2 us,
         # a third of the torch ops' dispatch cost.
         values = batch_sizes.numpy() if _np is not None else batch_sizes  # (T,)
         if len(values) > 1 and bool((values[1:] > values[:-1]).any()):
-            raise ValueError(f"{name}: expected non-increasing entries, got {_short(batch_sizes)}")
+            raise InputError(f"{name}: expected non-increasing entries, got {_short(batch_sizes)}")
         if int(values[-1]) < 1:  # non-increasing, so the last entry is the smallest
-            raise ValueError(f"{name}: expected every entry >= 1, got {_short(batch_sizes)}")
+            raise InputError(f"{name}: expected every entry >= 1, got {_short(batch_sizes)}")
 
 
 def check_packed_sequence(sequence, name: str = "sequence") -> int:
@@ -366,7 +375,8 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
         name (str): the argument name used in error messages. Default: ``"sequence"``.
 
     Raises:
-        TypeError / ValueError naming the offending field.
+        TypeError / packrnn.errors.InputError (a ValueError and a RuntimeError) naming the
+        offending field.
 
     >>> check_packed_sequence(pack_sequence([torch.ones(2), torch.ones(0)]))
     2
@@ -379,15 +389,15 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
     data, batch_sizes, sorted_indices, unsorted_indices = sequence
     if not isinstance(data, Tensor) or data.dim() < 1:
         got = f"shape {tuple(data.shape)}" if isinstance(data, Tensor) else type(data).__name__
-        raise ValueError(f"{name}.data: expected a tensor with at least 1 dimension, got {got}")
+        raise InputError(f"{name}.data: expected a tensor with at least 1 dimension, got {got}")
     check_batch_sizes(batch_sizes, f"{name}.batch_sizes")
     total = int(batch_sizes.sum())
     if total != data.size(0):
-        raise ValueError(
+        raise InputError(
             f"{name}: expected data.size(0) == sum(batch_sizes) = {total}, got data.size(0) = {data.size(0)}"
         )
     if (sorted_indices is None) != (unsorted_indices is None):
-        raise ValueError(
+        raise InputError(
             f"{name}: expected sorted_indices and unsorted_indices both None or both tensors, got "
             f"sorted_indices={'None' if sorted_indices is None else 'tensor'}, "
             f"unsorted_indices={'None' if unsorted_indices is None else 'tensor'}"
@@ -395,7 +405,7 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
     top = int(batch_sizes[0]) if batch_sizes.numel() else 0
     if sorted_indices is None:
         if top == 0:
-            raise ValueError(
+            raise InputError(
                 f"{name}: expected batch_sizes to be non-empty when sorted_indices is None "
                 f"(the batch size is batch_sizes[0]), got an empty batch_sizes"
             )
@@ -403,20 +413,20 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
     for field, idx in (("sorted_indices", sorted_indices), ("unsorted_indices", unsorted_indices)):
         if not isinstance(idx, Tensor) or idx.dim() != 1 or not _is_integer_dtype(idx.dtype):
             got = f"shape {tuple(idx.shape)} dtype {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
-            raise ValueError(f"{name}.{field}: expected a 1-D integer tensor, got {got}")
+            raise InputError(f"{name}.{field}: expected a 1-D integer tensor, got {got}")
         if idx.device != data.device:
-            raise ValueError(f"{name}.{field}: expected device {data.device} (data's), got {idx.device}")
+            raise InputError(f"{name}.{field}: expected device {data.device} (data's), got {idx.device}")
     batch = sorted_indices.numel()
     if unsorted_indices.numel() != batch:
-        raise ValueError(
+        raise InputError(
             f"{name}.unsorted_indices: expected {batch} entries (as sorted_indices), got {unsorted_indices.numel()}"
         )
     if batch < top:
-        raise ValueError(
+        raise InputError(
             f"{name}.sorted_indices: expected at least batch_sizes[0] = {top} entries, got {batch}"
         )
     if batch == 0:
-        raise ValueError(f"{name}.sorted_indices: expected at least one sequence, got 0 entries")
+        raise InputError(f"{name}.sorted_indices: expected at least one sequence, got 0 entries")
     if _np is not None and sorted_indices.device.type == "cpu":  # same test, cheaper on CPU
         sorted_np, unsorted_np = sorted_indices.numpy(), unsorted_indices.numpy()  # (B,) views
         low = min(int(sorted_np.min()), int(unsorted_np.min()))
@@ -428,7 +438,7 @@ def check_packed_sequence(sequence, name: str = "sequence") -> int:
         arange = torch.arange(batch, device=sorted_indices.device)
         inverse = low >= 0 and high < batch and torch.equal(unsorted_indices[sorted_indices], arange)
     if not inverse:
-        raise ValueError(
+        raise InputError(
             f"{name}.unsorted_indices: expected the inverse permutation of sorted_indices, got "
             f"sorted_indices={_short(sorted_indices)}, unsorted_indices={_short(unsorted_indices)}"
         )
@@ -549,17 +559,17 @@ def _check_sequences(sequences, name: str = "sequences") -> tuple[Tensor, ...]:
     """Validate a list of ``(L_b, *)`` tensors with equal trailing shape, dtype and device."""
     if isinstance(sequences, Tensor):
         if sequences.dim() < 2:
-            raise ValueError(
+            raise InputError(
                 f"{name}: expected a list of tensors or a tensor with at least 2 dimensions, "
                 f"got a tensor of shape {tuple(sequences.shape)}"
             )
         seqs = tuple(sequences.unbind(0))
     elif isinstance(sequences, (str, bytes)) or not isinstance(sequences, Iterable):
-        raise TypeError(f"{name}: expected a list of tensors, got {type(sequences).__name__}")
+        raise InputTypeError(f"{name}: expected a list of tensors, got {type(sequences).__name__}")
     else:
         seqs = tuple(sequences)
     if not seqs:
-        raise ValueError(f"{name}: expected at least one sequence, got an empty {type(sequences).__name__}")
+        raise InputError(f"{name}: expected at least one sequence, got an empty {type(sequences).__name__}")
     first = seqs[0]
     for i, s in enumerate(seqs):
         if not isinstance(s, Tensor):
@@ -567,14 +577,14 @@ def _check_sequences(sequences, name: str = "sequences") -> tuple[Tensor, ...]:
         if s.dim() < 1:
             raise ValueError(f"{name}[{i}]: expected a tensor of shape (L, *), got a 0-d tensor")
         if s.shape[1:] != first.shape[1:]:
-            raise ValueError(
+            raise InputError(
                 f"{name}[{i}]: expected trailing shape {tuple(first.shape[1:])} (as {name}[0]), "
                 f"got {tuple(s.shape[1:])}"
             )
         if s.dtype != first.dtype:
             raise TypeError(f"{name}[{i}]: expected dtype {first.dtype} (as {name}[0]), got {s.dtype}")
         if s.device != first.device:
-            raise ValueError(f"{name}[{i}]: expected device {first.device} (as {name}[0]), got {s.device}")
+            raise InputError(f"{name}[{i}]: expected device {first.device} (as {name}[0]), got {s.device}")
     return seqs
 
 
@@ -617,9 +627,9 @@ def pack_padded_sequence(
         _check_bool(enforce_sorted, "enforce_sorted")
     batch_dim, time_dim = (0, 1) if batch_first else (1, 0)
     batch, steps = input.size(batch_dim), input.size(time_dim)
+    if batch == 0:  # before the lengths, as torch: an empty batch is the error to report
+        raise InputError(f"input: expected at least one sequence, got batch size 0 (shape {tuple(input.shape)})")
     lengths = as_lengths(lengths, batch, max_length=steps)
-    if batch == 0:
-        raise ValueError(f"input: expected at least one sequence, got batch size 0 (shape {tuple(input.shape)})")
 
     sorted_lengths, sorted_indices, unsorted_indices = packing_order(lengths, enforce_sorted)
 
@@ -715,7 +725,7 @@ def pad_sequence(
     seqs = _check_sequences(sequences)
     _check_bool(batch_first, "batch_first")
     if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side: expected 'right' or 'left', got {padding_side!r}")
+        raise InputError(f"padding_side: expected 'right' or 'left', got {padding_side!r}")
     batch = len(seqs)
     lengths = torch.tensor([s.size(0) for s in seqs], dtype=torch.int64)  # (B,)
     steps = int(lengths.max())

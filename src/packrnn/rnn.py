@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence as _TorchPackedSequence
 
 from packrnn import _reference, functional
+from packrnn.errors import InputError, InputTypeError
 from packrnn.packing import (
     PackedSequence,
     _check_bool,
@@ -65,17 +66,17 @@ def _check_state(value, name: str, shape: tuple, like: Tensor) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a Tensor, got {type(value).__name__}")
     if tuple(value.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(value.shape)}")
+        raise InputError(f"{name}: expected shape {tuple(shape)}, got {tuple(value.shape)}")
     if value.dtype != like.dtype:
-        raise TypeError(f"{name}: expected dtype {like.dtype} (as the input), got {value.dtype}")
+        raise InputTypeError(f"{name}: expected dtype {like.dtype} (as the input), got {value.dtype}")
     if value.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device} (as the input), got {value.device}")
+        raise InputError(f"{name}: expected device {like.device} (as the input), got {value.device}")
 
 
 def _reset_uniform(module: nn.Module) -> None:
     """torch's RNN/cell init: every parameter ~ Uniform(-1/sqrt(H), 1/sqrt(H)), in registration
-    order (so the same seed gives torch's weights)."""
-    bound = 1.0 / math.sqrt(module.hidden_size)
+    order (so the same seed gives torch's weights). A cell with H = 0 has only empty parameters."""
+    bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0.0
     for weight in module.parameters():
         nn.init.uniform_(weight, -bound, bound)
 
@@ -90,31 +91,21 @@ def _reject_proj_size(proj_size) -> None:
 def _check_input_features(data: Tensor, name: str, input_size: int, weight: Tensor) -> None:
     """Input of a layer or cell: ``input_size`` features last, the parameters' dtype and device."""
     if data.shape[-1] != input_size:
-        raise ValueError(f"{name}: expected {input_size} features (input_size) in the last "
+        raise InputError(f"{name}: expected {input_size} features (input_size) in the last "
                          f"dimension, got shape {tuple(data.shape)}")
     if data.dtype != weight.dtype:
-        raise TypeError(f"{name}: expected dtype {weight.dtype} (the module's parameters), "
+        raise InputTypeError(f"{name}: expected dtype {weight.dtype} (the module's parameters), "
                         f"got {data.dtype}")
     if data.device != weight.device:
-        raise ValueError(f"{name}: expected device {weight.device} (the module's parameters), "
+        raise InputError(f"{name}: expected device {weight.device} (the module's parameters), "
                          f"got {data.device}")
 
 
-def _lengths(lengths, batch: int, steps: int) -> Tensor:
-    """``lengths`` of a padded batch as a (B,) CPU int64 tensor.
-
-    Eager: validated by ``as_lengths`` (count, integers, 0 <= length <= T). Under
-    ``torch.compile`` / ``torch.export`` the values are not inspected (that would be a
-    data-dependent guard, i.e. a graph break): an int tensor of B lengths is taken as it is,
-    and a length outside [0, T] acts as if clamped to it.
-    """
-    if not torch.compiler.is_compiling():
-        return as_lengths(lengths, batch, max_length=steps)
-    lengths = torch.as_tensor(lengths)
-    if lengths.dim() != 1 or lengths.shape[0] != batch:
-        raise ValueError(f"lengths: expected a 1-D tensor of {batch} lengths, got shape "
-                         f"{tuple(lengths.shape)}")
-    return lengths.to(device="cpu", dtype=torch.int64)
+_JIT_MESSAGE = (
+    "packrnn.{name}: {what} is not supported (TorchScript is legacy in PyTorch 2). Use "
+    "torch.compile(model) for speed, torch.export.export(model, args, dynamic_shapes=...) for a "
+    "portable program, or packrnn.export_onnx / `packrnn export` for ONNX; see the README "
+    "section 'Compile, export and serve'.")
 
 
 class _RNNBase(nn.Module):
@@ -139,9 +130,9 @@ class _RNNBase(nn.Module):
         _check_bool(batch_first, "batch_first")
         _check_bool(bidirectional, "bidirectional")
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
-            raise TypeError(f"dropout: expected a float in [0, 1), got {dropout!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout}")
+            raise InputTypeError(f"dropout: expected a float in [0, 1], got {dropout!r}")
+        if not 0 <= dropout <= 1:  # 1 is allowed, as torch: every inter-layer output dropped
+            raise ValueError(f"dropout: expected a float in [0, 1], got {dropout}")
         if proj_size and mode != "LSTM":
             raise ValueError(f"proj_size: expected 0 (projections are LSTM-only), got {proj_size}")
         if proj_size >= hidden_size:
@@ -238,7 +229,7 @@ class _RNNBase(nn.Module):
             return h0, c0
         if is_lstm:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"hx: expected a tuple (h_0, c_0) of two tensors, got "
+                raise InputTypeError(f"hx: expected a tuple (h_0, c_0) of two tensors, got "
                                 f"{type(hx).__name__}")
             pairs = [("hx[0]", hx[0], h_shape), ("hx[1]", hx[1], c_shape)]
         else:
@@ -270,8 +261,14 @@ class _RNNBase(nn.Module):
             return output, (h_n, c_n)
         return output, h_n
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_JIT_MESSAGE.format(what="torch.jit.script", name=type(self).__name__))
+
     def forward(self, input, hx=None, *, lengths=None):
         """See the class docstring and NOTE [Padding contract]."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(_JIT_MESSAGE.format(what="torch.jit.trace",
+                                                   name=type(self).__name__))
         if isinstance(input, _TorchPackedSequence):
             return self._forward_packed(input, hx, lengths)
         if not isinstance(input, Tensor):
@@ -292,14 +289,17 @@ class _RNNBase(nn.Module):
         h0, c0 = self._prepare_hx(hx, batch, input, unbatched)
 
         if lengths is not None:
-            lengths = _lengths(lengths, batch, steps)
+            # validated in eager mode; not inspected under torch.compile (see as_lengths)
+            lengths = as_lengths(lengths, batch, max_length=steps)
         if lengths is None or batch == 0:
             # Every step is real: the packed rows of a full batch are the time-major rows. An
             # empty batch (B = 0, which torch accepts) has no rows and no steps to pack.
             rows = input.transpose(0, 1) if self.batch_first else input  # (T, B, E)
             data = rows.reshape(steps * batch, self.input_size)  # (T*B, E)
             batch_sizes = torch.full((steps if batch else 0,), batch, dtype=torch.int64)  # (T,)
-            out, h_n, c_n = self._run(data, batch_sizes, h0, c0)
+            # A full batch is the padded layout too; traced, say so (no data-dependent sizes).
+            out, h_n, c_n = self._run(data, batch_sizes, h0, c0,
+                                      padded=torch.compiler.is_compiling())
             output = out.view(steps, batch, out.shape[1])  # (T, B, D*H_out)
             if self.batch_first:
                 output = output.transpose(0, 1)  # (B, T, D*H_out)
@@ -354,7 +354,7 @@ class _RNNBase(nn.Module):
                              f"its own lengths), got {lengths!r}")
         batch = check_packed_sequence(input, "input")
         if input.data.dim() != 2:
-            raise ValueError(f"input.data: expected a 2-D tensor (N, E), got shape "
+            raise InputError(f"input.data: expected a 2-D tensor (N, E), got shape "
                              f"{tuple(input.data.shape)}")
         _check_input_features(input.data, "input.data", self.input_size, self.weight_ih_l0)
         h0, c0 = self._prepare_hx(hx, batch, input.data, unbatched=False)
@@ -387,8 +387,8 @@ _LAYER_DOC = """
         num_layers: number of stacked layers. Default 1.
         {extra}bias: if False, no ``bias_ih`` / ``bias_hh``. Default True.
         batch_first: input and output are (B, T, *) instead of (T, B, *). Default False.
-        dropout: dropout probability on the outputs of every layer but the last, in training
-            mode only. Default 0.
+        dropout: dropout probability in [0, 1] on the outputs of every layer but the last, in
+            training mode only. Default 0.
         bidirectional: add a reverse direction; outputs are concatenated. Default False.
         device, dtype: of the parameters.
 
@@ -506,8 +506,9 @@ class _CellBase(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
                  device=None, dtype=None):
         super().__init__()
-        self.input_size = _check_int(input_size, "input_size", 1)
-        self.hidden_size = _check_int(hidden_size, "hidden_size", 1)
+        # 0 is allowed, as torch's cells: H = 0 gives (B, 0) states
+        self.input_size = _check_int(input_size, "input_size", 0)
+        self.hidden_size = _check_int(hidden_size, "hidden_size", 0)
         self.bias = _check_bool(bias, "bias")
         factory = {"device": device, "dtype": dtype}
         gates = num_chunks * hidden_size

@@ -26,6 +26,12 @@ Files in the output directory:
 ``curves.png``      loss and accuracy per epoch (needs matplotlib)
 ==================  =========================================================================
 
+``.packrnn.lock``    held while a training runs (pid, host, start time)
+==================  =========================================================================
+
+Only a new or empty directory or a packrnn run is written; the checkpoint carries a checksum and
+fingerprints of the data files (see ``packrnn.rundir``).
+
 NOTE [exact resume]
 A checkpoint is taken every epoch and every ``checkpoint_every_steps`` optimizer steps. It holds
 the number of batches already done in the current epoch and the running sums of that epoch, and
@@ -35,10 +41,13 @@ consume the global RNG), and the torch / Python / NumPy RNG states of every rank
 resume, training rebuilds the same epoch's batches, skips the ones already done and restores the
 RNG states, so the run continues with the same numbers as if it had never stopped: the final
 weights and metrics equal those of an uninterrupted run (``tests/test_train.py`` checks it).
+A fresh run saves a checkpoint of step 0 before anything else, so its directory is a run from
+the start; Ctrl-C saves one after the current step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -54,6 +63,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
+from . import rundir
 from .backend import backend_name
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_write_json,
                          load_checkpoint, save_checkpoint)
@@ -69,6 +79,8 @@ __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
 CONFIG_NAME = "config.json"
+_RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME)  # all a run writes
+_DATA_FILES = ("train_path", "test_path")  # fingerprinted in every checkpoint
 FORMATS = ("agnews", "csv", "tsv", "jsonl", "conllu", "conll", "text")
 # What each task reads (the first is the command line's default) and which fields only some
 # tasks use: such a field must keep its default for the other tasks.
@@ -88,7 +100,7 @@ _TASK_FIELDS = {
 # Fields that may change between a run and its resumption (they do not change the numbers).
 _RESUMABLE_CHANGES = frozenset({
     "epochs", "output", "resume", "overwrite", "num_workers", "checkpoint_every_steps",
-    "progress", "plot", "threads", "device", "test_path", "eval_batch_size",
+    "progress", "plot", "threads", "device", "test_path", "eval_batch_size", "allow_data_change",
 })
 
 
@@ -180,6 +192,7 @@ class TrainConfig(DictConfig):
     checkpoint_every_steps: int | None = None  # also checkpoint every N steps; None: per epoch only
     resume: bool = False  # continue the run in `output` from its last checkpoint
     overwrite: bool = False  # replace an existing run in `output` (only packrnn's own files)
+    allow_data_change: bool = False  # resume even if a data file changed since the checkpoint
     num_workers: int = 0  # DataLoader worker processes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
     threads: int | None = None  # torch.set_num_threads; None: torch's default
@@ -201,8 +214,9 @@ class TrainConfig(DictConfig):
                 raise TypeError(f"{name}: expected a path or None, got {value!r}")
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.format not in FORMATS:
-            raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format not in FORMATS:  # the task's formats (classify: the message it always had)
+            raise ValueError(f"format: expected one of {', '.join(TASK_FORMATS[self.task])}, "
+                             f"got {self.format!r}")
         if self.format not in TASK_FORMATS[self.task]:
             raise ValueError(f"format: expected one of {', '.join(TASK_FORMATS[self.task])} for "
                              f"task {self.task!r}, got {self.format!r}")
@@ -261,7 +275,7 @@ class TrainConfig(DictConfig):
                              f"no weight decay), got {self.weight_decay}")
         for name in ("bidirectional", "skip_bad_rows", "freeze_embedding", "sparse_embedding",
                      "bucket", "resume", "lowercase", "char_features", "tie_weights",
-                     "overwrite", "progress", "plot"):
+                     "overwrite", "allow_data_change", "progress", "plot"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
@@ -343,36 +357,52 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_output(cfg: TrainConfig, ctx: D.DistContext) -> Path | None:
-    """Check the output directory against resume/overwrite; returns a checkpoint to resume.
+def _prepare_output(cfg: TrainConfig, ctx: D.DistContext) -> tuple[Path | None, rundir.RunLock]:
+    """Check and lock the output directory (main process); returns a checkpoint to resume.
 
-    Refuses a non-empty directory unless ``resume`` or ``overwrite``; ``overwrite`` removes only
-    the files a run writes (checkpoint, metrics, plot, config), never anything else.
+    ``rundir.check_output`` decides: a new or empty directory starts a run, a run is resumed
+    or replaced (``resume``/``overwrite``; ``overwrite`` later removes only the files a run
+    writes), anything else is refused. Then the directory is locked and the temp files of
+    interrupted writes are removed.
     """
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"output: expected a directory, got an existing file {str(out)!r}")
-    ckpt = out / CHECKPOINT_NAME
-    if cfg.resume:
-        if ckpt.is_file():
-            return ckpt
-        if ctx.is_main:
-            print(f"packrnn: no checkpoint in {str(out)!r} yet; starting the run from the beginning",
-                  file=sys.stderr)
-        return None
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise TrainError(f"output: directory {str(out)!r} already exists and is not empty; "
-                             "pass --resume to continue its run or --overwrite to replace it")
-    return None
+    rundir.check_output(out, _RUN_FILES, resume=cfg.resume, overwrite=cfg.overwrite)  # write nothing first
+    out.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock.acquire(out)
+    try:  # again under the lock: another run may have started meanwhile
+        resume = rundir.check_output(out, _RUN_FILES, resume=cfg.resume, overwrite=cfg.overwrite)
+        rundir.remove_stale_temp_files(out, _RUN_FILES)
+    except BaseException:
+        lock.release()
+        raise
+    if cfg.resume and not resume and ctx.is_main:
+        print(f"packrnn: no checkpoint in {str(out)!r} yet; starting the run from the beginning",
+              file=sys.stderr)
+    return (out / CHECKPOINT_NAME if resume else None), lock
 
 
 def _clear_run_files(out: Path) -> None:
-    for name in (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME):
+    for name in _RUN_FILES:
         try:
             (out / name).unlink()
         except FileNotFoundError:
             pass
+
+
+def _check_data(cfg: TrainConfig, state: Mapping[str, Any] | None, ctx: D.DistContext
+                ) -> dict[str, Any]:
+    """Fingerprints of the data files; on resume a changed one is refused (``allow_data_change``)."""
+    saved = state.get("data_fingerprints", {}) if state is not None else {}
+    log = (lambda m: print(m, file=sys.stderr)) if ctx.is_main else (lambda m: None)
+    prints = {}
+    for name in _DATA_FILES:
+        path = getattr(cfg, name)
+        if path is None or not os.path.isfile(path):
+            continue  # the data loader says what is wrong with it
+        same_file = state is not None and state["train_config"].get(name) == path
+        prints[name] = rundir.check_fingerprint(name, path, saved.get(name) if same_file else None,
+                                                cfg.allow_data_change, log=log)
+    return prints
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
@@ -420,9 +450,14 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     Raises:
         ValueError: a bad row ``"<file>:<line>: ..."`` (unless ``skip_bad_rows``), an empty
             file, a test label unseen in training.
-        TrainError (a ValueError): an existing output directory without resume/overwrite, or
-            a checkpoint that does not match the config.
+        TrainError (a ValueError): an existing output directory without resume/overwrite, a
+            checkpoint that does not match the config, or a loss that is NaN or infinite.
+        RunDirError (a ValueError): an output directory that is not a packrnn run, one that
+            another training holds (``RunLockedError``), or a data file that changed since the
+            checkpoint (see ``packrnn.rundir``).
         CheckpointError (a ValueError): a corrupt or foreign checkpoint to resume from.
+        TrainInterrupted (a KeyboardInterrupt): Ctrl-C, after saving a checkpoint.
+        DiskFullError (an OSError): no space left; the previous checkpoint is intact.
 
     >>> metrics = train(TrainConfig(train_path="train.csv", test_path="test.csv",
     ...                             output="runs/lstm", epochs=2))  # doctest: +SKIP
@@ -435,16 +470,18 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     try:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        return _train(cfg, ctx, on_step)
+        with contextlib.ExitStack() as cleanup:  # the run lock, the Ctrl-C handler
+            return _train(cfg, ctx, on_step, cleanup)
     finally:
         torch.set_num_threads(threads)
         D.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None
-           ) -> list[EpochMetrics]:
+def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None,
+           cleanup: contextlib.ExitStack) -> list[EpochMetrics]:
     task = get_task(cfg.task)
-    state = _open_run(cfg, ctx)
+    state = _open_run(cfg, ctx, cleanup)
+    data_fingerprints = _check_data(cfg, state, ctx)
     progress = None if (cfg.progress and ctx.is_main) else False
     data = task.load_data(cfg, state, progress)
     # Resolve (and on first use build) the recurrence backend here, not inside the first epoch's
@@ -457,20 +494,24 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             if ds is not None and ds.skipped:
                 print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
                       f"(first: {ds.skipped[0]})", file=sys.stderr)
-    return _Loop(cfg, ctx, task, data, state).run(on_step)
+    return _Loop(cfg, ctx, task, data, state, data_fingerprints).run(on_step, cleanup)
 
 
-def _open_run(cfg: TrainConfig, ctx: D.DistContext) -> dict[str, Any] | None:
-    """Check the output directory; the checkpoint to resume from, or None for a fresh run."""
+def _open_run(cfg: TrainConfig, ctx: D.DistContext, cleanup: contextlib.ExitStack
+              ) -> dict[str, Any] | None:
+    """Check and lock the output directory; the checkpoint to resume, or None for a fresh run."""
     # Rank 0 decides and tells the others: it writes into `out` soon, and a slower rank must not
     # then mistake the new run's files for an existing run.
     decision: tuple[str, str | None] = ("ok", None)
     if ctx.is_main:
         try:
-            path = _prepare_output(cfg, ctx)
+            path, lock = _prepare_output(cfg, ctx)
+            cleanup.callback(lock.release)
             decision = ("ok", None if path is None else str(path))
-        except TrainError as e:
+        except (TrainError, rundir.RunDirError) as e:
             decision = ("error", str(e))
+            if not ctx.distributed:
+                raise
     decision = D.broadcast_object(ctx, decision)
     if decision[0] == "error":
         raise TrainError(decision[1])
@@ -491,8 +532,10 @@ class _Loop:
     """
 
     def __init__(self, cfg: TrainConfig, ctx: D.DistContext, task: Task, data: TaskData,
-                 state: Mapping[str, Any] | None) -> None:
+                 state: Mapping[str, Any] | None, data_fingerprints: dict[str, Any]) -> None:
         self.cfg, self.ctx, self.task, self.data = cfg, ctx, task, data
+        self.fresh = state is None
+        self.data_fingerprints = data_fingerprints
         self.out = Path(cfg.output)
         _seed_everything(cfg.seed)
         self.model = model = task.build_model(cfg, data)
@@ -521,11 +564,8 @@ class _Loop:
             _set_rng_state(rngs[ctx.rank])
         else:
             torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks, repeatably
-            if ctx.is_main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                if cfg.overwrite:
-                    _clear_run_files(self.out)
-                atomic_write_json(self.out / CONFIG_NAME, cfg.to_dict())
+            if ctx.is_main and cfg.overwrite:
+                _clear_run_files(self.out)
         if state is not None and ctx.is_main:
             # A kill between the epoch's checkpoint and its metrics.json must not lose the
             # epoch: the checkpoint's history is the truth, rewrite the files from it.
@@ -536,7 +576,8 @@ class _Loop:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    def run(self, on_step: Callable[[int], None] | None) -> list[EpochMetrics]:
+    def run(self, on_step: Callable[[int], None] | None,
+            cleanup: contextlib.ExitStack) -> list[EpochMetrics]:
         cfg, ctx = self.cfg, self.ctx
         if self.epoch >= cfg.epochs:
             if ctx.is_main:
@@ -545,14 +586,31 @@ class _Loop:
             return self.history
         sampler = _train_sampler(cfg, self.data.train, ctx)
         collate = self.task.collate(cfg, self.data)
+        if self.fresh:
+            # The first file is a checkpoint, so the directory is a run from the start
+            # (rundir.classify); its RNG states are those the first step starts from.
+            self.checkpoint(0, 0, self.accum)
+            if ctx.is_main:
+                atomic_write_json(self.out / CONFIG_NAME, cfg.to_dict())
+        self.stop = cleanup.enter_context(rundir.StopOnInterrupt())  # Ctrl-C: save after the step
         while self.epoch < cfg.epochs:
-            self._run_epoch(_epoch_batches(sampler, self.epoch), collate, on_step)
+            batches = _epoch_batches(sampler, self.epoch)
+            self._run_epoch(batches, collate, on_step)
             self._end_epoch()
+            if self.epoch < cfg.epochs and self._stop_requested():  # Ctrl-C during evaluation
+                raise self._interrupted(0, len(batches))
         return self.history
 
-    def _train_step(self, batch: Any) -> StepStats:
+    def _train_step(self, batch: Any, total: int) -> StepStats:
         """What one training step does: the task's loss, backward, clipping, Adam."""
         loss, stats = self.task.step(self.net, batch, self.ctx.device)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise TrainError(
+                f"loss: expected a finite number, got {loss_value} at step {self.step + 1} "
+                f"(epoch {self.epoch + 1}, batch {self.step_in_epoch + 1} of {total}); stopped, "
+                f"the checkpoint in {str(self.out)!r} holds the steps before it: lower --lr or "
+                "set --grad-clip")
         self.optimizer.zero_grad()
         loss.backward()
         if self.cfg.grad_clip is not None:
@@ -574,7 +632,7 @@ class _Loop:
         self.net.train()
         t0 = time.perf_counter()
         for batch in loader:
-            stats = self._train_step(batch)
+            stats = self._train_step(batch, len(batches))
             accum["loss_sum"] += stats.loss_sum
             accum["correct"] += stats.correct
             accum["count"] += stats.count
@@ -595,6 +653,10 @@ class _Loop:
                 t0 -= time.perf_counter() - now  # checkpoint time is not training time
             if on_step is not None:
                 on_step(self.step)
+            if self._stop_requested():
+                self.checkpoint(self.epoch, self.step_in_epoch,
+                                {**accum, "seconds": accum["seconds"] + time.perf_counter() - t0})
+                raise self._interrupted(self.step_in_epoch, len(batches))
         if bar is not None:
             bar.close()
         accum["seconds"] += time.perf_counter() - t0
@@ -638,8 +700,21 @@ class _Loop:
                 "epoch": epoch_done, "step": self.step, "step_in_epoch": in_epoch,
                 "epoch_accum": dict(acc), "history": [asdict(m) for m in self.history],
                 "rng": rngs, "world_size": self.ctx.world_size,
+                "data_fingerprints": self.data_fingerprints,
             })
         D.barrier(self.ctx)
+
+    def _stop_requested(self) -> bool:
+        """Whether Ctrl-C asked to stop; under DDP every rank stops at the same step."""
+        if not self.ctx.distributed:
+            return self.stop.requested
+        return D.all_reduce_sum(self.ctx, [float(self.stop.requested)])[0] > 0
+
+    def _interrupted(self, in_epoch: int, total: int) -> rundir.TrainInterrupted:
+        return rundir.TrainInterrupted(
+            f"interrupted after step {self.step} (epoch {self.epoch + 1}, batch {in_epoch} of "
+            f"{total}); checkpoint saved in {str(self.out)!r}: continue with "
+            f"`packrnn train --resume --output {self.out}`")
 
 
 def _empty_accum() -> dict[str, float]:

@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from packrnn import _ops as _op_calls
+
 __all__ = ["load_library", "build_directory", "kernel_info", "clear_cache", "empty",
            "recurrence_forward", "recurrence_backward", "recurrence_forward_directions",
            "recurrence_backward_directions", "layer_forward"]
@@ -108,7 +110,9 @@ def _ops():
 
 
 def kernel_info() -> str:
-    """How the loaded kernel runs: SIMD level of the float32 elementwise loops and the BLAS."""
+    """How the loaded kernel runs: SIMD level of the float32 elementwise loops, the BLAS, and
+    whether its calls flush subnormal floats now (``subnormals: flushed``, the default) or keep
+    the caller's setting (``subnormals: kept``, under ``PACKRNN_KEEP_SUBNORMALS=1``)."""
     return _ops().kernel_info()
 
 
@@ -233,9 +237,11 @@ def layer_forward(
     Returns one :func:`recurrence_forward` result per direction.
     """
     _check_directions(directions, _LAYER_KEYS)
-    out = _ops().layer_forward(
-        mode, batch_sizes, x, *[[d[key] for d in directions] for key in _LAYER_KEYS],
-        bool(need_backward), bool(padded))
+    if _loaded is None:
+        load_library()
+    out = _op_calls.layer_forward(mode, batch_sizes, x,
+                                  [[d[key] for d in directions] for key in _LAYER_KEYS],
+                                  bool(need_backward), bool(padded))
     return [_forward_result(mode, r) for r in _per_direction(out, len(directions))]
 
 

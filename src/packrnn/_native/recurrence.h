@@ -26,6 +26,11 @@
 // direction has its own buffers below; the GEMMs over all rows after the backward loop run per
 // direction, after the parallel region.
 //
+// Subnormal floats are flushed to zero inside the kernel (FTZ and DAZ on every thread it runs
+// on, the caller's floating-point mode restored on return; torch.set_flush_denormal is never
+// changed). PACKRNN_KEEP_SUBNORMALS=1 (read per call) runs with the caller's mode instead. See
+// NOTE [Subnormals] in recurrence.cpp.
+//
 // Per step (forward):   S[0:b_t] = h[0:b_t] @ w_hh^T                 one GEMM  (b_t, G*H)
 //                       fused pass: gates = act(gates_x rows + S), update h (and c), write output
 // Per step (backward):  fused pass: grads of the pre-activations -> grad_gates_x rows
@@ -156,7 +161,8 @@ void clear_cache();
 // For callers whose big per-call outputs (e.g. the input projection) should skip page faults.
 at::Tensor empty_buffer(int64_t rows, int64_t cols, at::ScalarType dtype);
 
-// A short description of how the kernel was built and what it runs on (SIMD level, BLAS).
+// A short description of how the kernel was built and what it runs on (SIMD level, BLAS, and
+// whether a call now flushes subnormals: reads PACKRNN_KEEP_SUBNORMALS).
 std::string kernel_info();
 
 }  // namespace packrnn
