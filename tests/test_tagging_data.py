@@ -213,7 +213,7 @@ def test_packed_targets_and_chars_stay_aligned(seed, n, with_chars):
     mask = torch.arange(p.inputs.shape[1])[None, :] < p.lengths[:, None]  # (B, T)
     assert torch.equal(p.targets[mask], p.inputs[mask] * 7 % 13)
     assert bool((p.targets[~mask] == IGNORE_INDEX).all())
-    if with_chars and p.chars.lengths.numel():
+    if with_chars and p.chars.inputs.numel():  # words in sentence order, padded
         firsts = p.chars.inputs[:, 0][p.chars.lengths > 0]
         want = torch.tensor([i % 5 + 1 for i in p.inputs[mask].tolist() if i % 4])
         assert torch.equal(firsts, want)
