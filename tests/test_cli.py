@@ -66,13 +66,17 @@ def test_evaluate_prints_accuracy_table_and_confusion(trained, capsys):
     assert main(["evaluate", str(out), "--data", str(test_path)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("accuracy ") and "on 60 texts" in text
-    assert "precision  recall  support" in text and "confusion matrix" in text
+    assert "precision  recall      f1  support" in text and "confusion matrix" in text
+    assert "\nmacro avg " in text
     for name in ("World", "Sports", "Business", "Sci/Tech"):
         assert name in text
     assert main(["evaluate", str(out), "--data", str(test_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["count"] == 60 and len(result["confusion"]) == 4
-    assert f"accuracy {result['accuracy']:.4f}" in text
+    assert f"accuracy {result['accuracy']:.4f} on 60 texts, loss {result['loss']:.4f}" in text
+    m = result["macro"]
+    assert f"macro avg     {m['precision']:.4f}  {m['recall']:.4f}  {m['f1']:.4f}       60" in text
+    assert m["f1"] == pytest.approx(sum(f or 0 for f in result["f1"]) / 4)  # all 4 classes occur
 
 
 def test_predict_arguments_stdin_and_json(trained, capsys, monkeypatch):
@@ -87,7 +91,7 @@ def test_predict_arguments_stdin_and_json(trained, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("computer chip\n\nwar and peace\n"))
     assert main(["predict", str(out), "--json"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert [r["text"] for r in rows] == ["computer chip", "war and peace"]
+    assert [r["text"] for r in rows] == ["computer chip", "", "war and peace"]  # line for line
     assert all(set(r) == {"text", "label", "probability", "probabilities"} for r in rows)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert main(["predict", str(out)]) == 2
@@ -282,3 +286,51 @@ def test_disk_full_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
         f"packrnn: error: no space left on device while writing {out / 'checkpoint.pt'}; "
         "no partial file was left")
+
+
+def stdin_bytes(data: bytes) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+
+
+def test_predict_keeps_one_output_line_per_input_line(trained, capsys, monkeypatch):
+    _, _, out = trained
+    capsys.readouterr()
+    for data in (b"goal match\n\n\nbank stock\n", b"goal match\r\r\rbank stock",
+                 b"goal match\r\n\r\n\r\nbank stock\r\n"):
+        monkeypatch.setattr(sys, "stdin", stdin_bytes(data))
+        assert main(["predict", str(out)]) == 0
+        lines = capsys.readouterr().out.split("\n")
+        assert [line.split("\t")[2] for line in lines[:-1]] == ["goal match", "", "", "bank stock"]
+        assert lines[-1] == ""
+
+
+def test_predict_takes_options_before_or_after_the_texts(trained, capsys):
+    _, _, out = trained
+    capsys.readouterr()
+    for argv in (["--json", str(out), "goal match", "bank"], [str(out), "goal match", "bank", "--json"],
+                 [str(out), "goal match", "--json", "bank"]):
+        assert main(["predict", *argv]) == 0
+        rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert [r["text"] for r in rows] == ["goal match", "bank"]
+    assert main(["predict", str(out), "--json", "--", "-5 degrees"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "-5 degrees"
+
+
+def test_predict_names_the_stdin_line_of_bad_bytes(trained, capsys, monkeypatch):
+    _, _, out = trained
+    capsys.readouterr()
+    for data in (b"fine\nalso fine\ncaf\xe9\n", b"fine\ralso fine\rcaf\xe9\r"):
+        monkeypatch.setattr(sys, "stdin", stdin_bytes(data))
+        assert main(["predict", str(out)]) == 2
+        assert one_error_line(capsys.readouterr().err) == \
+            "packrnn: error: stdin:3: expected UTF-8 text, got the invalid byte 0xe9"
+
+
+def test_vectors_file_with_bad_bytes_names_file_and_line(tmp_path, trained, capsys):
+    train_path, _, _ = trained
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_bytes(b"the " + b"0.1 " * 15 + b"0.1\nna\xefve " + b"0.1 " * 15 + b"0.1\n")
+    assert main(["train", "--train", str(train_path), "--model", "lstm", "--vectors", str(vectors),
+                 "--output", str(tmp_path / "r"), *FAST]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"packrnn: error: vectors: expected UTF-8 text, got the invalid byte 0xef in {vectors}:2"

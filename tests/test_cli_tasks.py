@@ -54,6 +54,20 @@ def test_evaluate_tagger_and_lm(runs, capsys):
     assert line.startswith("loss ") and "bits per char" in line and "perplexity" in line
 
 
+def test_evaluate_tagger_prints_loss_and_macro_averages(runs, capsys):
+    d, tag_test, _ = runs
+    capsys.readouterr()
+    assert main(["evaluate", str(d / "tag"), "--data", str(tag_test), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(d / "tag"), "--data", str(tag_test)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"token accuracy {r['accuracy']:.4f} on {r['count']} tokens, loss "
+                           f"{r['loss']:.4f}, macro F1 {r['macro_f1']:.4f}\n")
+    m = r["macro"]
+    assert f"\nmacro avg     {m['precision']:.4f}  {m['recall']:.4f}  {m['f1']:.4f}  " \
+           f"{r['count']:>7}\n" in text
+
+
 def test_predict_tags_one_token_per_line(runs, capsys, monkeypatch):
     d, _, _ = runs
     capsys.readouterr()

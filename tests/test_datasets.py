@@ -239,3 +239,26 @@ def test_vocab_options_pass_through(tmp_path):
     assert ds.vocab.get_itos() == ["<pad>", "<unk>", "a", "b"]
     vocab = build_vocab_from_iterator([["c"]])
     assert load_text_classification(path, "csv", vocab=vocab).vocab is vocab
+
+
+@pytest.mark.parametrize("newline", ["\r", "\r\n"])
+@pytest.mark.parametrize("fmt, content, line, message", BAD_ROWS)
+def test_bad_rows_name_the_real_line_with_cr_line_ends(tmp_path, newline, fmt, content, line, message):
+    # old Mac (CR only) and Windows (CRLF) line ends: the same line numbers as with LF
+    path = write(tmp_path, "bad.txt", content.replace("\n", newline))
+    with pytest.raises(ValueError, match=rf"bad\.txt:{line}: {message}"):
+        read_records(path, fmt)
+
+
+@pytest.mark.parametrize("newline", ["\r", "\r\n"])
+def test_non_utf8_bytes_with_cr_line_ends(tmp_path, newline):
+    content = f'"1","ok","fine"{newline}"2","ok","x"{newline}"3","bad \xff byte","x"{newline}'
+    path = write(tmp_path, "bin.csv", content.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"bin\.csv:3: expected UTF-8 text, got the invalid byte 0xff"):
+        read_agnews(path)
+    jsonl = write(tmp_path, "bin.jsonl", newline.join(['{"text": "a", "label": 1}', '{"text": "b", "label": 1}',
+                                                        '{"text": "\xff", "label": 1}']).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"bin\.jsonl:3: expected UTF-8 text, got the invalid byte 0xff"):
+        read_jsonl(jsonl)
+    with pytest.warns(UserWarning, match=r"skipped 1 bad rows \(first: line 3"):
+        assert read_jsonl(jsonl, skip_bad_rows=True).lines == [1, 2]

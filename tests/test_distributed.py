@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "packrnn.cli",
            "train", "--train", str(train_path), "--test", str(test_path), "--model", "lstm",
            "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--bucket", "--device", "cpu",
-           "--embed-dim", "16", "--hidden-size", "16", "--no-progress", "--threads", "1",
+           "--embed-dim", "16", "--hidden-size", "16", "--threads", "1",
            "--output", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,7 +59,15 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "curves.png",
                                                       "metrics.json"]
     assert proc.stderr.count("epoch 2: train_loss") == 1  # rank 0 prints, rank 1 does not
+    assert proc.stderr.count("packrnn: distributed run: 2 processes, backend gloo") == 1
     metrics = json.loads((out / "metrics.json").read_text())
+    # the progress bar's final figures are the epoch's, summed over ranks like the epoch line
+    for m in metrics:
+        bar = [s for s in re.split(r"[\r\n]", proc.stderr) if s.startswith(f"epoch {m['epoch']}/2")]
+        assert len(bar) >= 1, proc.stderr[-3000:]
+        figures = dict(re.findall(r"(\w+)=([\d.]+)", bar[-1]))
+        assert figures["loss"] == f"{m['train_loss']:.4f}" and \
+            figures["acc"] == f"{m['train_accuracy']:.3f}", bar[-1]
     # metrics are summed over ranks: every training text counted exactly once per epoch
     assert [m["samples"] for m in metrics] == [161, 161]
     state = load_checkpoint(out)

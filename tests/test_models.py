@@ -286,3 +286,39 @@ def test_load_vectors_errors(tmp_path):
         load_vectors(empty, {"cat": 1})
     with pytest.raises(ValueError, match=r"tokens: expected 3 tokens \(vocab_size\), got 2"):
         ours.load_vectors(header, ["<pad>", "the"])
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(execution):
+    model = SequenceClassifier(ModelConfig(vocab_size=10, num_classes=2, execution=execution))
+    with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 10\) \(vocab_size\), "
+                                         r"got 10 at \(0, 1\)"):
+        model(torch.tensor([[3, 10], [1, 0]]), [2, 1])
+    with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 10\) \(vocab_size\), "
+                                         r"got -1"):
+        model(torch.tensor([[3, 2], [-1, 0]]), [2, 1])
+    packed = packrnn.pack_sequence([torch.tensor([3, 12]), torch.tensor([4])], enforce_sorted=False)
+    with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 10\) \(vocab_size\), "
+                                         r"got 12"):
+        model(packed)
+    # padding beyond a sequence's length is not looked at by the packed execution, so only real
+    # steps count there; the padded execution embeds every position, so all of them do
+    ids = torch.tensor([[3, 4], [5, 99]])
+    if execution == "packed":
+        assert model(ids, [2, 1]).shape == (2, 2)
+    else:
+        with pytest.raises(ValueError, match=r"got 99 at \(1, 1\)"):
+            model(ids, [2, 1])
+
+
+def test_load_vectors_names_the_line_of_bad_bytes_and_cr_line_ends(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"the 1 2 3 4\ncaf\xe9 1 2 3 4\n")
+    with pytest.raises(ValueError, match=r"vectors: expected UTF-8 text, got the invalid byte 0xe9 "
+                                         r"in .*latin.txt:2"):
+        load_vectors(latin, {"the": 0}, dim=4)
+    cr = tmp_path / "cr.txt"  # old Mac line ends: the bad line is line 3, not line 1
+    cr.write_bytes(b"the 1 2 3 4\rcat 1 2 3 4\rdog 1 2 3\r")
+    with pytest.raises(ValueError, match=r"vectors: expected 4 numbers after the token, got 3 in "
+                                         r".*cr.txt:3"):
+        load_vectors(cr, {"the": 0}, dim=4)

@@ -743,3 +743,23 @@ def test_bench_long_rejects_bad_lengths(capsys):
     with pytest.raises(SystemExit):
         bench_long.main(["--lengths", "50,x"])
     assert "expected comma-separated positive ints, got '50,x'" in capsys.readouterr().err
+
+
+def test_run_bench_reports_progress_and_the_load_average(monkeypatch):
+    from packrnn import bench
+
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: 1e9)  # nothing timed is checked here
+    loads = iter([(0.2, 0.3, 0.4), (9.5, 4.0, 2.0)])  # idle at the start, busy at the end
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: next(loads))
+    configs = [bench.BenchConfig("a", "lstm", 2, 3, 4), bench.BenchConfig("b", "gru", 2, 3, 4)]
+    lines, progress = [], []
+    bench.run_bench(configs, repeats=2, threads=1, memory=False, out=lines.append,
+                    progress=progress.append)
+    assert [p.split(" (")[0] for p in progress] == [
+        f"bench: [1/2] {configs[0].label}: warmed up", f"bench: [2/2] {configs[1].label}: warmed up",
+        "bench: round 1/2 of every config timed", "bench: round 2/2 of every config timed"]
+    cpus = os.cpu_count()
+    assert f"load average at start: 0.20 0.30 0.40 (1, 5, 15 min) on {cpus} CPUs" in lines
+    assert f"load average at end: 9.50 4.00 2.00 (1, 5, 15 min) on {cpus} CPUs" in lines
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING: the machine is busy at the end")

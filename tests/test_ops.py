@@ -220,3 +220,25 @@ def test_cuda_matches_cpu(op):
             out.sum().backward()
             results.append((out.cpu(), xd.grad.cpu()))
         torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_last_step_bidirectional_refuses_a_unidirectional_output(packed):
+    # H = 4 is even, so the halves check alone cannot see it: packrnn's layers mark their output
+    x = torch.randn(2, 5, 3)
+
+    def last(module, **kw):
+        if packed:
+            out, h = module(packrnn.pack_padded_sequence(x, [5, 2], batch_first=True))
+            return ops.last_step(out, **kw), h
+        out, h = module(x, lengths=[5, 2])
+        return ops.last_step(out, [5, 2], batch_first=True, **kw), h
+
+    lstm = packrnn.LSTM(3, 4, batch_first=True)
+    with pytest.raises(ValueError, match=r"bidirectional: expected the output of a bidirectional "
+                                         r"RNN with bidirectional=True, got the output of a "
+                                         r"unidirectional LSTM"):
+        last(lstm, bidirectional=True)
+    assert last(lstm)[0].shape == (2, 4)  # the plain last step is fine
+    picked, h_n = last(packrnn.GRU(3, 2, batch_first=True, bidirectional=True), bidirectional=True)
+    torch.testing.assert_close(picked, torch.cat([h_n[-2], h_n[-1]], -1))

@@ -567,3 +567,15 @@ def test_validation_cache_does_not_survive_replace():
     with pytest.raises(ValueError, match=r"sequence.batch_sizes: expected non-increasing entries, got \[1, 2, 1\]"):
         P.pad_packed_sequence(bad)
     assert P.packed_batch_size(packed.to(torch.float64)) == 2
+
+
+def test_error_lengths_on_a_device_without_data():
+    # a meta tensor has a shape but no values: say so instead of "Cannot copy out of meta tensor"
+    meta = torch.tensor([3, 2], device="meta")
+    with pytest.raises(ValueError, match=r"lengths: expected lengths with values \(a list or a "
+                                         r"CPU/GPU tensor\), got a tensor on the meta device"):
+        packrnn.as_lengths(meta)
+    with pytest.raises(ValueError, match=r"lengths: expected lengths with values"):
+        packrnn.pack_padded_sequence(torch.zeros(3, 2, 4), meta)
+    with pytest.raises(ValueError, match=r"lengths: expected lengths with values"):
+        packrnn.lengths_to_mask(meta)

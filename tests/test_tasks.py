@@ -85,6 +85,26 @@ def test_tagger_learns(data, tmp_path):
     assert preds[2] == {"tokens": [], "tags": [], "probabilities": []}
 
 
+@pytest.mark.parametrize("task", ["tag", "lm"])
+def test_test_loss_is_the_tasks_evaluation_loss(data, tmp_path, task):
+    from packrnn.train import _run_title
+
+    cfg = config(data, task, tmp_path / task, epochs=1)
+    metrics = train(cfg)
+    result = evaluate(tmp_path / task, data[task][1])
+    assert metrics[0].test_loss == pytest.approx(result["loss"], rel=1e-6)
+    saved = json.loads((tmp_path / task / "metrics.json").read_text())
+    assert saved[0]["test_loss"] == metrics[0].test_loss
+    if task == "tag":  # the classifier's macro averages, over the tags that occur
+        f1 = [f for f in result["f1"] if f is not None]
+        assert result["macro"]["f1"] == pytest.approx(sum(f1) / len(f1)) == result["macro_f1"]
+        precision = [p or 0.0 for p, f in zip(result["precision"], result["f1"]) if f is not None]
+        assert result["macro"]["precision"] == pytest.approx(sum(precision) / len(precision))
+        assert _run_title(cfg) == f"bidirectional LSTM 16 tagger, character features ({cfg.output})"
+    else:
+        assert _run_title(cfg) == f"LSTM 16 character-level language model ({cfg.output})"
+
+
 def test_lm_learns_and_generates(data, tmp_path):
     out = tmp_path / "lm"
     metrics = train(config(data, "lm", out, epochs=3, tie_weights=True))

@@ -59,7 +59,8 @@ def test_loss_falls_and_files_written(data, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert [m["train_loss"] for m in saved] == [m.train_loss for m in metrics]
     assert set(saved[0]) == {"epoch", "train_loss", "train_accuracy", "test_accuracy", "seconds",
-                             "samples_per_second", "samples"}
+                             "samples_per_second", "samples", "test_loss"}
+    assert saved[-1]["test_loss"] < saved[0]["test_loss"]
     assert saved[0]["samples"] == 240
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["epochs"] == 4
@@ -465,3 +466,105 @@ def test_clip_grad_norm_with_sparse_gradients_matches_dense():
         torch.testing.assert_close(a, b)
     total = torch.stack([g.norm() for g in grads[0]]).norm()
     assert total == pytest.approx(0.5, rel=1e-4)
+
+
+# -- evaluation scores, test loss, plot -----------------------------------------------------------
+
+
+def test_scores_f1_and_macro_averages_match_the_definitions():
+    from packrnn.tasks.classify import scores as _scores  # moved with the classifier (h12)
+
+    # rows: true label, columns: predicted; class 3 never occurs, class 2 is never predicted
+    confusion = torch.tensor([[5, 1, 0, 0],
+                              [2, 3, 0, 0],
+                              [1, 1, 0, 0],
+                              [0, 0, 0, 0]], dtype=torch.float64)
+    r = _scores(confusion)
+    p = [5 / 8, 3 / 5, None, None]
+    rec = [5 / 6, 3 / 5, 0.0, None]
+    f1 = [2 * 5 / (6 + 8), 2 * 3 / (5 + 5), 0.0, None]  # 2 TP / (actual + predicted)
+    assert r["precision"] == pytest.approx(p) and r["recall"] == pytest.approx(rec)
+    assert r["f1"] == pytest.approx(f1)
+    for i in (0, 1):  # F1 is the harmonic mean where both are defined
+        assert f1[i] == pytest.approx(2 * p[i] * rec[i] / (p[i] + rec[i]))
+    # macro: over the 3 classes that occur; class 2's undefined precision counts as 0
+    assert r["macro"] == pytest.approx({"precision": (5 / 8 + 3 / 5 + 0) / 3,
+                                        "recall": (5 / 6 + 3 / 5 + 0) / 3,
+                                        "f1": (f1[0] + f1[1] + 0) / 3})
+
+
+def test_evaluate_reports_the_test_loss_of_the_last_epoch(data, tmp_path):
+    out = tmp_path / "run"
+    metrics = train(config(data, out, epochs=1))
+    result = evaluate(out, data[1])
+    assert metrics[0].test_loss == pytest.approx(result["loss"], rel=1e-6)
+    assert result["macro"]["f1"] is not None and len(result["f1"]) == 4
+
+
+def test_plot_shows_test_loss_and_names_the_run(data, tmp_path, monkeypatch):
+    figure = pytest.importorskip("matplotlib.figure")
+    import packrnn.train as T
+
+    captured = []
+
+    class Figure(figure.Figure):
+        def savefig(self, *args, **kwargs):
+            captured.append(self)
+
+    monkeypatch.setattr(figure, "Figure", Figure)
+    cfg = config(data, tmp_path, model="gru", bidirectional=True, num_layers=2, pooling="max",
+                 plot=True)
+    history = [T.EpochMetrics(1, 1.2, 0.5, 0.6, 1.0, 10.0, 10, test_loss=1.1),
+               T.EpochMetrics(2, 0.9, 0.7, 0.65, 1.0, 10.0, 10, test_loss=1.0)]
+    T._write_metrics(cfg, tmp_path, history)
+    loss_ax, _ = captured[0].axes
+    assert [line.get_label() for line in loss_ax.get_lines()] == ["train", "test"]
+    assert list(loss_ax.get_lines()[1].get_ydata()) == [1.1, 1.0]
+    assert captured[0]._suptitle.get_text() == \
+        f"bidirectional 2-layer GRU 16, max pooling ({tmp_path})"
+
+
+def test_warns_about_test_labels_without_training_rows(tmp_path, capsys):
+    # AG News has four fixed labels: a training file without Business still has the class
+    train_path = write_agnews(tmp_path / "train.csv", 60, 0, labels=(1, 2, 4))
+    test_path = write_agnews(tmp_path / "test.csv", 40, 1)
+    train(config((train_path, test_path), tmp_path / "run", epochs=1))
+    err = capsys.readouterr().err
+    n = sum(1 for row in test_path.read_text().splitlines() if row.startswith('"3"'))
+    assert f"warning: {test_path} has labels no training row has: 'Business' ({n} rows); " \
+           "the model never learns these classes" in err
+    train(config((test_path, test_path), tmp_path / "run2", epochs=1))
+    assert "warning" not in capsys.readouterr().err
+
+
+# -- what a checkpoint holds -------------------------------------------------------------------------
+
+
+def test_checkpoint_with_fewer_labels_than_classes_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, epochs=1))
+    state = load_checkpoint(out)
+    state["labels"] = state["labels"][:3]
+    save_checkpoint(out / CHECKPOINT_NAME, state)
+    with pytest.raises(CheckpointError, match=r"checkpoint in .* is inconsistent and cannot be used "
+                                              r"\(labels: expected 4 label names \(the model's "
+                                              r"classes\), got 3\)"):
+        load_run(out)
+
+
+def test_checkpoint_history_fields_unknown_here_are_ignored(data, tmp_path):
+    # a newer packrnn may record more per epoch: reading and resuming ignore what they do not know
+    out = tmp_path / "run"
+    train(config(data, out, epochs=1))
+    state = load_checkpoint(out)
+    state["history"][0]["grad_norm"] = 1.5
+    save_checkpoint(out / CHECKPOINT_NAME, state)
+    run = load_run(out)
+    assert run.history[0].epoch == 1 and not hasattr(run.history[0], "grad_norm")
+    metrics = train(config(data, out, epochs=2, resume=True))
+    assert [m.epoch for m in metrics] == [1, 2]
+    del state["history"][0]["train_loss"]  # but a missing field is an inconsistent checkpoint
+    save_checkpoint(out / CHECKPOINT_NAME, state)
+    with pytest.raises(CheckpointError, match=r"history: expected epoch entries with .*, got one "
+                                              r"without \['train_loss'\]"):
+        load_run(out)

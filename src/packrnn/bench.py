@@ -21,7 +21,10 @@ What is measured (issue 5's protocol):
   per layer and direction, over the best 2048 x 2048 float32 matmul measured in the same run;
 * peak memory: extra resident memory of ONE training step over what was resident before it,
   each measured in a fresh subprocess (so allocator caches of one contender do not hide the
-  other's); see :func:`measure_step_memory`.
+  other's); see :func:`measure_step_memory`;
+* the machine: the load average at the start and at the end is printed with the table, with a
+  warning when other work keeps at least one CPU busy (:data:`BUSY_LOAD`): timings taken
+  beside other work are unreliable. Progress (a line per config and per round) goes to stderr.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import subprocess
@@ -95,6 +99,8 @@ CONFIGS = (
 EFFICIENCY_CONFIG = "lstm256"  # the issue asks >= 65 % of the matmul peak for this one
 EFFICIENCY_GOAL = 0.65
 VARIANTS = ("packrnn", "torch_padded", "torch_packed")
+#: Load (runnable processes, 1-minute average) from other work above which the machine is busy.
+BUSY_LOAD = 1.0
 
 
 def lognormal_lengths(batch: int, median: float = 40.0, sigma: float = 0.35,
@@ -276,41 +282,74 @@ def _memory_child(config_dict: dict, variant: str, threads: int) -> float:
     return (_status_kb("VmHWM") - before) / 1024.0
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_bench(configs: Sequence[BenchConfig] = CONFIGS, repeats: int = 5, threads: int = 2,
-              memory: bool = True, out=print) -> list[BenchResult]:
+              memory: bool = True, out=print, progress=_to_stderr) -> list[BenchResult]:
     """Run the benchmark, print the tables with ``out`` (None: silent), return the results.
 
     Uses ``threads`` intra-op threads while it runs and restores the previous setting after.
+    ``progress`` gets a line per config (warm-up, memory) and per timing round, as it goes
+    (default: stderr; None: none). The load average at the start and the end is printed with
+    the tables, with a warning when the machine is busy (:data:`BUSY_LOAD`).
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run_bench(configs, repeats, threads, memory, out or (lambda *_: None))
+        return _run_bench(configs, repeats, threads, memory, out or (lambda *_: None),
+                          progress or (lambda *_: None))
     finally:
         torch.set_num_threads(previous)
 
 
+def _load_report(when: str, own: float) -> list[str]:
+    """The load-average line(s): ``own`` is this benchmark's share of the 1-minute load."""
+    load = _getloadavg()
+    if load is None:
+        return [f"load average at {when}: unknown on this platform"]
+    cpus = os.cpu_count() or 1
+    lines = [f"load average at {when}: {_format_load(load)} (1, 5, 15 min) on {cpus} CPUs"]
+    other = load[0] - own
+    if other >= BUSY_LOAD:
+        lines.append(f"WARNING: the machine is busy at the {when} (about {other:.1f} CPUs of "
+                     "other work over the last minute): timings taken beside other work are "
+                     "unreliable; rerun on an idle machine")
+    return lines
+
+
 def _run_bench(configs: Sequence[BenchConfig], repeats: int, threads: int, memory: bool,
-               say: Callable[[str], None]) -> list[BenchResult]:
+               say: Callable[[str], None], progress: Callable[[str], None]
+               ) -> list[BenchResult]:
     from packrnn import backend
 
+    started = time.perf_counter()
     say(f"packrnn bench: backend {backend.backend_info()}")
     say(f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs visible, "
         f"torch {torch.__version__}, {threads} threads")
+    for line in _load_report("start", own=0.0):
+        say(line)
     say("lengths: lognormal median 40, sigma 0.35, clamped to [5, 200], torch.manual_seed(0); "
         f"best of {repeats} interleaved rounds")
 
-    cases = {c.name: _Case(c) for c in configs}
-    peak = matmul_peak()
-    best: dict = {}
-    for c in configs:  # warm-up round: load kernels, fill caches
+    def note(line: str) -> None:
+        progress(f"bench: {line} ({time.perf_counter() - started:.0f} s)")
+
+    cases = {}
+    for i, c in enumerate(configs, start=1):  # inputs, then a warm-up: load kernels, fill caches
+        cases[c.name] = _Case(c)
         for train in (True, False):
             for variant in VARIANTS:
                 cases[c.name].step(variant, train)()
-    for _ in range(repeats):
+        note(f"[{i}/{len(configs)}] {c.label}: warmed up")
+    peak = matmul_peak()
+    best: dict = {}
+    for r in range(repeats):
         for train in (True, False):
             _time_round(cases, configs, train, best)
         peak = max(peak, matmul_peak(repeats=2))
+        note(f"round {r + 1}/{repeats} of every config timed")
 
     results = []
     for c in configs:
@@ -321,11 +360,17 @@ def _run_bench(configs: Sequence[BenchConfig], repeats: int, threads: int, memor
             infer={v: best[(c.name, False, v)] for v in VARIANTS},
             real_steps=case.real_steps, padded_steps=case.padded_steps, matmul_flops=peak))
     if memory:
-        for r in results:
+        for i, r in enumerate(results, start=1):
             for variant in ("packrnn", "torch_padded"):
                 r.memory_mb[variant] = measure_step_memory(r.config, variant, threads)
+            note(f"[{i}/{len(results)}] {r.config.label}: peak memory measured")
 
     say(f"matmul peak (2048 x 2048 float32, best in this run): {peak / 1e9:.1f} GFLOP/s")
+    # The 1-minute load now includes this benchmark's own `threads` runnable threads, damped
+    # as the kernel does it: exponentially with a time constant of one minute.
+    own = threads * (1.0 - math.exp(-(time.perf_counter() - started) / 60.0))
+    for line in _load_report("end", own=own):
+        say(line)
     say("")
     say(format_table(results))
     return results
@@ -333,10 +378,19 @@ def _run_bench(configs: Sequence[BenchConfig], repeats: int, threads: int, memor
 
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, e.g. ``"0.52 0.61 0.70"`` (``"?"`` if unknown)."""
+    load = _getloadavg()
+    return "?" if load is None else _format_load(load)
+
+
+def _getloadavg() -> tuple[float, float, float] | None:
     try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
+        return os.getloadavg()  # (1, 5, 15 minutes)
+    except (AttributeError, OSError):  # not on this platform
+        return None
+
+
+def _format_load(load: Sequence[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
 
 
 def cpu_name() -> str:

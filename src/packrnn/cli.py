@@ -3,7 +3,8 @@
     packrnn train [--task classify|tag|lm] --train PATH [--test PATH] --model lstm --output DIR [...]
     packrnn train --resume --output DIR          (continue a run with its saved settings)
     packrnn evaluate DIR --data PATH [--json]
-    packrnn predict DIR "some text" ... [--json]      (or one text per line on stdin)
+    packrnn predict DIR "some text" ... [--json]      (or one text per line on stdin; options
+                                                      may come before or after the texts)
     packrnn export DIR model.onnx                     (then: packrnn predict model.onnx ...)
     packrnn generate DIR "prefix" [--max-new N] [--temperature T] [--top-k K] [--seed S]
     packrnn bench [...]
@@ -179,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="score a trained run on a labelled file",
-                       description="classify: accuracy, per-class precision/recall and "
-                                   "confusion matrix; tag: token accuracy, per-tag precision/"
-                                   "recall/F1, macro F1; lm: loss, perplexity, bits per token.")
+                       description="classify: accuracy and loss, per-class precision, recall "
+                                   "and F1 with their macro averages, and the confusion matrix; "
+                                   "tag: token accuracy and loss, per-tag precision/recall/F1, "
+                                   "macro averages; lm: loss, perplexity, bits per token.")
     e.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
     e.add_argument("--data", required=True, metavar="PATH", help="labelled file")
     _add_format_args(e, None)
@@ -190,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="label texts (or tag sentences) with a trained run or an "
                        "exported .onnx",
-                       description="Label each text (arguments, or one per line on stdin). "
-                                   "With a .onnx file from `packrnn export`, onnxruntime serves "
-                                   "it without packrnn's model code. A tagger reads sentences of "
-                                   "whitespace-separated tokens and prints one token<TAB>tag per "
-                                   "line, a blank line after each sentence.")
+                       description="Label each text (arguments, or one per line on stdin): one "
+                                   "output line per text, blank lines included. Options may come "
+                                   "before or after the texts; a text starting with '-' goes "
+                                   "after '--'. With a .onnx file from `packrnn export`, "
+                                   "onnxruntime serves it without packrnn's model code. A tagger "
+                                   "reads sentences of whitespace-separated tokens and prints one "
+                                   "token<TAB>tag per line, a blank line after each sentence.")
     p.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`, or a "
                    ".onnx file written by `packrnn export`")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts; none: read lines from stdin")
@@ -331,15 +335,21 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if "perplexity" in r:
         return _print_lm_scores(r)
     names = r["labels"]
-    width = max(len("label"), *(len(n) for n in names))
-    print(f"accuracy {r['accuracy']:.4f} on {r['count']} texts"
+    width = max(len("macro avg"), *(len(n) for n in names))
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    print(f"accuracy {r['accuracy']:.4f} on {r['count']} texts, loss {r['loss']:.4f}"
           + (f" ({r['skipped']} bad rows skipped)" if r["skipped"] else ""))
     print()
-    print(f"{'label':<{width}}  precision  recall  support")
+    print(f"{'label':<{width}}  precision  recall      f1  support")
     for i, n in enumerate(names):
-        prec = "-" if r["precision"][i] is None else f"{r['precision'][i]:.4f}"
-        rec = "-" if r["recall"][i] is None else f"{r['recall'][i]:.4f}"
-        print(f"{n:<{width}}  {prec:>9}  {rec:>6}  {r['support'][i]:>7}")
+        print(f"{n:<{width}}  {cell(r['precision'][i]):>9}  {cell(r['recall'][i]):>6}  "
+              f"{cell(r['f1'][i]):>6}  {r['support'][i]:>7}")
+    m = r["macro"]
+    print(f"{'macro avg':<{width}}  {cell(m['precision']):>9}  {cell(m['recall']):>6}  "
+          f"{cell(m['f1']):>6}  {r['count']:>7}")
     print()
     print("confusion matrix (rows: true label, columns: predicted)")
     cells = [str(v) for row in r["confusion"] for v in row]
@@ -369,8 +379,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         if sys.stdin.isatty():
             print("packrnn predict: reading texts from stdin, one per line (Ctrl-D to end)",
                   file=sys.stderr)
-        texts = [line.rstrip("\r\n") for line in sys.stdin]
-        texts = [t for t in texts if t.strip()]
+        texts = _stdin_lines()
         if not texts:
             return _fail("predict: expected texts as arguments or lines on stdin, got none",
                          EXIT_USAGE)
@@ -384,12 +393,35 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _stdin_lines() -> list[str]:
+    """Every line of stdin, blank ones included, so that output line i answers input line i.
+
+    Lines end at \\n, \\r\\n or a lone \\r; bytes that are not UTF-8 are an error naming the line.
+    """
+    from .data.datasets import _BAD_BYTE, _LINE_END, _bad_byte_reason
+
+    stream = getattr(sys.stdin, "buffer", None)  # bytes, to report bad ones ourselves
+    if stream is not None:
+        text = stream.read().decode("utf-8", errors="surrogateescape")
+    else:  # a text stream without bytes underneath (tests, some IDEs)
+        text = sys.stdin.read()
+    text = text.removeprefix("\ufeff")
+    lines = _LINE_END.split(text)
+    if lines[-1] == "":  # the last line end closes the last line; it starts no new one
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        bad = _BAD_BYTE.search(line)
+        if bad:
+            raise ValueError(f"stdin:{number}: {_bad_byte_reason(bad.group())}")
+    return lines
+
+
 def _print_tag_scores(r: dict) -> int:
     names = r["labels"]
-    width = max(len("tag"), *(len(n) for n in names))
-    print(f"token accuracy {r['accuracy']:.4f} on {r['count']} tokens, macro F1 "
-          f"{r['macro_f1']:.4f}" + (f" ({r['skipped']} bad sentences skipped)" if r["skipped"]
-                                    else ""))
+    width = max(len("macro avg"), *(len(n) for n in names))
+    print(f"token accuracy {r['accuracy']:.4f} on {r['count']} tokens, loss {r['loss']:.4f}, "
+          f"macro F1 {r['macro_f1']:.4f}"
+          + (f" ({r['skipped']} bad sentences skipped)" if r["skipped"] else ""))
     print()
     print(f"{'tag':<{width}}  precision  recall      F1  support")
 
@@ -399,6 +431,9 @@ def _print_tag_scores(r: dict) -> int:
     for i, n in enumerate(names):
         print(f"{n:<{width}}  {fmt(r['precision'][i], 9)}  {fmt(r['recall'][i], 6)}  "
               f"{fmt(r['f1'][i], 6)}  {r['support'][i]:>7}")
+    m = r["macro"]
+    print(f"{'macro avg':<{width}}  {fmt(m['precision'], 9)}  {fmt(m['recall'], 6)}  "
+          f"{fmt(m['f1'], 6)}  {r['count']:>7}")
     return 0
 
 
@@ -474,8 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(argv[1:])
         if argv[:1] == ["demo"]:
             return _cmd_demo(argv[1:])
-        args = build_parser().parse_args(argv)
-        if args.command == "train":
+        parser = build_parser()
+        if argv[:1] == ["predict"]:  # texts and options in any order
+            args = _subparser(parser, "predict").parse_intermixed_args(argv[1:])
+        else:
+            args = parser.parse_args(argv)
+        if argv[:1] == ["train"]:
             args.given = _given_options(argv)
         return args.func(args)
     except SystemExit as e:  # argparse: --help, --version, or a usage error already printed
@@ -501,6 +540,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(f"{type(e).__name__}: {_one_line(e)} (set PACKRNN_DEBUG=1 for the traceback)",
                      EXIT_FAILURE)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
 
 
 def _one_line(e: BaseException) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -37,7 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .ops import max_pool, mean_pool
+from .ops import lengths_to_mask, max_pool, mean_pool
 from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from .rnn import GRU, LSTM, RNN
 
@@ -164,6 +165,8 @@ class SequenceClassifier(nn.Module):
         ``config.padding_idx`` (batch first), ``lengths`` (B,) real lengths (list or tensor;
         ``None`` means every sequence is T long). Or ``forward(packed)`` with a
         ``PackedSequence`` of ids. Returns logits (B, C), in the input's batch order.
+        A token id outside ``[0, vocab_size)`` at an embedded position is a ``ValueError``
+        naming it.
 
     >>> model = SequenceClassifier(ModelConfig(vocab_size=100, num_classes=4))
     >>> ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
@@ -193,6 +196,7 @@ class SequenceClassifier(nn.Module):
         if isinstance(ids, torch.nn.utils.rnn.PackedSequence):  # packrnn's is a subclass
             if lengths is not None:
                 raise ValueError("lengths: expected None with a PackedSequence input, got lengths")
+            self._check_ids(ids.data)
             if c.execution == "padded":
                 ids, lengths = pad_packed_sequence(ids, batch_first=True,
                                                    padding_value=c.padding_idx or 0)
@@ -212,13 +216,35 @@ class SequenceClassifier(nn.Module):
                 raise ValueError(f"lengths: expected shape ({B},) for a batch of {B}, "
                                  f"got {tuple(lengths.shape)}")
         if c.execution == "padded":
+            self._check_ids(ids)  # every position is embedded, padding included
             return self._forward_padded(ids, lengths)
         if torch.compiler.is_compiling():
             # NOTE [compiled classifier]: packing has data-dependent shapes; the layer's padded
             # + lengths path computes the same real steps with static shapes.
             return self._forward_lengths(ids, lengths)
+        self._check_ids(ids, lengths)
         packed = pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
         return self._forward_packed(packed)
+
+    def _check_ids(self, ids: Tensor, lengths: Tensor | None = None) -> None:
+        """Token ids must be rows of the embedding (nn.Embedding's IndexError names neither).
+
+        ``ids``: (B, T) padded ids, or (N,) packed ones; ``lengths``: (B,) when only each
+        sequence's first ``lengths[b]`` positions are embedded (None: all of them). Eager mode
+        only: under torch.compile the check would be a data-dependent branch.
+        """
+        if ids.numel() == 0 or torch.compiler.is_compiling():
+            return
+        vocab_size = self.config.vocab_size
+        outside = (ids < 0) | (ids >= vocab_size)  # (B, T) or (N,)
+        if lengths is not None:
+            outside &= lengths_to_mask(lengths, ids.shape[1], batch_first=True).to(ids.device)
+        if not bool(outside.any()):
+            return
+        bad = outside.nonzero()[0]  # the first bad position
+        where = f" at {tuple(bad.tolist())}" if ids.dim() == 2 else ""
+        raise ValueError(f"ids: expected token ids in [0, {vocab_size}) (vocab_size), got "
+                         f"{int(ids[tuple(bad)])}{where}")
 
     def _forward_packed(self, packed_ids: PackedSequence) -> Tensor:
         c = self.config
@@ -284,6 +310,7 @@ class SequenceClassifier(nn.Module):
 
 
 _POOL = {"mean": mean_pool, "max": max_pool}
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, under surrogateescape
 
 
 def recurrent_layer(cell: str, input_size: int, hidden_size: int, *, num_layers: int = 1,
@@ -324,7 +351,8 @@ def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
 
     Raises:
         ValueError: missing or empty file, or a line (named by file and line number) whose
-            vector has the wrong size or a non-number, or (for a kept token) NaN or infinity.
+            vector has the wrong size or a non-number, or (for a kept token) NaN or infinity,
+            or that is not UTF-8.
     """
     p = Path(path)
     if not p.is_file():
@@ -333,11 +361,17 @@ def load_vectors(path: str | os.PathLike, token_to_index: Mapping[str, int],
     found: dict[int, Tensor] = {}
     file_dim = dim
     any_line = False
-    with open(p, encoding="utf-8", errors="strict") as f:
+    # Lone surrogates mark bytes that are not UTF-8, reported with their line; newline=None
+    # splits lines at \n, \r\n and a lone \r alike, so line numbers are the real ones.
+    with open(p, encoding="utf-8", errors="surrogateescape", newline=None) as f:
         for lineno, line in enumerate(f, start=1):
             parts = line.rstrip("\n").rstrip(" ").split(" ")
             if not line.strip():
                 continue
+            bad = _BAD_BYTE.search(line)
+            if bad:
+                raise ValueError(f"vectors: expected UTF-8 text, got the invalid byte "
+                                 f"0x{ord(bad.group()) - 0xDC00:02x} in {p}:{lineno}")
             if lineno == 1 and len(parts) == 2 and all(x.isdigit() for x in parts):
                 header_dim = int(parts[1])
                 if dim is not None and header_dim != dim:

@@ -208,7 +208,8 @@ def last_step(input, lengths=None, batch_first: bool = False, *, bidirectional: 
     Args:
         input, lengths, batch_first: as :func:`mean_pool`.
         bidirectional (bool): treat the last dim as ``[forward | backward]`` halves.
-            Default: False.
+            Default: False. The output of a unidirectional packrnn layer is refused
+            (NOTE [direction mark]).
 
     Returns:
         ``(B, *)`` in original batch order; zeros for a zero-length sequence (NOTE
@@ -218,6 +219,7 @@ def last_step(input, lengths=None, batch_first: bool = False, *, bidirectional: 
     tensor([3., 5.])
     """
     _check_bool(bidirectional, "bidirectional")
+    _check_marked_directions(input, bidirectional)
     if _is_packed(input, lengths):
         p = _Packed(input)
         _check_halves(p.data, bidirectional)
@@ -252,6 +254,37 @@ def _check_halves(x: Tensor, bidirectional: bool) -> None:
         raise ValueError(
             f"input: expected an even feature size [forward | backward] with bidirectional=True, got shape {tuple(x.shape)}"
         )
+
+
+# NOTE [direction mark]
+# A unidirectional output with an even feature size looks like [forward | backward] halves, so
+# last_step(bidirectional=True) cannot tell from the shape alone. packrnn's RNN/LSTM/GRU
+# therefore mark the output object they return (a PackedSequence's __dict__, or an attribute of
+# the padded tensor) with their number of directions and the layer's name, and last_step refuses
+# a mark of 1 direction. Anything derived from the output (a view, a sum, torch's layers) has no
+# mark and gets only the shape check. Skipped while torch.compile traces (no Python attributes).
+_DIRECTIONS = "_packrnn_directions"
+
+
+def _mark_directions(output, directions: int, layer: str):
+    """Mark a recurrent layer's ``output`` with its number of directions (NOTE [direction mark])."""
+    if not torch.compiler.is_compiling():
+        target = output.__dict__ if isinstance(output, _TorchPackedSequence) else None
+        if target is not None:
+            target[_DIRECTIONS] = (directions, layer)
+        else:
+            setattr(output, _DIRECTIONS, (directions, layer))
+    return output
+
+
+def _check_marked_directions(input, bidirectional: bool) -> None:
+    if not bidirectional:
+        return
+    mark = (input.__dict__.get(_DIRECTIONS) if isinstance(input, _TorchPackedSequence)
+            else getattr(input, _DIRECTIONS, None))
+    if mark is not None and mark[0] == 1:
+        raise ValueError("bidirectional: expected the output of a bidirectional RNN with "
+                         f"bidirectional=True, got the output of a unidirectional {mark[1]}")
 
 
 def _select_rows(data: Tensor, rows: Tensor, real: Tensor, device) -> Tensor:

@@ -165,6 +165,9 @@ def as_lengths(
             raise InputError(
                 f"{name}: expected a 1-D sequence of lengths, got a tensor of shape {tuple(lengths.shape)}"
             )
+        if lengths.device.type == "meta":
+            raise InputError(f"{name}: expected lengths with values (a list or a CPU/GPU tensor), got a "
+                             "tensor on the meta device, which has a shape but no data")
         out = lengths.to(device="cpu", dtype=torch.int64)
     elif _np is not None and isinstance(lengths, _np.ndarray):
         if lengths.dtype.kind not in "iu":

@@ -38,6 +38,7 @@ from torch.nn.utils.rnn import PackedSequence as _TorchPackedSequence
 
 from packrnn import _reference, functional
 from packrnn.errors import InputError, InputTypeError
+from packrnn.ops import _mark_directions
 from packrnn.packing import (
     PackedSequence,
     _check_bool,
@@ -257,6 +258,7 @@ class _RNNBase(nn.Module):
             backend=self.backend, batch_sizes_checked=True, padded=padded)
 
     def _finish(self, output, h_n: Tensor, c_n: Optional[Tensor]):
+        _mark_directions(output, 2 if self.bidirectional else 1, type(self).__name__)
         if self.mode == "LSTM":
             return output, (h_n, c_n)
         return output, h_n

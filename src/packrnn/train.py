@@ -7,8 +7,8 @@ Importable functions, no argv parsing (``packrnn.cli`` is the thin command line 
   after a kill, and scales out under ``torchrun`` (DDP).
 - ``load_run(directory)`` reads a finished (or interrupted) run back: model, vocabulary,
   labels, tokenizer.
-- ``evaluate(run, path)`` scores a labelled file (classify: accuracy, per-class precision and
-  recall, confusion matrix).
+- ``evaluate(run, path)`` scores a labelled file (classify: accuracy, loss, per-class
+  precision, recall and F1 with their macro averages, confusion matrix).
 - ``predict(run, texts)`` gives each text's label and probability.
 
 A trainer is a loop plus a task. The loop here (``_Loop``: epochs, steps, checkpoints, exact
@@ -23,7 +23,7 @@ Files in the output directory:
 ``checkpoint.pt``   model, optimizer, vocabulary, labels, configs, progress, RNG states
 ``config.json``     the ``TrainConfig`` of the run, for people
 ``metrics.json``    one entry per finished epoch (see ``EpochMetrics``)
-``curves.png``      loss and accuracy per epoch (needs matplotlib)
+``curves.png``      train and test loss and accuracy per epoch, titled with the model (matplotlib)
 ==================  =========================================================================
 
 ``.packrnn.lock``    held while a training runs (pid, host, start time)
@@ -325,6 +325,24 @@ class EpochMetrics:
     seconds: float  # wall time of the epoch's training steps (evaluation excluded)
     samples_per_second: float  # training samples (all ranks) per second of `seconds`
     samples: int = 0  # training samples seen in the epoch (all ranks)
+    test_loss: float | None = None  # the task's mean loss on test_path after the epoch; None
+    #   without one
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EpochMetrics:
+        """One entry of a checkpoint's history or of metrics.json.
+
+        Fields this packrnn does not know (written by a newer one) are ignored; a missing
+        required field raises ``ValueError``.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"history: expected epoch entries with {required}, got one without "
+                             f"{missing}")
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -480,6 +498,10 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
 def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None,
            cleanup: contextlib.ExitStack) -> list[EpochMetrics]:
     task = get_task(cfg.task)
+    if ctx.distributed and ctx.is_main:
+        print(f"packrnn: distributed run: {ctx.world_size} processes, backend {ctx.backend}, "
+              f"{cfg.batch_size} sequences per batch per process; figures are summed over "
+              "processes", file=sys.stderr)
     state = _open_run(cfg, ctx, cleanup)
     data_fingerprints = _check_data(cfg, state, ctx)
     progress = None if (cfg.progress and ctx.is_main) else False
@@ -494,6 +516,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
             if ds is not None and ds.skipped:
                 print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
                       f"(first: {ds.skipped[0]})", file=sys.stderr)
+        for warning in data.warnings:
+            print(f"packrnn: warning: {warning}", file=sys.stderr)
     return _Loop(cfg, ctx, task, data, state, data_fingerprints).run(on_step, cleanup)
 
 
@@ -553,7 +577,7 @@ class _Loop:
         if state is not None:
             model.load_state_dict(state["model_state"])
             self.optimizer.load_state_dict(state["optimizer_state"])
-            self.history = [EpochMetrics(**m) for m in state["history"]]
+            self.history = _history(state, self.out)
             self.epoch, self.step = state["epoch"], state["step"]
             self.step_in_epoch = state["step_in_epoch"]
             self.accum = dict(state["epoch_accum"])
@@ -627,6 +651,7 @@ class _Loop:
             generator=torch.Generator().manual_seed(cfg.seed + self.epoch))
         bar = _progress(cfg, self.ctx, total=len(batches), initial=self.step_in_epoch,
                         epoch=self.epoch)
+        bar_every = max(1, len(batches) // 100)  # distributed: sum the bar's figures this often
         # A function of the epoch alone, so a resumed run gets the same rate (no scheduler state).
         self.optimizer.set_lr(cfg.lr * cfg.lr_decay ** self.epoch)
         self.net.train()
@@ -639,12 +664,14 @@ class _Loop:
             self.step += 1
             self.step_in_epoch += 1
             if bar is not None:
-                elapsed = accum["seconds"] + time.perf_counter() - t0
                 bar.update(1)
-                bar.set_postfix(loss=f"{accum['loss_sum'] / accum['count']:.4f}",
-                                acc=f"{accum['correct'] / accum['count']:.3f}",
-                                samples_s=f"{accum['count'] * self.ctx.world_size / max(elapsed, 1e-9):.0f}",
-                                refresh=False)
+            if cfg.progress and (not self.ctx.distributed or self.step_in_epoch % bar_every == 0
+                                 or self.step_in_epoch == len(batches)):
+                # every rank joins the sum (same step counts on every rank); rank 0 shows it
+                figures = _bar_figures(self.ctx, accum, accum["seconds"] + time.perf_counter() - t0,
+                                       self.task.unit)
+                if bar is not None:
+                    bar.set_postfix(figures, refresh=False)
             if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
                     and self.step_in_epoch < len(batches):
                 now = time.perf_counter()
@@ -667,14 +694,15 @@ class _Loop:
         loss_sum, correct, count = D.all_reduce_sum(
             ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
         seconds = max(D.all_reduce_sum(ctx, [accum["seconds"]])[0] / ctx.world_size, 1e-9)
-        test_acc = None
+        test_acc = test_loss = None
         if self.data.test is not None:
-            test_acc = self.task.evaluate(self.model, self.data.test, self.cfg, ctx)["accuracy"]
+            scores = self.task.evaluate(self.model, self.data.test, self.cfg, ctx)
+            test_acc, test_loss = scores["accuracy"], scores.get("loss")
         self.epoch += 1
         self.history.append(EpochMetrics(
             epoch=self.epoch, train_loss=loss_sum / max(count, 1),
             train_accuracy=correct / max(count, 1), test_accuracy=test_acc, seconds=seconds,
-            samples_per_second=count / seconds, samples=int(count)))
+            samples_per_second=count / seconds, samples=int(count), test_loss=test_loss))
         self.step_in_epoch = 0
         self.accum = _empty_accum()
         self.checkpoint(self.epoch, 0, self.accum)
@@ -683,7 +711,8 @@ class _Loop:
             m = self.history[-1]
             rate = "samples/s" if self.task.unit == "texts" else f"{self.task.unit}/s"
             print(f"epoch {m.epoch}: train_loss {m.train_loss:.4f} train_accuracy "
-                  f"{m.train_accuracy:.4f} test_accuracy "
+                  f"{m.train_accuracy:.4f} test_loss "
+                  f"{'-' if m.test_loss is None else f'{m.test_loss:.4f}'} test_accuracy "
                   f"{'-' if m.test_accuracy is None else f'{m.test_accuracy:.4f}'} "
                   f"({m.seconds:.1f} s, {m.samples_per_second:.0f} {rate})", file=sys.stderr)
 
@@ -725,7 +754,7 @@ def _empty_accum() -> dict[str, float]:
 def _write_metrics(cfg: TrainConfig, out: Path, history: Sequence[EpochMetrics]) -> None:
     atomic_write_json(out / METRICS_NAME, [asdict(m) for m in history])
     if cfg.plot and history:
-        _plot(history, out / PLOT_NAME)
+        _plot(history, out / PLOT_NAME, title=_run_title(cfg))
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> None:
@@ -804,8 +833,32 @@ def _progress(cfg: TrainConfig, ctx: D.DistContext, total: int, initial: int, ep
                 unit="batch", dynamic_ncols=True, leave=True)
 
 
-def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
-    """Loss and accuracy per epoch as a PNG (matplotlib, Agg backend, imported lazily)."""
+def _bar_figures(ctx: D.DistContext, accum: Mapping[str, float], elapsed: float,
+                 unit: str = "texts") -> dict[str, str]:
+    """The progress bar's loss, accuracy and rate of the epoch so far, over all ranks.
+
+    A collective under torchrun: every rank must call it at the same steps. ``unit``: the
+    task's (``Task.unit``); texts are shown as samples/s, tokens as tokens/s.
+    """
+    loss_sum, correct, count = D.all_reduce_sum(
+        ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
+    count = max(count, 1.0)
+    rate = "samples_s" if unit == "texts" else f"{unit}_s"
+    return {"loss": f"{loss_sum / count:.4f}", "acc": f"{correct / count:.3f}",
+            rate: f"{count / max(elapsed, 1e-9):.0f}"}
+
+
+def _run_title(cfg: TrainConfig) -> str:
+    """The run's model in a few words, e.g. "bidirectional 2-layer LSTM 128, max pooling (runs/x)"."""
+    words = ["bidirectional"] if cfg.bidirectional else []
+    words += [f"{cfg.num_layers}-layer"] if cfg.num_layers > 1 else []
+    words += [f"{cfg.model.upper()} {cfg.hidden_size}{get_task(cfg.task).describe(cfg)}"]
+    words += ["(padded)"] if cfg.execution == "padded" else []
+    return " ".join(words) + f" ({cfg.output})"
+
+
+def _plot(history: Sequence[EpochMetrics], path: Path, title: str | None = None) -> None:
+    """Loss and accuracy per epoch, train and test, as a PNG (matplotlib Agg, imported lazily)."""
     try:
         import matplotlib
 
@@ -819,6 +872,8 @@ def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
     fig = Figure(figsize=(9, 3.5), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [m.train_loss for m in history], marker="o", label="train")
+    if any(m.test_loss is not None for m in history):
+        ax1.plot(epochs, [m.test_loss for m in history], marker="o", label="test")
     ax1.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
     ax2.plot(epochs, [m.train_accuracy for m in history], marker="o", label="train")
     if any(m.test_accuracy is not None for m in history):
@@ -828,6 +883,8 @@ def _plot(history: Sequence[EpochMetrics], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
@@ -861,7 +918,9 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
 
     Raises:
         CheckpointError: the directory is missing, incomplete (no checkpoint), from another
-            packrnn format version, or its checkpoint is corrupt.
+            packrnn format version, or its checkpoint is corrupt or inconsistent (e.g. fewer
+            label names than the model has classes). Per-epoch history fields this packrnn does
+            not know (a newer one's) are ignored.
     """
     state = load_checkpoint(directory)
     path = Path(directory)
@@ -873,12 +932,21 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
                               f"({first})") from e
+    history = _history(state, path)
     model.to(device).eval()
     chars = state.get("char_vocab")
-    return Run(directory=path, model=model, vocab=vocab, labels=list(state["labels"]),
-               config=tcfg, epochs_done=int(state["epoch"]),
-               history=[EpochMetrics(**m) for m in state["history"]],
+    return Run(directory=path, model=model, vocab=vocab, labels=[str(n) for n in state["labels"]],
+               config=tcfg, epochs_done=int(state["epoch"]), history=history,
                char_vocab=Vocab.from_dict(chars) if chars else None)
+
+
+def _history(state: Mapping[str, Any], path: Path) -> list[EpochMetrics]:
+    """The checkpoint's metrics per epoch; fields unknown here are ignored (EpochMetrics.from_dict)."""
+    try:
+        return [EpochMetrics.from_dict(m) for m in state["history"]]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
+                              f"({e})") from e
 
 
 def _as_run(run: Run | str | os.PathLike) -> Run:
@@ -895,11 +963,14 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
     unless ``format`` / ``text_column`` / ``label_column`` say otherwise.
 
     Returns:
-        ``{"count", "accuracy", "labels", "precision", "recall", "support", "confusion",
-        "skipped"}``: per-class lists in the order of ``labels``; ``confusion[i][j]`` counts
-        texts of label ``i`` predicted as ``j``; precision/recall are ``None`` for a class never
-        predicted / absent. A tagger (task ``"tag"``) counts tokens and adds per-tag ``"f1"``
-        and ``"macro_f1"``; a language model (``"lm"``) returns ``{"count", "loss",
+        ``{"count", "accuracy", "loss", "labels", "precision", "recall", "f1", "macro",
+        "support", "confusion", "skipped"}``: per-class lists in the order of ``labels``;
+        ``confusion[i][j]`` counts texts of label ``i`` predicted as ``j``; precision / recall /
+        F1 are ``None`` for a class never predicted / absent / neither; ``macro`` holds the
+        macro averages ``{"precision", "recall", "f1"}`` over the classes that occur in the
+        data or the predictions (an undefined value counts as 0, as scikit-learn's);
+        ``loss`` is the mean cross-entropy. A tagger (task ``"tag"``) counts tokens and adds
+        ``"macro_f1"`` (``macro["f1"]``); a language model (``"lm"``) returns ``{"count", "loss",
         "perplexity", "bits_per_token", "accuracy", "level", "skipped"}`` (and
         ``"bits_per_char"`` at character level).
 

@@ -21,7 +21,8 @@ warning instead.
 # wrong number of columns, lacks the text or label column/key, has an empty or invalid label
 # (AG News: not 1-4), a label the label map does not know (evaluation data), or holds bytes
 # that are not UTF-8. Errors name the file and the 1-based line where the record starts:
-# "train.csv:7: expected 3 columns (label, title, description), got 2".
+# "train.csv:7: expected 3 columns (label, title, description), got 2". Lines end at "\n",
+# "\r\n" or a lone "\r" (old Mac files), in every format.
 # Whole-file problems are always errors, even with skip_bad_rows: a missing file, an empty
 # file, a CSV header without the chosen columns, no usable rows at all.
 # A text that tokenizes to nothing is NOT bad: it becomes a zero-length sequence, which the
@@ -69,6 +70,7 @@ FORMATS = ("agnews", "csv", "tsv", "jsonl")
 _PROGRESS_MIN_RECORDS = 20_000
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # undecodable bytes under errors="surrogateescape"
 _INT_LABEL = re.compile(r"[+-]?\d+")
+_LINE_END = re.compile(r"\r\n|\r|\n")  # Unix, Windows and old Mac line ends (CSV's set too)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def _read_text(path: str | os.PathLike, skip_bad_rows: bool) -> tuple[str, str]:
     if not skip_bad_rows:
         match = _BAD_BYTE.search(text)
         if match:
-            line = text.count("\n", 0, match.start()) + 1
+            line = len(_LINE_END.findall(text, 0, match.start())) + 1
             raise ValueError(f"{name}:{line}: {_bad_byte_reason(match.group())}")
     return name, text
 
@@ -393,7 +395,8 @@ def read_jsonl(
     keys = text_keys + ([label_key] if label_key is not None else [])
     name, text = _read_text(path, skip_bad_rows)
     rows = _Rows(name, skip_bad_rows)
-    for number, raw in enumerate(text.split("\n"), start=1):
+    # Not str.splitlines: it also splits at U+2028 and other characters JSON strings may hold.
+    for number, raw in enumerate(_LINE_END.split(text), start=1):
         raw = raw.strip()
         if not raw:
             continue

@@ -10,10 +10,12 @@ depends on what is predicted (a label per text, a tag per token, the next token)
 ``build_model``        the ``nn.Module`` (with a ``.config`` that has ``to_dict``)
 ``collate``            the DataLoader's ``collate_fn``: items -> one batch
 ``step``               forward one batch and return the mean loss and its ``StepStats``
-``evaluate``           scores of a model on a data set (``"accuracy"`` at least)
+``evaluate``           scores of a model on a data set (``"accuracy"`` at least, and
+                       ``"loss"`` where the task has one: the epoch's test loss)
 ``model_from_state``   rebuild the trained model from a checkpoint (``load_run``)
 ``evaluate_file``      ``packrnn.train.evaluate``: read a file like the training file, score it
 ``predict``            ``packrnn.train.predict``: the model's output for raw inputs
+``describe``           the model in a few words for the plot's title (after "LSTM 32")
 =====================  ======================================================================
 """
 
@@ -51,6 +53,7 @@ class TaskData:
     # "labels" (class or tag names; [] for a language model), plus any task-specific ones.
     state: dict[str, Any] = field(default_factory=dict)
     summary: str = ""  # one line for the log: "240 training texts, 4 labels, vocabulary of 100"
+    warnings: list[str] = field(default_factory=list)  # lines the log prints as warnings
 
 
 class Task(Protocol):
@@ -77,10 +80,12 @@ class Task(Protocol):
                  ctx: D.DistContext | None = None, batch_size: int | None = None
                  ) -> dict[str, Any]:
         """Scores on ``dataset`` (sharded over ranks when ``ctx`` is distributed); the loop
-        records ``["accuracy"]`` as the epoch's test accuracy."""
+        records ``["accuracy"]`` as the epoch's test accuracy and ``["loss"]`` (if present,
+        the mean of the training loss's quantity) as its test loss."""
 
     def model_from_state(self, state: Mapping[str, Any]) -> nn.Module:
-        """The model of a checkpoint, weights loaded (``load_run``)."""
+        """The model of a checkpoint, weights loaded (``load_run``); ``ValueError`` if the
+        checkpoint's entries do not fit together (e.g. fewer label names than classes)."""
 
     def evaluate_file(self, run: Run, cfg: TrainConfig, path: str, batch_size: int
                       ) -> dict[str, Any]:
@@ -88,3 +93,6 @@ class Task(Protocol):
 
     def predict(self, run: Run, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
         """One result dict per input (a text, or a sentence's tokens)."""
+
+    def describe(self, cfg: TrainConfig) -> str:
+        """What follows "LSTM 32" in the plot's title: ", max pooling", " tagger", ..."""

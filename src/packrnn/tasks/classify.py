@@ -1,8 +1,8 @@
 """Text classification: one label per text, a ``SequenceClassifier``, cross-entropy over texts.
 
 Files: AG News CSV, CSV/TSV with a header, JSONL (``TrainConfig.format``), read by
-``packrnn.data.load_text_classification``. Metrics: accuracy, per-class precision and recall,
-confusion matrix.
+``packrnn.data.load_text_classification``. Metrics: accuracy, loss, per-class precision, recall
+and F1 with their macro averages, confusion matrix.
 """
 
 from __future__ import annotations
@@ -103,8 +103,12 @@ class ClassifyTask:
                    f"vocabulary of {len(train.vocab)}")
         if test is not None:
             summary += f", {len(test)} test texts"
+        untrained = untrained_labels(train, test)
+        notes = [f"{cfg.test_path} has labels no training row has: "
+                    + ", ".join(f"{n!r} ({k} rows)" for n, k in untrained.items())
+                    + "; the model never learns these classes"] if untrained else []
         return TaskData(train, test, {"vocab": train.vocab.to_dict(),
-                                      "labels": list(train.label_map.names)}, summary)
+                                      "labels": list(train.label_map.names)}, summary, notes)
 
     def build_model(self, cfg: TrainConfig, data: TaskData) -> SequenceClassifier:
         vocab = data.train.vocab
@@ -131,7 +135,8 @@ class ClassifyTask:
     def evaluate(self, model: SequenceClassifier, dataset: TextClassificationDataset,
                  cfg: TrainConfig, ctx: D.DistContext | None = None,
                  batch_size: int | None = None) -> dict[str, Any]:
-        """Confusion matrix and derived scores of ``model`` on ``dataset`` (sharded over ranks)."""
+        """Confusion matrix, derived scores and mean cross-entropy (``"loss"``) of ``model`` on
+        ``dataset`` (sharded over ranks)."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -145,22 +150,29 @@ class ClassifyTask:
         collate = _collate(cfg, model.config.padding_idx or 0)
         packed = cfg.execution == "packed"
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
+        loss_sum = 0.0
         for batch in batches:
             inputs, lengths, labels = collate([dataset[i] for i in batch])
             inputs = inputs.to(device)
             logits = model(inputs) if packed else model(inputs, lengths)  # (B, C)
+            loss_sum += float(nn.functional.cross_entropy(logits.float(), labels.to(device),
+                                                          reduction="sum"))
             pred = logits.argmax(-1).cpu()  # (B,)
             confusion.index_put_((labels, pred), torch.ones(len(batch), dtype=torch.float64),
                                  accumulate=True)
         if ctx is not None and ctx.distributed:
-            flat = D.all_reduce_sum(ctx, confusion.flatten().tolist())
-            confusion = torch.tensor(flat, dtype=torch.float64).view(num_classes, num_classes)
+            flat = D.all_reduce_sum(ctx, confusion.flatten().tolist() + [loss_sum])
+            confusion = torch.tensor(flat[:-1], dtype=torch.float64).view(num_classes, num_classes)
+            loss_sum = flat[-1]
         model.train(was_training)
-        return scores(confusion)
+        result = scores(confusion)
+        result["loss"] = loss_sum / result["count"] if result["count"] else float("nan")
+        return result
 
     def model_from_state(self, state: Mapping[str, Any]) -> SequenceClassifier:
         model = SequenceClassifier(ModelConfig.from_dict(state["model_config"]))
         model.load_state_dict(state["model_state"])
+        check_label_names(state["labels"], model.config.num_classes)
         return model
 
     def evaluate_file(self, run: Run, cfg: TrainConfig, path: str, batch_size: int
@@ -197,20 +209,61 @@ class ClassifyTask:
                                                   zip(run.labels, p)}})
         return results
 
+    def describe(self, cfg: TrainConfig) -> str:
+        return f", {cfg.pooling} pooling"
+
+
+def untrained_labels(train: TextClassificationDataset,
+                     test: TextClassificationDataset | None) -> dict[str, int]:
+    """Labels with test rows but no training row (AG News: a class missing from the training
+    file), with their number of test rows: the model never learns them."""
+    if test is None:
+        return {}
+    trained = set(train.labels)
+    counts: dict[str, int] = {}
+    for y in test.labels:
+        if y not in trained:
+            name = train.label_map.names[y]
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def check_label_names(labels: Sequence[Any], num_classes: int) -> None:
+    """A checkpoint's label (or tag) names must name every class of its model."""
+    if len(labels) != num_classes:
+        raise ValueError(f"labels: expected {num_classes} label names (the model's classes), "
+                         f"got {len(labels)}")
+
 
 def scores(confusion: Tensor) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/support of a (true, predicted) confusion matrix."""
+    """Accuracy, per-class precision / recall / F1 and their macro averages from a (true,
+    predicted) confusion matrix.
+
+    Per class: ``None`` where undefined (precision of a class never predicted, recall of a class
+    absent from the data, F1 of a class that is neither). Macro averages are over the classes
+    that occur in the data or the predictions, an undefined value counting as 0 (as
+    scikit-learn's ``average="macro"`` with ``zero_division=0``).
+    """
     total = float(confusion.sum())
-    tp = confusion.diagonal()
-    predicted = confusion.sum(0)
-    actual = confusion.sum(1)
-    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in range(len(tp))]
-    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in range(len(tp))]
+    tp = confusion.diagonal()  # (C,)
+    predicted = confusion.sum(0)  # (C,)
+    actual = confusion.sum(1)  # (C,)
+    classes = range(len(tp))
+    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in classes]
+    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in classes]
+    seen = [i for i in classes if actual[i] + predicted[i] > 0]
+    f1 = [float(2 * tp[i] / (actual[i] + predicted[i])) if i in seen else None for i in classes]
+
+    def macro(values: list[float | None]) -> float | None:
+        return sum(values[i] or 0.0 for i in seen) / len(seen) if seen else None
+
     return {
         "count": int(total),
         "accuracy": float(tp.sum()) / total if total else float("nan"),
         "precision": precision,
         "recall": recall,
+        "f1": f1,
+        "macro": {"precision": macro(precision), "recall": macro(recall), "f1": macro(f1)},
         "support": [int(a) for a in actual],
         "confusion": confusion.to(torch.int64).tolist(),
     }

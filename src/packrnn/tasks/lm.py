@@ -141,3 +141,7 @@ class LanguageModelTask:
     def predict(self, run: Run, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
         raise ValueError("predict: expected a run of task 'classify' or 'tag', got task 'lm' "
                          "(use generate to continue a text)")
+
+    def describe(self, cfg: TrainConfig) -> str:
+        return (f" {'character' if cfg.level == 'char' else 'word'}-level language model"
+                + (", tied weights" if cfg.tie_weights else ""))

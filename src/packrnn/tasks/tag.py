@@ -3,8 +3,9 @@
 Files: CoNLL-U (UPOS or XPOS), CoNLL columns, JSONL token/tag lists (``packrnn.data.tagging``).
 The loss of a packed batch is ``cross_entropy(logits.data, targets.data)``: the rows are the
 real tokens, targets aligned row for row (NOTE [aligned targets] in ``packrnn.data.collate``);
-a padded batch masks its padding with ``IGNORE_INDEX``. Metrics: token accuracy, per-tag
-precision / recall / F1, macro F1, confusion matrix.
+a padded batch masks its padding with ``IGNORE_INDEX``. Metrics: token accuracy, loss (mean
+cross-entropy per token), per-tag precision / recall / F1 with their macro averages, confusion
+matrix.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..data.collate import Batch
 from ..packing import pad_packed_sequence
 from ..tagger import SequenceTagger, TaggerConfig
 from .base import StepStats, TaskData
-from .classify import scores
+from .classify import check_label_names, scores
 
 if TYPE_CHECKING:
     from ..train import Run, TrainConfig
@@ -132,7 +133,7 @@ class TagTask:
     def evaluate(self, model: SequenceTagger, dataset: TaggingDataset, cfg: TrainConfig,
                  ctx: D.DistContext | None = None, batch_size: int | None = None
                  ) -> dict[str, Any]:
-        """Token accuracy, per-tag precision/recall/F1, macro F1 (sharded over ranks)."""
+        """Token accuracy, loss, per-tag precision/recall/F1, macro F1 (sharded over ranks)."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -144,21 +145,28 @@ class TagTask:
             batches = batches[ctx.rank::ctx.world_size]
         collate = _collate(cfg, dataset.vocab, dataset.char_vocab)
         confusion = torch.zeros(k, k, dtype=torch.float64)  # (true, predicted)
+        loss_sum = 0.0
         for batch in batches:
             logits, targets = _forward(model, _on(collate([dataset[i] for i in batch]), device))
-            real = targets != IGNORE_INDEX
+            real = targets != IGNORE_INDEX  # (M,)
+            loss_sum += float(nn.functional.cross_entropy(
+                logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"))
             pred = logits.argmax(-1)[real].cpu()
             confusion.index_put_((targets[real].cpu(), pred),
                                  torch.ones(pred.numel(), dtype=torch.float64), accumulate=True)
         if ctx is not None and ctx.distributed:
-            confusion = torch.tensor(D.all_reduce_sum(ctx, confusion.flatten().tolist()),
-                                     dtype=torch.float64).view(k, k)
+            flat = D.all_reduce_sum(ctx, confusion.flatten().tolist() + [loss_sum])
+            confusion = torch.tensor(flat[:-1], dtype=torch.float64).view(k, k)
+            loss_sum = flat[-1]
         model.train(was_training)
-        return tag_scores(confusion)
+        result = tag_scores(confusion)
+        result["loss"] = loss_sum / result["count"] if result["count"] else float("nan")
+        return result
 
     def model_from_state(self, state: Mapping[str, Any]) -> SequenceTagger:
         model = SequenceTagger(TaggerConfig.from_dict(state["model_config"]))
         model.load_state_dict(state["model_state"])
+        check_label_names(state["labels"], model.config.num_tags)
         return model
 
     def evaluate_file(self, run: Run, cfg: TrainConfig, path: str, batch_size: int
@@ -210,6 +218,9 @@ class TagTask:
                                 "probabilities": [float(x) for x in p]})
         return results
 
+    def describe(self, cfg: TrainConfig) -> str:
+        return " tagger" + (", character features" if cfg.char_features else "")
+
 
 def _collate(cfg: TrainConfig, vocab: Vocab, char_vocab: Vocab | None) -> TokenCollate:
     pad = vocab.pad_index if vocab.pad_index is not None else 0
@@ -219,21 +230,13 @@ def _collate(cfg: TrainConfig, vocab: Vocab, char_vocab: Vocab | None) -> TokenC
 
 
 def tag_scores(confusion: Tensor) -> dict[str, Any]:
-    """``scores`` of a (true, predicted) confusion matrix plus per-tag F1 and macro F1.
+    """``scores`` of a (true, predicted) confusion matrix plus ``macro_f1``.
 
     F1 of a tag is ``2PR / (P + R)`` (0 when both are 0), ``None`` for a tag neither in the
-    data nor predicted; ``macro_f1`` is the mean over the other tags.
+    data nor predicted; ``macro_f1`` is the mean over the other tags (``macro["f1"]``; NaN
+    when there are none).
     """
     out = scores(confusion)
-    f1: list[float | None] = []
-    for p, r, support, predicted in zip(out["precision"], out["recall"], out["support"],
-                                        confusion.sum(0).tolist()):
-        if support == 0 and predicted == 0:
-            f1.append(None)
-        else:
-            p, r = p or 0.0, r or 0.0
-            f1.append(2 * p * r / (p + r) if p + r > 0 else 0.0)
-    present = [x for x in f1 if x is not None]
-    out["f1"] = f1
-    out["macro_f1"] = sum(present) / len(present) if present else float("nan")
+    macro_f1 = out["macro"]["f1"]
+    out["macro_f1"] = float("nan") if macro_f1 is None else macro_f1
     return out
