@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vectors", metavar="PATH", help="word2vec/GloVe text file to initialise the "
                    "embedding from")
     t.add_argument("--freeze-embedding", action="store_true", help="do not train the embedding")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for training (classify; padded batches with "
+                        "lengths through the layers' traceable path; compiling takes ~30 s)")
     t.add_argument("--sparse-embedding", action="store_true",
                    help="sparse embedding gradients with lazy Adam (only the batch's rows are "
                         "updated): much faster with a large vocabulary")

@@ -95,6 +95,7 @@ _TASK_FIELDS = {
     "freeze_embedding": ("classify", "tag"), "sparse_embedding": ("classify", "tag"),
     "max_length": ("classify", "lm"), "bidirectional": ("classify", "tag"),
     "delimiter": ("classify", "tag", "lm"),
+    "compile": ("classify",),
 }
 
 # Fields that may change between a run and its resumption (they do not change the numbers).
@@ -196,6 +197,10 @@ class TrainConfig(DictConfig):
     num_workers: int = 0  # DataLoader worker processes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
     threads: int | None = None  # torch.set_num_threads; None: torch's default
+    # torch.compile the model for training (classify): batches come padded with lengths and the
+    # layers run their padded + lengths path, one registered operator per layer (README
+    # "Compile, export and serve"); embedding dropout then draws over padded positions
+    compile: bool = False
     progress: bool = True  # show a tqdm progress bar (main process only)
     plot: bool = True  # write curves.png (skipped with a note if matplotlib is missing)
 
@@ -275,7 +280,7 @@ class TrainConfig(DictConfig):
                              f"no weight decay), got {self.weight_decay}")
         for name in ("bidirectional", "skip_bad_rows", "freeze_embedding", "sparse_embedding",
                      "bucket", "resume", "lowercase", "char_features", "tie_weights",
-                     "overwrite", "allow_data_change", "progress", "plot"):
+                     "overwrite", "allow_data_change", "progress", "plot", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
@@ -599,6 +604,8 @@ class _Loop:
         if ctx.distributed:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if cfg.compile:  # the training forward only; evaluation runs the model eagerly
+            self.net = torch.compile(self.net)
 
     def run(self, on_step: Callable[[int], None] | None,
             cleanup: contextlib.ExitStack) -> list[EpochMetrics]:

@@ -81,7 +81,9 @@ def _load(cfg: TrainConfig, path: str, vocab: Vocab | None = None,
 
 
 def _collate(cfg: TrainConfig, pad: int) -> Collate:
-    return Collate(packed=cfg.execution == "packed", padding_value=pad, batch_first=True)
+    # Compiled training takes padded ids + lengths: packing has data-dependent shapes.
+    packed = cfg.execution == "packed" and not cfg.compile
+    return Collate(packed=packed, padding_value=pad, batch_first=True)
 
 
 class ClassifyTask:
@@ -148,12 +150,12 @@ class ClassifyTask:
         if ctx is not None and ctx.distributed:
             batches = batches[ctx.rank::ctx.world_size]
         collate = _collate(cfg, model.config.padding_idx or 0)
-        packed = cfg.execution == "packed"
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
         loss_sum = 0.0
         for batch in batches:
             inputs, lengths, labels = collate([dataset[i] for i in batch])
             inputs = inputs.to(device)
+            packed = not isinstance(inputs, Tensor)  # padded with lengths when compiled
             logits = model(inputs) if packed else model(inputs, lengths)  # (B, C)
             loss_sum += float(nn.functional.cross_entropy(logits.float(), labels.to(device),
                                                           reduction="sum"))
