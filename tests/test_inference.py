@@ -338,15 +338,15 @@ def test_kernel_threads_environment_variable_is_read_at_load():
 
 
 def test_training_threads_default_from_the_work_size():
-    from packrnn.train import SMALL_STEP_FLOPS, default_threads
+    from packrnn.train import SMALL_STEP_FLOPS, TrainConfig, default_threads
 
-    lesson = ModelConfig(vocab_size=100, num_classes=4, embed_dim=64, hidden_size=32)
-    big = ModelConfig(vocab_size=100, num_classes=4, embed_dim=128, hidden_size=128,
-                      bidirectional=True)
-    assert default_threads(lesson, 16, 43.0) == 1
-    assert default_threads(big, 64, 43.0) == torch.get_num_threads()
+    lesson = TrainConfig(train_path="t.csv", output="o", embed_dim=64, hidden_size=32)
+    big = TrainConfig(train_path="t.csv", output="o", embed_dim=128, hidden_size=128,
+                      bidirectional=True, batch_size=64)
+    assert default_threads(lesson, 43.0) == 1
+    assert default_threads(big, 43.0) == torch.get_num_threads()
     # the boundary: 6 FLOPs per weight and real step, forward and backward
-    per_sequence_step = 6 * 4 * 32 * (64 + 32)
+    per_sequence_step = 6 * 4 * 32 * (64 + 32) * lesson.batch_size
     steps = SMALL_STEP_FLOPS / per_sequence_step
-    assert default_threads(lesson, 1, steps * 0.99) == 1
-    assert default_threads(lesson, 1, steps * 1.01) == torch.get_num_threads()
+    assert default_threads(lesson, steps * 0.99) == 1
+    assert default_threads(lesson, steps * 1.01) == torch.get_num_threads()

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import packrnn
+
 from packrnn.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, DiskFullError,
                                 atomic_write_text, load_checkpoint, save_checkpoint)
 from packrnn.rundir import LOCK_NAME, RunDirError, RunLockedError, TrainInterrupted
@@ -472,7 +474,7 @@ def test_clip_grad_norm_with_sparse_gradients_matches_dense():
 
 
 def test_scores_f1_and_macro_averages_match_the_definitions():
-    from packrnn.train import _scores
+    from packrnn.tasks.classify import scores as _scores  # moved with the classifier (h12)
 
     # rows: true label, columns: predicted; class 3 never occurs, class 2 is never predicted
     confusion = torch.tensor([[5, 1, 0, 0],
@@ -568,3 +570,25 @@ def test_checkpoint_history_fields_unknown_here_are_ignored(data, tmp_path):
     with pytest.raises(CheckpointError, match=r"history: expected epoch entries with .*, got one "
                                               r"without \['train_loss'\]"):
         load_run(out)
+
+
+@pytest.mark.skipif(packrnn.backend_name() != "native", reason="compile traces the native ops")
+def test_compiled_training_matches_eager(data, tmp_path):
+    """TrainConfig.compile: torch.compile of the model, padded batches with lengths; without
+    dropout the same numbers as eager packed training (same batches, same seed)."""
+    torch._dynamo.reset()
+    kw = dict(epochs=1, lr=0.01, bidirectional=True, pooling="max")
+    eager = train(config(data, tmp_path / "eager", **kw))
+    compiled = train(config(data, tmp_path / "compiled", compile=True, **kw))
+    assert compiled[0].train_loss == pytest.approx(eager[0].train_loss, rel=1e-4)
+    assert compiled[0].test_loss == pytest.approx(eager[0].test_loss, rel=1e-3)
+    assert compiled[0].test_accuracy == pytest.approx(eager[0].test_accuracy, abs=1 / 80)
+    a, b = load_run(tmp_path / "eager").model, load_run(tmp_path / "compiled").model
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
+    torch._dynamo.reset()
+
+
+def test_compile_is_for_the_classifier_only(data, tmp_path):
+    with pytest.raises(ValueError, match="compile"):
+        config(data, tmp_path / "x", task="lm", compile=True)

@@ -1,11 +1,12 @@
 """The ``packrnn`` command: a thin argparse layer over ``packrnn.train`` and friends.
 
-    packrnn train --train PATH [--test PATH] --model lstm --output DIR [...]
+    packrnn train [--task classify|tag|lm] --train PATH [--test PATH] --model lstm --output DIR [...]
     packrnn train --resume --output DIR          (continue a run with its saved settings)
     packrnn evaluate DIR --data PATH [--json]
     packrnn predict DIR "some text" ... [--json]      (or one text per line on stdin; options
                                                       may come before or after the texts)
     packrnn export DIR model.onnx                     (then: packrnn predict model.onnx ...)
+    packrnn generate DIR "prefix" [--max-new N] [--temperature T] [--top-k K] [--seed S]
     packrnn bench [...]
     packrnn demo [...]
 
@@ -59,10 +60,13 @@ def _float(text: str) -> float:
 
 
 def _add_format_args(p: argparse.ArgumentParser, default_format: str | None) -> None:
-    p.add_argument("--format", choices=["agnews", "csv", "tsv", "jsonl"], default=default_format,
+    p.add_argument("--format", choices=["agnews", "csv", "tsv", "jsonl", "conllu", "conll", "text"],
+                   default=None,
                    help="file format: agnews (label 1-4, title, description; no header), csv or "
-                        "tsv with a header row, jsonl" + (" (default: agnews)" if default_format else
-                                                  " (default: the training run's)"))
+                        "tsv with a header row, jsonl; tag: conllu, conll (columns), jsonl "
+                        "(token and tag lists); lm: text (a text per line) or a column of the "
+                        "others" + (" (default: agnews; tag: conllu; lm: text)" if default_format
+                                    else " (default: the training run's)"))
     p.add_argument("--text-column", metavar="NAME",
                    help="csv/jsonl: column(s) holding the text, comma-separated (default: text)")
     p.add_argument("--label-column", metavar="NAME",
@@ -80,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    t = sub.add_parser("train", help="train a text classifier",
-                       description="Train a recurrent text classifier; writes checkpoint.pt, "
-                                   "metrics.json and curves.png to --output.")
+    t = sub.add_parser("train", help="train a text classifier, a tagger or a language model",
+                       description="Train a recurrent text classifier (--task classify), "
+                                   "sequence tagger (tag) or language model (lm); writes "
+                                   "checkpoint.pt, metrics.json and curves.png to --output.")
+    t.add_argument("--task", choices=["classify", "tag", "lm"], default="classify",
+                   help="classify: a label per text; tag: a tag per token; lm: the next "
+                        "character or word (default: classify)")
     # --train and --model are required unless --resume finds a run in --output (_train_config).
     t.add_argument("--train", metavar="PATH", help="labelled training file (required unless "
                    "--resume continues a run)")
@@ -111,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vectors", metavar="PATH", help="word2vec/GloVe text file to initialise the "
                    "embedding from")
     t.add_argument("--freeze-embedding", action="store_true", help="do not train the embedding")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for training (classify; padded batches with "
+                        "lengths through the layers' traceable path; compiling takes ~30 s)")
     t.add_argument("--sparse-embedding", action="store_true",
                    help="sparse embedding gradients with lazy Adam (only the batch's rows are "
                         "updated): much faster with a large vocabulary")
@@ -131,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-vocab", type=_positive_int, metavar="N", help="vocabulary size limit")
     t.add_argument("--max-length", type=_positive_int, metavar="N", help="truncate texts to N tokens")
     t.add_argument("--tokenizer", choices=["basic_english", "split"], default="basic_english")
+    g = t.add_argument_group("tagging (--task tag) and language modelling (--task lm)")
+    g.add_argument("--tagset", choices=["upos", "xpos"], default="upos",
+                   help="conllu: tag column UPOS (4) or XPOS (5) (default: upos)")
+    g.add_argument("--token-column", type=int, default=0, metavar="I",
+                   help="conll: 0-based column of the word (default: 0)")
+    g.add_argument("--tag-column", type=int, default=-1, metavar="I",
+                   help="conll: 0-based column of the tag, negative from the end (default: -1)")
+    g.add_argument("--lowercase", action="store_true",
+                   help="tag: look words up lowercased (characters keep their case)")
+    g.add_argument("--char-features", action="store_true",
+                   help="tag: add word features from a character-level recurrent layer")
+    g.add_argument("--char-embed-dim", type=_positive_int, default=16, metavar="N",
+                   help="tag: character embedding size (default: 16)")
+    g.add_argument("--char-hidden-size", type=_positive_int, default=32, metavar="N",
+                   help="tag: character layer's hidden size per direction (default: 32)")
+    g.add_argument("--level", choices=["char", "word"], default="char",
+                   help="lm: model characters or words (default: char)")
+    g.add_argument("--tie-weights", action="store_true",
+                   help="lm: the output layer reuses the embedding (needs --embed-dim == "
+                        "--hidden-size)")
     t.add_argument("--output", required=True, metavar="DIR", help="run directory")
     group = t.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
@@ -154,20 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="score a trained run on a labelled file",
-                       description="Accuracy and loss, per-class precision, recall and F1 with "
-                                   "their macro averages, and the confusion matrix.")
+                       description="classify: accuracy and loss, per-class precision, recall "
+                                   "and F1 with their macro averages, and the confusion matrix; "
+                                   "tag: token accuracy and loss, per-tag precision/recall/F1, "
+                                   "macro averages; lm: loss, perplexity, bits per token.")
     e.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`")
     e.add_argument("--data", required=True, metavar="PATH", help="labelled file")
     _add_format_args(e, None)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="label texts with a trained run or an exported .onnx",
+    p = sub.add_parser("predict", help="label texts (or tag sentences) with a trained run or an "
+                       "exported .onnx",
                        description="Label each text (arguments, or one per line on stdin): one "
                                    "output line per text, blank lines included. Options may come "
                                    "before or after the texts; a text starting with '-' goes "
                                    "after '--'. With a .onnx file from `packrnn export`, "
-                                   "onnxruntime serves it without packrnn's model code.")
+                                   "onnxruntime serves it without packrnn's model code. A tagger "
+                                   "reads sentences of whitespace-separated tokens and prints one "
+                                   "token<TAB>tag per line, a blank line after each sentence.")
     p.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train`, or a "
                    ".onnx file written by `packrnn export`")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts; none: read lines from stdin")
@@ -183,12 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("output", metavar="MODEL.onnx", help="file to write")
     x.set_defaults(func=_cmd_export)
 
+    gen = sub.add_parser("generate", help="continue a text with a trained language model",
+                         description="Sample a continuation of PREFIX from a run of --task lm, "
+                                     "step by step, until <eos> or --max-new units.")
+    gen.add_argument("dir", metavar="DIR", help="run directory written by `packrnn train --task lm`")
+    gen.add_argument("prefix", nargs="?", default="", metavar="PREFIX",
+                     help="start of the text (default: empty)")
+    gen.add_argument("--max-new", type=_positive_int, default=100, metavar="N",
+                     help="at most N new characters or words (default: 100)")
+    gen.add_argument("--temperature", type=_float, default=1.0, metavar="T",
+                     help="sampling temperature; 0 takes the likeliest unit (default: 1)")
+    gen.add_argument("--top-k", type=_positive_int, metavar="K",
+                     help="sample among the K likeliest units only")
+    gen.add_argument("--seed", type=int, help="same seed, same text")
+    gen.add_argument("--samples", type=_positive_int, default=1, metavar="N",
+                     help="N continuations, one per line (seeds SEED, SEED+1, ...) (default: 1)")
+    gen.set_defaults(func=_cmd_generate)
+
     # bench and demo parse their own options (main() hands them the rest of argv).
     sub.add_parser("bench", help="speed table: packrnn vs torch (`packrnn bench --help`)",
                    add_help=False)
     sub.add_parser("demo", help="the main job: a classifier on a synthetic task where word "
-                   "order matters, packed vs padded, and the 'hello' example "
-                   "(`packrnn demo --help`)", add_help=False)
+                   "order matters, packed vs padded, the 'hello' example and the 'hihello' "
+                   "character RNN (`packrnn demo --help`)", add_help=False)
     return parser
 
 
@@ -227,6 +280,10 @@ def _field(a: argparse.Namespace, dest: str) -> tuple[str, object]:
         value = not value
     elif dest == "skip_bad_rows":
         value = bool(value)
+    elif dest == "format" and value is None:  # each task has its own default format
+        from .train import TASK_FORMATS
+
+        value = TASK_FORMATS[a.task][0]
     return _TRAIN_FIELDS.get(dest, dest), value
 
 
@@ -278,6 +335,10 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(r, indent=2))
         return 0
+    if "macro_f1" in r:
+        return _print_tag_scores(r)
+    if "perplexity" in r:
+        return _print_lm_scores(r)
     names = r["labels"]
     width = max(len("macro avg"), *(len(n) for n in names))
 
@@ -330,6 +391,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     for p in predictor(texts):
         if a.json:
             print(json.dumps(p, ensure_ascii=False))
+        elif "tags" in p:  # a tagger: one token<TAB>tag per line, a blank line per sentence
+            print("".join(f"{t}\t{g}\n" for t, g in zip(p["tokens"], p["tags"])))
         else:
             print(f"{p['label']}\t{p['probability']:.4f}\t{p['text']}")
     return 0
@@ -356,6 +419,47 @@ def _stdin_lines() -> list[str]:
         if bad:
             raise ValueError(f"stdin:{number}: {_bad_byte_reason(bad.group())}")
     return lines
+
+
+def _print_tag_scores(r: dict) -> int:
+    names = r["labels"]
+    width = max(len("macro avg"), *(len(n) for n in names))
+    print(f"token accuracy {r['accuracy']:.4f} on {r['count']} tokens, loss {r['loss']:.4f}, "
+          f"macro F1 {r['macro_f1']:.4f}"
+          + (f" ({r['skipped']} bad sentences skipped)" if r["skipped"] else ""))
+    print()
+    print(f"{'tag':<{width}}  precision  recall      F1  support")
+
+    def fmt(x, w):
+        return f"{'-' if x is None else f'{x:.4f}':>{w}}"
+
+    for i, n in enumerate(names):
+        print(f"{n:<{width}}  {fmt(r['precision'][i], 9)}  {fmt(r['recall'][i], 6)}  "
+              f"{fmt(r['f1'][i], 6)}  {r['support'][i]:>7}")
+    m = r["macro"]
+    print(f"{'macro avg':<{width}}  {fmt(m['precision'], 9)}  {fmt(m['recall'], 6)}  "
+          f"{fmt(m['f1'], 6)}  {r['count']:>7}")
+    return 0
+
+
+def _print_lm_scores(r: dict) -> int:
+    unit = "char" if r["level"] == "char" else "word"
+    print(f"loss {r['loss']:.4f} nats per {unit}, perplexity {r['perplexity']:.3f}, "
+          f"{r['bits_per_token']:.4f} bits per {unit}, next-{unit} accuracy {r['accuracy']:.4f} "
+          f"on {r['count']} {unit}s (<eos> included)"
+          + (f" ({r['skipped']} bad rows skipped)" if r["skipped"] else ""))
+    return 0
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from .train import generate, load_run
+
+    run = load_run(a.dir)
+    for i in range(a.samples):
+        seed = None if a.seed is None else a.seed + i
+        print(generate(run, a.prefix, a.max_new, temperature=a.temperature, top_k=a.top_k,
+                       seed=seed))
+    return 0
 
 
 def _cmd_export(a: argparse.Namespace) -> int:

@@ -3,13 +3,16 @@
 1. The reference material's "hello" example: one-hot characters h, e, l, o through
    ``packrnn.RNN(4, 2, batch_first=True)``: input (3, 5, 4) -> output (3, 5, 2); then the same
    batch with lengths, packed.
-2. A synthetic text task in which word order matters: every text holds the two marker words
+2. The classic "hihello" character RNN: learn to predict "ihello" from "hihell" (one-hot
+   characters through ``packrnn.RNN``, a linear layer, cross-entropy per step), printed step by
+   step, then generate from "h" one step at a time carrying the hidden state.
+3. A synthetic text task in which word order matters: every text holds the two marker words
    ``alpha`` and ``omega`` once each among distractor words, lengths 1 to 200; the label is the
    marker that comes first. Both labels have the same words, so a bag-of-words model is at chance
    (shown). A packrnn LSTM classifier is trained with ``packrnn.train`` twice, on packed input
    (only real steps) and on the padded batch as the classic lesson does, and the demo prints
    their speed and accuracy side by side.
-3. ``packrnn.train.predict`` on two texts with the same words in a different order.
+4. ``packrnn.train.predict`` on two texts with the same words in a different order.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["main", "hello", "make_order_task", "MARKERS", "LABELS"]
+__all__ = ["main", "hello", "hihello", "make_order_task", "MARKERS", "LABELS"]
 
 MARKERS = ("alpha", "omega")
 LABELS = ("alpha-first", "omega-first")
@@ -60,6 +63,44 @@ def hello() -> torch.Tensor:
           f"{packed.batch_sizes.tolist()} -> h_n at each word's own last letter "
           f"({'matches' if same else 'DIFFERS FROM'} the padded run's steps)")
     return out
+
+
+def hihello(max_steps: int = 100, seed: int = 0) -> str:
+    """Train the classic "hihello" character RNN, printing every step; returns the text it
+    generates from "h" once trained (``"hihello"`` when it has learnt)."""
+    from . import RNN
+
+    chars = ["h", "i", "e", "l", "o"]
+    x_ids = torch.tensor([chars.index(c) for c in "hihell"])  # (T,) = (6,)
+    y_ids = torch.tensor([chars.index(c) for c in "ihello"])  # the next character at each step
+    one_hot = torch.eye(len(chars))
+    torch.manual_seed(seed)
+    rnn = RNN(input_size=5, hidden_size=8, batch_first=True)
+    fc = nn.Linear(8, 5)
+    opt = torch.optim.Adam([*rnn.parameters(), *fc.parameters()], lr=0.1)
+    print("\n2. the 'hihello' character RNN: one-hot h, i, e, l, o -> packrnn.RNN(5, 8) -> "
+          "linear -> the next character")
+    print("   input 'hihell' (1, 6, 5), target 'ihello': cross-entropy at every step")
+    for step in range(1, max_steps + 1):
+        out, _ = rnn(one_hot[x_ids][None])  # (1, 6, 8)
+        logits = fc(out[0])  # (6, 5): one prediction per step
+        loss = nn.functional.cross_entropy(logits, y_ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guess = "".join(chars[i] for i in logits.argmax(-1).tolist())
+        print(f"   step {step:3d}  loss {float(loss.detach()):.4f}  predicted {guess!r}")
+        if guess == "ihello" and float(loss.detach()) < 0.1:
+            break
+    # Generation: feed one character, keep the state, feed back the prediction.
+    with torch.no_grad():
+        text, h, c = "h", None, chars.index("h")
+        for _ in range(6):
+            out, h = rnn(one_hot[c][None, None], h)  # (1, 1, 8): one step, state carried in h
+            c = int(fc(out[0, -1]).argmax())
+            text += chars[c]
+    print(f"   generated from 'h' one step at a time, carrying the hidden state: {text!r}")
+    return text
 
 
 def make_order_task(n: int, seed: int, max_length: int = 200) -> list[dict[str, str]]:
@@ -143,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     print(f"packrnn demo (backend: {backend_name()}, {a.threads} thread(s))\n")
     hello()
+    hihello()
 
     root = Path(a.output) if a.output else Path(tempfile.mkdtemp(prefix="packrnn-demo-"))
     try:
@@ -151,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_rows = make_order_task(a.test_size, a.seed + 1, a.max_length)
         _write_jsonl(root / "train.jsonl", train_rows)
         _write_jsonl(root / "test.jsonl", test_rows)
-        print(f"\n2. word order matters: {a.train_size} training / {a.test_size} test texts, "
+        print(f"\n3. word order matters: {a.train_size} training / {a.test_size} test texts, "
               f"1-{a.max_length} words, label = which of {MARKERS[0]!r} / {MARKERS[1]!r} comes first")
         print(f"   e.g. {train_rows[0]['label']}: {train_rows[0]['text'][:90]}"
               f"{'...' if len(train_rows[0]['text']) > 90 else ''}")
@@ -185,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         words = [r for r in WORDS[:8]]
         a_first = " ".join([MARKERS[0]] + words + [MARKERS[1]] + words)
         o_first = " ".join([MARKERS[1]] + words + [MARKERS[0]] + words)
-        print("\n3. predictions of the packed model (same words, different order):")
+        print("\n4. predictions of the packed model (same words, different order):")
         for r in predict(root / "run-packed", [a_first, o_first]):
             print(f"   {r['label']:<12} p={r['probability']:.3f}  {r['text'][:70]}...")
         if a.output:

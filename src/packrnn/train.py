@@ -1,15 +1,21 @@
-"""Train, evaluate and use a text classifier: ``train(config) -> metrics``.
+"""Train, evaluate and use a model: ``train(config) -> metrics``; one loop, several tasks.
 
 Importable functions, no argv parsing (``packrnn.cli`` is the thin command line over them):
 
-- ``train(TrainConfig(...))`` trains a ``SequenceClassifier`` on a text file, evaluates every
+- ``train(TrainConfig(...))`` trains the model of ``config.task`` on a file, evaluates every
   epoch, writes ``metrics.json``, a plot and atomic checkpoints to ``config.output``, resumes
   after a kill, and scales out under ``torchrun`` (DDP).
 - ``load_run(directory)`` reads a finished (or interrupted) run back: model, vocabulary,
   labels, tokenizer.
-- ``evaluate(run, path)`` scores a labelled file: accuracy, loss, per-class precision, recall
-  and F1 with their macro averages, confusion matrix.
+- ``evaluate(run, path)`` scores a labelled file (classify: accuracy, loss, per-class
+  precision, recall and F1 with their macro averages, confusion matrix).
 - ``predict(run, texts)`` gives each text's label and probability.
+
+A trainer is a loop plus a task. The loop here (``_Loop``: epochs, steps, checkpoints, exact
+resume, DDP, progress bar, ``metrics.json``, ``curves.png``) knows nothing of labels or tags;
+a task in ``packrnn.tasks`` supplies data loading, model, loss and metrics
+(``packrnn/tasks/base.py`` lists what it must provide; ``classify`` is the text classifier).
+What one training step does: ``_Loop._train_step``.
 
 Files in the output directory:
 
@@ -43,40 +49,54 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import distributed as D
 from . import rundir
 from .backend import backend_name
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_write, atomic_write_json,
                          load_checkpoint, save_checkpoint)
-from .data import (BucketBatchSampler, Collate, DistributedBucketBatchSampler, LabelMap,
-                   TextClassificationDataset, Vocab, get_tokenizer, load_text_classification)
-from .models import (CELLS, EXECUTIONS, POOLINGS, DictConfig, ModelConfig, SequenceClassifier,
-                     _check_probability)
+from .data import BucketBatchSampler, DistributedBucketBatchSampler, Vocab
+from .models import CELLS, EXECUTIONS, POOLINGS, DictConfig, ModelConfig, _check_probability
+from .tasks import TASKS, Task, get_task
+from .tasks.base import StepStats, TaskData
+from .tasks.classify import tokenizer as _tokenizer
 
 __all__ = ["TrainConfig", "TrainError", "train", "load_run", "Run", "evaluate", "predict",
-           "default_threads", "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
+           "generate", "default_threads", "METRICS_NAME", "PLOT_NAME", "CONFIG_NAME"]
 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
 CONFIG_NAME = "config.json"
 _RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, CONFIG_NAME)  # all a run writes
 _DATA_FILES = ("train_path", "test_path")  # fingerprinted in every checkpoint
-FORMATS = ("agnews", "csv", "tsv", "jsonl")
+FORMATS = ("agnews", "csv", "tsv", "jsonl", "conllu", "conll", "text")
+# What each task reads (the first is the command line's default) and which fields only some
+# tasks use: such a field must keep its default for the other tasks.
+TASK_FORMATS = {"classify": ("agnews", "csv", "tsv", "jsonl"),
+                "tag": ("conllu", "conll", "jsonl"),
+                "lm": ("text", "agnews", "csv", "tsv", "jsonl")}
+_TASK_FIELDS = {
+    "pooling": ("classify",), "tagset": ("tag",), "token_column": ("tag",),
+    "tag_column": ("tag",), "lowercase": ("tag",), "char_features": ("tag",),
+    "char_embed_dim": ("tag",), "char_hidden_size": ("tag",), "level": ("lm",),
+    "tie_weights": ("lm",), "vectors": ("classify", "tag"),
+    "freeze_embedding": ("classify", "tag"), "sparse_embedding": ("classify", "tag"),
+    "max_length": ("classify", "lm"), "bidirectional": ("classify", "tag"),
+    "delimiter": ("classify", "tag", "lm"),
+    "compile": ("classify",),
+}
 
 # Fields that may change between a run and its resumption (they do not change the numbers).
 _RESUMABLE_CHANGES = frozenset({
@@ -120,10 +140,15 @@ class TrainConfig(DictConfig):
     # -- data ---------------------------------------------------------------------------------
     train_path: str  # labelled training file
     output: str  # run directory: checkpoint, metrics.json, curves.png, config.json
+    task: str = "classify"  # what is learnt: "classify" (a label per text), "tag" (a tag per
+    #   token) or "lm" (the next token); see packrnn.tasks
     test_path: str | None = None  # labelled file evaluated after every epoch; None: no evaluation
-    format: str = "agnews"  # "agnews" (label 1-4, title, description; no header), "csv", "jsonl"
+    format: str = "agnews"  # "agnews" (label 1-4, title, description; no header), "csv", "tsv",
+    #   "jsonl"; tag: "conllu", "conll" or "jsonl"; lm: "text" (a text per line) or the above
     text_column: str | None = None  # csv/jsonl: field(s) with the text, comma-separated; None: "text"
+    #   (tag, jsonl: the key of the token list; None: "tokens")
     label_column: str | None = None  # csv/jsonl: field with the label; None: "label"
+    #   (tag, jsonl: the key of the tag list; None: "tags")
     delimiter: str | None = None  # csv: field separator; None: tab for .tsv files, else ","
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping with an error
     tokenizer: str = "basic_english"  # "basic_english" or "split" (whitespace)
@@ -143,6 +168,16 @@ class TrainConfig(DictConfig):
     vectors: str | None = None  # word2vec/GloVe text file to initialise the embedding from
     freeze_embedding: bool = False  # keep the embedding fixed
     sparse_embedding: bool = False  # lazy Adam on the embedding: update only the batch's rows
+    # -- tagging (task "tag") and language modelling (task "lm") ------------------------------
+    tagset: str = "upos"  # conllu: "upos" (column 4) or "xpos" (column 5)
+    token_column: int = 0  # conll: 0-based column of the word (negative: from the end)
+    tag_column: int = -1  # conll: 0-based column of the tag (negative: from the end)
+    lowercase: bool = False  # tag: look words up lowercased (characters keep their case)
+    char_features: bool = False  # tag: add a character-level recurrent layer's word features
+    char_embed_dim: int = 16  # tag: character embedding size
+    char_hidden_size: int = 32  # tag: character layer's hidden size per direction
+    level: str = "char"  # lm: predict characters ("char") or words ("word", by `tokenizer`)
+    tie_weights: bool = False  # lm: the output layer reuses the embedding (embed_dim == hidden_size)
     # -- optimisation -------------------------------------------------------------------------
     batch_size: int = 16  # sequences per batch (per process under torchrun)
     epochs: int = 1  # passes over the training data
@@ -162,6 +197,10 @@ class TrainConfig(DictConfig):
     num_workers: int = 0  # DataLoader worker processes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
     threads: int | None = None  # torch.set_num_threads; None: from the work size (default_threads)
+    # torch.compile the model for training (classify): batches come padded with lengths and the
+    # layers run their padded + lengths path, one registered operator per layer (README
+    # "Compile, export and serve"); embedding dropout then draws over padded positions
+    compile: bool = False
     progress: bool = True  # show a tqdm progress bar (main process only)
     plot: bool = True  # write curves.png (skipped with a note if matplotlib is missing)
 
@@ -178,8 +217,29 @@ class TrainConfig(DictConfig):
                 setattr(self, name, os.fspath(value))
             elif value is not None and (not isinstance(value, str) or not value):
                 raise TypeError(f"{name}: expected a path or None, got {value!r}")
-        if self.format not in FORMATS:
-            raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.format not in FORMATS:  # the task's formats (classify: the message it always had)
+            raise ValueError(f"format: expected one of {', '.join(TASK_FORMATS[self.task])}, "
+                             f"got {self.format!r}")
+        if self.format not in TASK_FORMATS[self.task]:
+            raise ValueError(f"format: expected one of {', '.join(TASK_FORMATS[self.task])} for "
+                             f"task {self.task!r}, got {self.format!r}")
+        for name, tasks in _TASK_FIELDS.items():
+            default = TrainConfig.__dataclass_fields__[name].default
+            if self.task not in tasks and getattr(self, name) != default:
+                raise ValueError(f"{name}: expected only with task "
+                                 f"{' or '.join(repr(t) for t in tasks)}, got task {self.task!r}")
+        if self.tagset not in ("upos", "xpos"):
+            raise ValueError(f"tagset: expected 'upos' or 'xpos', got {self.tagset!r}")
+        if self.level not in ("char", "word"):
+            raise ValueError(f"level: expected 'char' or 'word', got {self.level!r}")
+        for name in ("token_column", "tag_column"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise TypeError(f"{name}: expected an int column index, got {getattr(self, name)!r}")
+        if self.tie_weights and self.embed_dim != self.hidden_size:
+            raise ValueError("tie_weights: expected embed_dim == hidden_size, got "
+                             f"{self.embed_dim} and {self.hidden_size}")
         if self.format == "agnews" and (self.text_column or self.label_column):
             raise ValueError("text_column/label_column: expected only with format csv or jsonl, "
                              "got format 'agnews'")
@@ -193,7 +253,7 @@ class TrainConfig(DictConfig):
             raise ValueError(f"execution: expected one of {', '.join(EXECUTIONS)}, "
                              f"got {self.execution!r}")
         for name in ("embed_dim", "hidden_size", "num_layers", "batch_size", "epochs",
-                     "min_freq", "eval_batch_size"):
+                     "min_freq", "eval_batch_size", "char_embed_dim", "char_hidden_size"):
             _check_pos_int(name, getattr(self, name))
         for name in ("max_vocab_size", "max_length", "max_tokens", "checkpoint_every_steps",
                      "threads"):
@@ -219,8 +279,8 @@ class TrainConfig(DictConfig):
             raise ValueError("weight_decay: expected 0 with sparse_embedding=True (sparse Adam has "
                              f"no weight decay), got {self.weight_decay}")
         for name in ("bidirectional", "skip_bad_rows", "freeze_embedding", "sparse_embedding",
-                     "bucket", "resume",
-                     "overwrite", "allow_data_change", "progress", "plot"):
+                     "bucket", "resume", "lowercase", "char_features", "tie_weights",
+                     "overwrite", "allow_data_change", "progress", "plot", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
@@ -237,69 +297,11 @@ class TrainConfig(DictConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# data: files -> encoded data sets, batches (packrnn.data does the work)
+# batches: the task's data set -> the epoch's batches of indices
 # ----------------------------------------------------------------------------------------------
 
 
-class _Truncate:
-    """A picklable tokenizer that keeps the first ``max_length`` tokens."""
-
-    def __init__(self, tokenizer: Callable[[str], list[str]], max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, text: str) -> list[str]:
-        return self.tokenizer(text)[: self.max_length]
-
-
-def _tokenizer(cfg: TrainConfig) -> Callable[[str], list[str]]:
-    tok = get_tokenizer(cfg.tokenizer)
-    return _Truncate(tok, cfg.max_length) if cfg.max_length else tok
-
-
-def _read_options(cfg: TrainConfig, path: str) -> tuple[str, dict[str, Any]]:
-    """The packrnn.data format name and reader options for ``path``."""
-    fmt, options = cfg.format, {}
-    if fmt in ("csv", "tsv"):
-        if fmt == "csv" and (cfg.delimiter == "\t" or cfg.delimiter is None
-                             and path.lower().endswith(".tsv")):
-            fmt = "tsv"
-        elif fmt == "csv" and cfg.delimiter is not None:
-            options["delimiter"] = cfg.delimiter
-        if cfg.text_column:
-            options["text_column"] = [c.strip() for c in cfg.text_column.split(",")]
-        if cfg.label_column:
-            options["label_column"] = cfg.label_column
-    elif fmt == "jsonl":
-        if cfg.text_column:
-            options["text_key"] = [c.strip() for c in cfg.text_column.split(",")]
-        if cfg.label_column:
-            options["label_key"] = cfg.label_column
-    return fmt, options
-
-
-def _load(cfg: TrainConfig, path: str, vocab: Vocab | None = None,
-          label_map: LabelMap | None = None, progress: bool | None = None
-          ) -> TextClassificationDataset:
-    """Read, tokenize and encode ``path``; builds vocab and labels when not given (training).
-
-    Bad rows raise ``ValueError("<file>:<line>: ...")`` unless ``cfg.skip_bad_rows``; so does a
-    label the training file did not have. The data module's warnings about skipped rows are
-    replaced by ``train``'s own one-line summary.
-    """
-    fmt, options = _read_options(cfg, path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return load_text_classification(
-            path, fmt, tokenizer=_tokenizer(cfg), vocab=vocab, label_map=label_map,
-            min_freq=cfg.min_freq, max_size=cfg.max_vocab_size, skip_bad_rows=cfg.skip_bad_rows,
-            progress=progress, **options)
-
-
-def _collate(cfg: TrainConfig, pad: int) -> Collate:
-    return Collate(packed=cfg.execution == "packed", padding_value=pad, batch_first=True)
-
-
-def _train_sampler(cfg: TrainConfig, ds: TextClassificationDataset, ctx: D.DistContext):
+def _train_sampler(cfg: TrainConfig, ds: Any, ctx: D.DistContext):
     """Batches of random examples, or of similar lengths with ``bucket`` (NOTE [bucketing]).
 
     Without ``bucket`` every pool is one batch, i.e. plain random batches.
@@ -310,10 +312,6 @@ def _train_sampler(cfg: TrainConfig, ds: TextClassificationDataset, ctx: D.DistC
         return DistributedBucketBatchSampler(ds.lengths, num_replicas=ctx.world_size,
                                              rank=ctx.rank, **kw)
     return BucketBatchSampler(ds.lengths, **kw)
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    return inputs.to(device)  # a PackedSequence keeps batch_sizes on the CPU
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +330,8 @@ class EpochMetrics:
     seconds: float  # wall time of the epoch's training steps (evaluation excluded)
     samples_per_second: float  # training samples (all ranks) per second of `seconds`
     samples: int = 0  # training samples seen in the epoch (all ranks)
-    test_loss: float | None = None  # mean cross-entropy on test_path after the epoch; None without one
+    test_loss: float | None = None  # the task's mean loss on test_path after the epoch; None
+    #   without one
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EpochMetrics:
@@ -430,6 +429,10 @@ def _check_data(cfg: TrainConfig, state: Mapping[str, Any] | None, ctx: D.DistCo
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    # A field added after the checkpoint was written had its default value then.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **saved}
     now = cfg.to_dict()
     diffs = [k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if diffs:
@@ -444,8 +447,9 @@ def _epoch_batches(sampler: BucketBatchSampler, epoch: int) -> list[list[int]]:
     return [list(b) for b in sampler.batches(epoch)]
 
 
+
 def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> list[EpochMetrics]:
-    """Train a ``SequenceClassifier`` as ``config`` says; return the metrics of every epoch.
+    """Train the model of ``config.task`` as ``config`` says; return the metrics of every epoch.
 
     Writes to ``config.output`` (main process only): ``checkpoint.pt`` after every epoch and
     every ``checkpoint_every_steps`` steps, ``metrics.json`` and ``curves.png`` after every
@@ -506,39 +510,66 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
 SMALL_STEP_FLOPS = 2e8
 
 
-def default_threads(model: ModelConfig, batch_size: int, mean_length: float) -> int:
-    """torch threads for training ``model`` without ``--threads`` (NOTE [Training threads]).
+def default_threads(cfg: TrainConfig, mean_length: float) -> int:
+    """torch threads for training as ``cfg`` says, without ``threads`` (NOTE [Training threads]).
 
     Args:
-        model: the classifier's configuration.
-        batch_size: sequences per step.
-        mean_length: mean tokens per sequence.
+        cfg: the training configuration (cell, sizes, layers, directions, batch size).
+        mean_length: mean tokens per training sequence.
 
     Returns:
         1 when a training step's recurrent work (forward and backward, ~6 FLOPs per weight and
         real step) is below ``SMALL_STEP_FLOPS``, else ``torch.get_num_threads()``.
 
-    >>> from packrnn.models import ModelConfig
-    >>> default_threads(ModelConfig(vocab_size=60000, num_classes=4), 16, 40.0)  # the lesson's
+    >>> cfg = TrainConfig(train_path="train.csv", output="runs/x")  # the lesson's sizes
+    >>> default_threads(cfg, 40.0)
     1
     """
-    gates = {"rnn": 1, "lstm": 4, "gru": 3}[model.cell]
-    dirs = 2 if model.bidirectional else 1
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.model]
+    dirs = 2 if cfg.bidirectional else 1
     per_step = 0.0
-    for layer in range(model.num_layers):
-        width = model.embed_dim if layer == 0 else dirs * model.hidden_size
-        per_step += dirs * gates * model.hidden_size * (width + model.hidden_size)
-    flops = 6.0 * batch_size * mean_length * per_step
+    for layer in range(cfg.num_layers):
+        width = cfg.embed_dim if layer == 0 else dirs * cfg.hidden_size
+        per_step += dirs * gates * cfg.hidden_size * (width + cfg.hidden_size)
+    flops = 6.0 * cfg.batch_size * mean_length * per_step
     return 1 if flops < SMALL_STEP_FLOPS else torch.get_num_threads()
 
 
 def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] | None,
            cleanup: contextlib.ExitStack) -> list[EpochMetrics]:
-    out = Path(cfg.output)
+    task = get_task(cfg.task)
     if ctx.distributed and ctx.is_main:
         print(f"packrnn: distributed run: {ctx.world_size} processes, backend {ctx.backend}, "
               f"{cfg.batch_size} sequences per batch per process; figures are summed over "
               "processes", file=sys.stderr)
+    state = _open_run(cfg, ctx, cleanup)
+    data_fingerprints = _check_data(cfg, state, ctx)
+    progress = None if (cfg.progress and ctx.is_main) else False
+    data = task.load_data(cfg, state, progress)
+    # Resolve (and on first use build) the recurrence backend here, not inside the first epoch's
+    # timer, and say which one runs.
+    backend = "cuDNN" if ctx.device.type == "cuda" else backend_name()
+    if ctx.is_main:
+        print(f"packrnn: {data.summary}", file=sys.stderr)
+        print(f"packrnn: recurrent backend {backend}", file=sys.stderr)
+        for ds in (data.train, data.test):
+            if ds is not None and ds.skipped:
+                print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
+                      f"(first: {ds.skipped[0]})", file=sys.stderr)
+        for warning in data.warnings:
+            print(f"packrnn: warning: {warning}", file=sys.stderr)
+    lengths = getattr(data.train, "lengths", None)
+    if cfg.threads is None and ctx.device.type == "cpu" and lengths:  # train() restores it
+        torch.set_num_threads(default_threads(cfg, sum(lengths) / len(lengths)))
+        if ctx.is_main:
+            print(f"packrnn: {torch.get_num_threads()} thread(s), chosen from the work of a "
+                  "training step (--threads N to choose)", file=sys.stderr)
+    return _Loop(cfg, ctx, task, data, state, data_fingerprints).run(on_step, cleanup)
+
+
+def _open_run(cfg: TrainConfig, ctx: D.DistContext, cleanup: contextlib.ExitStack
+              ) -> dict[str, Any] | None:
+    """Check and lock the output directory; the checkpoint to resume, or None for a fresh run."""
     # Rank 0 decides and tells the others: it writes into `out` soon, and a slower rank must not
     # then mistake the new run's files for an existing run.
     decision: tuple[str, str | None] = ("ok", None)
@@ -554,216 +585,218 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, on_step: Callable[[int], None] 
     decision = D.broadcast_object(ctx, decision)
     if decision[0] == "error":
         raise TrainError(decision[1])
-    resume_path = None if decision[1] is None else Path(decision[1])
-    state = load_checkpoint(resume_path) if resume_path is not None else None
-    if state is not None:
-        _check_resume_config(state["train_config"], cfg)
-    data_fingerprints = _check_data(cfg, state, ctx)
+    if decision[1] is None:
+        return None
+    state = load_checkpoint(Path(decision[1]))
+    _check_resume_config(state["train_config"], cfg)
+    return state
 
-    # -- data -----------------------------------------------------------------------------------
-    progress = None if (cfg.progress and ctx.is_main) else False
-    if state is not None:  # the vocabulary and labels the weights were trained with
-        train_ds = _load(cfg, cfg.train_path, Vocab.from_dict(state["vocab"]),
-                         LabelMap(state["labels"]), progress=progress)
-    else:
-        train_ds = _load(cfg, cfg.train_path, progress=progress)
-    vocab, label_map = train_ds.vocab, train_ds.label_map
-    label_names = list(label_map.names)
-    test_ds = (_load(cfg, cfg.test_path, vocab, label_map, progress=progress)
-               if cfg.test_path else None)
-    if ctx.is_main:
-        msg = f"packrnn: {len(train_ds)} training texts, {len(label_names)} labels, " \
-              f"vocabulary of {len(vocab)}"
-        if test_ds is not None:
-            msg += f", {len(test_ds)} test texts"
-        print(msg, file=sys.stderr)
-    # Resolve (and on first use build) the recurrence backend here, not inside the first epoch's
-    # timer, and say which one runs.
-    backend = "cuDNN" if ctx.device.type == "cuda" else backend_name()
-    if ctx.is_main:
-        print(f"packrnn: recurrent backend {backend}", file=sys.stderr)
-        for ds in (train_ds, test_ds):
-            if ds is not None and ds.skipped:
-                print(f"packrnn: skipped {len(ds.skipped)} bad rows of {ds.skipped[0].path} "
-                      f"(first: {ds.skipped[0]})", file=sys.stderr)
-        untrained = _untrained_labels(train_ds, test_ds)
-        if untrained:
-            print(f"packrnn: warning: {cfg.test_path} has labels no training row has: "
-                  + ", ".join(f"{n!r} ({k} rows)" for n, k in untrained.items())
-                  + "; the model never learns these classes", file=sys.stderr)
 
-    # -- model and optimizer ----------------------------------------------------------------------
-    _seed_everything(cfg.seed)
-    mcfg = cfg.model_config(len(vocab), len(label_names), vocab.pad_index)
-    if cfg.threads is None and ctx.device.type == "cpu":  # train() restores torch's setting
-        mean_length = sum(train_ds.lengths) / max(1, len(train_ds))
-        torch.set_num_threads(default_threads(mcfg, cfg.batch_size, mean_length))
-        if ctx.is_main:
-            print(f"packrnn: {torch.get_num_threads()} thread(s), chosen from the work of a "
-                  f"training step (--threads N to choose)", file=sys.stderr)
-    model = SequenceClassifier(mcfg)
-    if cfg.vectors and state is None:
-        found = model.load_vectors(cfg.vectors, vocab.get_itos())
-        if ctx.is_main:
-            print(f"packrnn: {found} of {len(vocab)} embedding rows from {cfg.vectors}",
-                  file=sys.stderr)
-    model.to(ctx.device)
-    optimizer = _Adam(model, cfg)
-    history: list[EpochMetrics] = []
-    epoch, step, step_in_epoch = 0, 0, 0
-    accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-    if state is not None:
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        history = _history(state, resume_path)
-        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        accum = dict(state["epoch_accum"])
-        rngs = state["rng"]
-        if len(rngs) != ctx.world_size:
-            raise TrainError(f"resume: expected a checkpoint of a run with {ctx.world_size} "
-                             f"process(es), got one with {len(rngs)}")
-        _set_rng_state(rngs[ctx.rank])
-    else:
-        torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks, repeatably
-        if ctx.is_main and cfg.overwrite:
-            _clear_run_files(out)
-    if state is not None and ctx.is_main:
-        # A kill between the epoch's checkpoint and its metrics.json must not lose the epoch:
-        # the checkpoint's history is the truth, rewrite the files from it.
-        _write_metrics(cfg, out, history)
-    D.barrier(ctx)
-    if epoch >= cfg.epochs:
-        if ctx.is_main:
-            print(f"packrnn: the run in {str(out)!r} already finished {epoch} epoch(s)",
-                  file=sys.stderr)
-        return history
-    net: nn.Module = model
-    if ctx.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+class _Loop:
+    """The epoch loop shared by every task: steps, checkpoints, metrics (NOTE [exact resume]).
 
-    sampler = _train_sampler(cfg, train_ds, ctx)
-    pad = vocab.pad_index if vocab.pad_index is not None else 0
-    collate = _collate(cfg, pad)
-    packed = cfg.execution == "packed"
-    loss_fn = nn.CrossEntropyLoss()
+    It knows nothing of labels or tags: the task (``packrnn.tasks``) turns a batch into a loss
+    and ``StepStats``, and scores the test set. Extension points: ``_train_step`` (what one
+    step does), ``net`` (the module the steps call: DDP-wrapped under torchrun), ``checkpoint``
+    (what a checkpoint holds).
+    """
 
-    def checkpoint(epoch_done: int, in_epoch: int, acc: Mapping[str, float]) -> None:
-        rngs = D.all_gather_objects(ctx, _rng_state())
-        if ctx.is_main:
-            save_checkpoint(out / CHECKPOINT_NAME, {
-                "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(),
-                "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                "vocab": vocab.to_dict(), "labels": label_names,
-                "epoch": epoch_done, "step": step, "step_in_epoch": in_epoch,
-                "epoch_accum": dict(acc), "history": [asdict(m) for m in history],
-                "rng": rngs, "world_size": ctx.world_size, "data_fingerprints": data_fingerprints,
-            })
+    def __init__(self, cfg: TrainConfig, ctx: D.DistContext, task: Task, data: TaskData,
+                 state: Mapping[str, Any] | None, data_fingerprints: dict[str, Any]) -> None:
+        self.cfg, self.ctx, self.task, self.data = cfg, ctx, task, data
+        self.fresh = state is None
+        self.data_fingerprints = data_fingerprints
+        self.out = Path(cfg.output)
+        _seed_everything(cfg.seed)
+        self.model = model = task.build_model(cfg, data)
+        if cfg.vectors and state is None:
+            tokens = data.state["vocab"]["tokens"]
+            found = model.load_vectors(cfg.vectors, tokens)
+            if ctx.is_main:
+                print(f"packrnn: {found} of {len(tokens)} embedding rows from {cfg.vectors}",
+                      file=sys.stderr)
+        model.to(ctx.device)
+        self.optimizer = _Adam(model, cfg)
+        self.history: list[EpochMetrics] = []
+        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
+        self.accum = _empty_accum()
+        if state is not None:
+            model.load_state_dict(state["model_state"])
+            self.optimizer.load_state_dict(state["optimizer_state"])
+            self.history = _history(state, self.out)
+            self.epoch, self.step = state["epoch"], state["step"]
+            self.step_in_epoch = state["step_in_epoch"]
+            self.accum = dict(state["epoch_accum"])
+            rngs = state["rng"]
+            if len(rngs) != ctx.world_size:
+                raise TrainError(f"resume: expected a checkpoint of a run with {ctx.world_size} "
+                                 f"process(es), got one with {len(rngs)}")
+            _set_rng_state(rngs[ctx.rank])
+        else:
+            torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks, repeatably
+            if ctx.is_main and cfg.overwrite:
+                _clear_run_files(self.out)
+        if state is not None and ctx.is_main:
+            # A kill between the epoch's checkpoint and its metrics.json must not lose the
+            # epoch: the checkpoint's history is the truth, rewrite the files from it.
+            _write_metrics(cfg, self.out, self.history)
         D.barrier(ctx)
+        self.net: nn.Module = model
+        if ctx.distributed:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if cfg.compile:  # the training forward only; evaluation runs the model eagerly
+            self.net = torch.compile(self.net)
 
-    def interrupted(in_epoch: int, total: int) -> rundir.TrainInterrupted:
-        return rundir.TrainInterrupted(
-            f"interrupted after step {step} (epoch {epoch + 1}, batch {in_epoch} of {total}); "
-            f"checkpoint saved in {str(out)!r}: continue with "
-            f"`packrnn train --resume --output {out}`")
+    def run(self, on_step: Callable[[int], None] | None,
+            cleanup: contextlib.ExitStack) -> list[EpochMetrics]:
+        cfg, ctx = self.cfg, self.ctx
+        if self.epoch >= cfg.epochs:
+            if ctx.is_main:
+                print(f"packrnn: the run in {str(self.out)!r} already finished {self.epoch} "
+                      "epoch(s)", file=sys.stderr)
+            return self.history
+        sampler = _train_sampler(cfg, self.data.train, ctx)
+        collate = self.task.collate(cfg, self.data)
+        if self.fresh:
+            # The first file is a checkpoint, so the directory is a run from the start
+            # (rundir.classify); its RNG states are those the first step starts from.
+            self.checkpoint(0, 0, self.accum)
+            if ctx.is_main:
+                atomic_write_json(self.out / CONFIG_NAME, cfg.to_dict())
+        self.stop = cleanup.enter_context(rundir.StopOnInterrupt())  # Ctrl-C: save after the step
+        while self.epoch < cfg.epochs:
+            batches = _epoch_batches(sampler, self.epoch)
+            self._run_epoch(batches, collate, on_step)
+            self._end_epoch()
+            if self.epoch < cfg.epochs and self._stop_requested():  # Ctrl-C during evaluation
+                raise self._interrupted(0, len(batches))
+        return self.history
 
-    if state is None:
-        # The first file is a checkpoint, so the directory is a run from the start
-        # (rundir.classify); its RNG states are those the first step starts from.
-        checkpoint(0, 0, accum)
-        if ctx.is_main:
-            atomic_write_json(out / CONFIG_NAME, cfg.to_dict())
-    stop = cleanup.enter_context(rundir.StopOnInterrupt())  # Ctrl-C: save after the step
+    def _train_step(self, batch: Any, total: int) -> StepStats:
+        """What one training step does: the task's loss, backward, clipping, Adam."""
+        loss, stats = self.task.step(self.net, batch, self.ctx.device)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise TrainError(
+                f"loss: expected a finite number, got {loss_value} at step {self.step + 1} "
+                f"(epoch {self.epoch + 1}, batch {self.step_in_epoch + 1} of {total}); stopped, "
+                f"the checkpoint in {str(self.out)!r} holds the steps before it: lower --lr or "
+                "set --grad-clip")
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            _clip_grad_norm(self.model, self.cfg.grad_clip)
+        self.optimizer.step()
+        return stats
 
-    while epoch < cfg.epochs:
-        batches = _epoch_batches(sampler, epoch)
-        todo = batches[step_in_epoch:]
+    def _run_epoch(self, batches: list[list[int]], collate: Callable,
+                   on_step: Callable[[int], None] | None) -> None:
+        cfg, accum = self.cfg, self.accum
         loader = torch.utils.data.DataLoader(
-            train_ds, batch_sampler=todo, num_workers=cfg.num_workers, collate_fn=collate,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        bar = _progress(cfg, ctx, total=len(batches), initial=step_in_epoch, epoch=epoch)
+            self.data.train, batch_sampler=batches[self.step_in_epoch:],
+            num_workers=cfg.num_workers, collate_fn=collate,
+            generator=torch.Generator().manual_seed(cfg.seed + self.epoch))
+        bar = _progress(cfg, self.ctx, total=len(batches), initial=self.step_in_epoch,
+                        epoch=self.epoch)
         bar_every = max(1, len(batches) // 100)  # distributed: sum the bar's figures this often
         # A function of the epoch alone, so a resumed run gets the same rate (no scheduler state).
-        optimizer.set_lr(cfg.lr * cfg.lr_decay ** epoch)
-        net.train()
+        self.optimizer.set_lr(cfg.lr * cfg.lr_decay ** self.epoch)
+        self.net.train()
         t0 = time.perf_counter()
-        for inputs, lengths, labels in loader:
-            inputs, labels = _to_device(inputs, ctx.device), labels.to(ctx.device)
-            logits = net(inputs) if packed else net(inputs, lengths)  # (B, C)
-            loss = loss_fn(logits, labels)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainError(
-                    f"loss: expected a finite number, got {loss_value} at step {step + 1} "
-                    f"(epoch {epoch + 1}, batch {step_in_epoch + 1} of {len(batches)}); stopped, "
-                    f"the checkpoint in {str(out)!r} holds the steps before it: lower --lr or set "
-                    "--grad-clip")
-            optimizer.zero_grad()
-            loss.backward()
-            if cfg.grad_clip is not None:
-                _clip_grad_norm(model, cfg.grad_clip)
-            optimizer.step()
-            n = labels.numel()
-            accum["loss_sum"] += loss_value * n
-            accum["correct"] += float((logits.detach().argmax(-1) == labels).sum())
-            accum["count"] += n
-            step += 1
-            step_in_epoch += 1
+        for batch in loader:
+            stats = self._train_step(batch, len(batches))
+            accum["loss_sum"] += stats.loss_sum
+            accum["correct"] += stats.correct
+            accum["count"] += stats.count
+            self.step += 1
+            self.step_in_epoch += 1
             if bar is not None:
                 bar.update(1)
-            if cfg.progress and (not ctx.distributed or step_in_epoch % bar_every == 0
-                                 or step_in_epoch == len(batches)):
+            if cfg.progress and (not self.ctx.distributed or self.step_in_epoch % bar_every == 0
+                                 or self.step_in_epoch == len(batches)):
                 # every rank joins the sum (same step counts on every rank); rank 0 shows it
-                figures = _bar_figures(ctx, accum, accum["seconds"] + time.perf_counter() - t0)
+                figures = _bar_figures(self.ctx, accum, accum["seconds"] + time.perf_counter() - t0,
+                                       self.task.unit)
                 if bar is not None:
                     bar.set_postfix(figures, refresh=False)
-            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 \
-                    and step_in_epoch < len(batches):
+            if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
+                    and self.step_in_epoch < len(batches):
                 now = time.perf_counter()
-                checkpoint(epoch, step_in_epoch, {**accum, "seconds": accum["seconds"] + now - t0})
+                self.checkpoint(self.epoch, self.step_in_epoch,
+                                {**accum, "seconds": accum["seconds"] + now - t0})
                 t0 -= time.perf_counter() - now  # checkpoint time is not training time
             if on_step is not None:
-                on_step(step)
-            if _stop_requested(ctx, stop):
-                checkpoint(epoch, step_in_epoch,
-                           {**accum, "seconds": accum["seconds"] + time.perf_counter() - t0})
-                raise interrupted(step_in_epoch, len(batches))
+                on_step(self.step)
+            if self._stop_requested():
+                self.checkpoint(self.epoch, self.step_in_epoch,
+                                {**accum, "seconds": accum["seconds"] + time.perf_counter() - t0})
+                raise self._interrupted(self.step_in_epoch, len(batches))
         if bar is not None:
             bar.close()
-        seconds = accum["seconds"] + time.perf_counter() - t0
+        accum["seconds"] += time.perf_counter() - t0
+
+    def _end_epoch(self) -> None:
+        """Sum the epoch over ranks, score the test set, checkpoint, write metrics."""
+        ctx, accum = self.ctx, self.accum
         loss_sum, correct, count = D.all_reduce_sum(
             ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
-        seconds = max(D.all_reduce_sum(ctx, [seconds])[0] / ctx.world_size, 1e-9)
+        seconds = max(D.all_reduce_sum(ctx, [accum["seconds"]])[0] / ctx.world_size, 1e-9)
         test_acc = test_loss = None
-        if test_ds is not None:
-            scores = _evaluate_dataset(model, test_ds, cfg, ctx)
-            test_acc, test_loss = scores["accuracy"], scores["loss"]
-        epoch += 1
-        history.append(EpochMetrics(
-            epoch=epoch, train_loss=loss_sum / max(count, 1), train_accuracy=correct / max(count, 1),
-            test_accuracy=test_acc, seconds=seconds, samples_per_second=count / seconds,
-            samples=int(count), test_loss=test_loss))
-        step_in_epoch = 0
-        accum = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-        checkpoint(epoch, 0, accum)
+        if self.data.test is not None:
+            scores = self.task.evaluate(self.model, self.data.test, self.cfg, ctx)
+            test_acc, test_loss = scores["accuracy"], scores.get("loss")
+        self.epoch += 1
+        self.history.append(EpochMetrics(
+            epoch=self.epoch, train_loss=loss_sum / max(count, 1),
+            train_accuracy=correct / max(count, 1), test_accuracy=test_acc, seconds=seconds,
+            samples_per_second=count / seconds, samples=int(count), test_loss=test_loss))
+        self.step_in_epoch = 0
+        self.accum = _empty_accum()
+        self.checkpoint(self.epoch, 0, self.accum)
         if ctx.is_main:
-            _write_metrics(cfg, out, history)
-            m = history[-1]
+            _write_metrics(self.cfg, self.out, self.history)
+            m = self.history[-1]
+            rate = "samples/s" if self.task.unit == "texts" else f"{self.task.unit}/s"
             print(f"epoch {m.epoch}: train_loss {m.train_loss:.4f} train_accuracy "
                   f"{m.train_accuracy:.4f} test_loss "
                   f"{'-' if m.test_loss is None else f'{m.test_loss:.4f}'} test_accuracy "
                   f"{'-' if m.test_accuracy is None else f'{m.test_accuracy:.4f}'} "
-                  f"({m.seconds:.1f} s, {m.samples_per_second:.0f} samples/s)", file=sys.stderr)
-        if epoch < cfg.epochs and _stop_requested(ctx, stop):  # Ctrl-C during evaluation
-            raise interrupted(0, len(batches))
-    return history
+                  f"({m.seconds:.1f} s, {m.samples_per_second:.0f} {rate})", file=sys.stderr)
+
+    def checkpoint(self, epoch_done: int, in_epoch: int, acc: Mapping[str, float]) -> None:
+        """Save everything an exact resume needs (NOTE [exact resume]); every rank calls it."""
+        rngs = D.all_gather_objects(self.ctx, _rng_state())
+        if self.ctx.is_main:
+            save_checkpoint(self.out / CHECKPOINT_NAME, {
+                **self.data.state,  # the task's vocabularies: "vocab", "labels", ...
+                "model_config": self.model.config.to_dict(),
+                "train_config": self.cfg.to_dict(),
+                "model_state": self.model.state_dict(),
+                "optimizer_state": self.optimizer.state_dict(),
+                "epoch": epoch_done, "step": self.step, "step_in_epoch": in_epoch,
+                "epoch_accum": dict(acc), "history": [asdict(m) for m in self.history],
+                "rng": rngs, "world_size": self.ctx.world_size,
+                "data_fingerprints": self.data_fingerprints,
+            })
+        D.barrier(self.ctx)
+
+    def _stop_requested(self) -> bool:
+        """Whether Ctrl-C asked to stop; under DDP every rank stops at the same step."""
+        if not self.ctx.distributed:
+            return self.stop.requested
+        return D.all_reduce_sum(self.ctx, [float(self.stop.requested)])[0] > 0
+
+    def _interrupted(self, in_epoch: int, total: int) -> rundir.TrainInterrupted:
+        return rundir.TrainInterrupted(
+            f"interrupted after step {self.step} (epoch {self.epoch + 1}, batch {in_epoch} of "
+            f"{total}); checkpoint saved in {str(self.out)!r}: continue with "
+            f"`packrnn train --resume --output {self.out}`")
 
 
-def _stop_requested(ctx: D.DistContext, stop: rundir.StopOnInterrupt) -> bool:
-    """Whether Ctrl-C asked to stop; under DDP every rank stops at the same step."""
-    if not ctx.distributed:
-        return stop.requested
-    return D.all_reduce_sum(ctx, [float(stop.requested)])[0] > 0
+def _empty_accum() -> dict[str, float]:
+    """The running sums of an epoch (saved in checkpoints as ``epoch_accum``)."""
+    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
 
 
 def _write_metrics(cfg: TrainConfig, out: Path, history: Sequence[EpochMetrics]) -> None:
@@ -802,7 +835,7 @@ class _Adam:
     rows in the batch only), another ~6x on the embedding; the other parameters keep Adam.
     """
 
-    def __init__(self, model: SequenceClassifier, cfg: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
         emb = model.embedding.weight
         sparse = cfg.sparse_embedding and emb.requires_grad
         dense = [p for p in model.parameters() if p.requires_grad and not (sparse and p is emb)]
@@ -848,38 +881,26 @@ def _progress(cfg: TrainConfig, ctx: D.DistContext, total: int, initial: int, ep
                 unit="batch", dynamic_ncols=True, leave=True)
 
 
-def _bar_figures(ctx: D.DistContext, accum: Mapping[str, float], elapsed: float) -> dict[str, str]:
-    """The progress bar's loss, accuracy and samples/s of the epoch so far, over all ranks.
+def _bar_figures(ctx: D.DistContext, accum: Mapping[str, float], elapsed: float,
+                 unit: str = "texts") -> dict[str, str]:
+    """The progress bar's loss, accuracy and rate of the epoch so far, over all ranks.
 
-    A collective under torchrun: every rank must call it at the same steps.
+    A collective under torchrun: every rank must call it at the same steps. ``unit``: the
+    task's (``Task.unit``); texts are shown as samples/s, tokens as tokens/s.
     """
     loss_sum, correct, count = D.all_reduce_sum(
         ctx, [accum["loss_sum"], accum["correct"], accum["count"]])
     count = max(count, 1.0)
+    rate = "samples_s" if unit == "texts" else f"{unit}_s"
     return {"loss": f"{loss_sum / count:.4f}", "acc": f"{correct / count:.3f}",
-            "samples_s": f"{count / max(elapsed, 1e-9):.0f}"}
-
-
-def _untrained_labels(train_ds: TextClassificationDataset,
-                      test_ds: TextClassificationDataset | None) -> dict[str, int]:
-    """Labels with test rows but no training row (AG News: a class missing from the training
-    file), with their number of test rows: the model never learns them."""
-    if test_ds is None:
-        return {}
-    trained = set(train_ds.labels)
-    counts: dict[str, int] = {}
-    for y in test_ds.labels:
-        if y not in trained:
-            name = train_ds.label_map.names[y]
-            counts[name] = counts.get(name, 0) + 1
-    return counts
+            rate: f"{count / max(elapsed, 1e-9):.0f}"}
 
 
 def _run_title(cfg: TrainConfig) -> str:
     """The run's model in a few words, e.g. "bidirectional 2-layer LSTM 128, max pooling (runs/x)"."""
     words = ["bidirectional"] if cfg.bidirectional else []
     words += [f"{cfg.num_layers}-layer"] if cfg.num_layers > 1 else []
-    words += [f"{cfg.model.upper()} {cfg.hidden_size}, {cfg.pooling} pooling"]
+    words += [f"{cfg.model.upper()} {cfg.hidden_size}{get_task(cfg.task).describe(cfg)}"]
     words += ["(padded)"] if cfg.execution == "padded" else []
     return " ".join(words) + f" ({cfg.output})"
 
@@ -916,79 +937,10 @@ def _plot(history: Sequence[EpochMetrics], path: Path, title: str | None = None)
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
+
 # ----------------------------------------------------------------------------------------------
-# evaluation and prediction
+# reading a run back: evaluation and prediction (the task does the work)
 # ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _evaluate_dataset(model: SequenceClassifier, ds: TextClassificationDataset, cfg: TrainConfig,
-                      ctx: D.DistContext | None = None, batch_size: int | None = None
-                      ) -> dict[str, Any]:
-    """Confusion matrix and derived scores of ``model`` on ``ds`` (sharded over ranks)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    num_classes = model.config.num_classes
-    # Sorted by length (little padding); the packed results do not depend on the batching.
-    sampler = BucketBatchSampler(ds.lengths, batch_size or cfg.eval_batch_size, shuffle=False)
-    batches = sampler.batches(0)
-    if ctx is not None and ctx.distributed:
-        batches = batches[ctx.rank::ctx.world_size]
-    collate = _collate(cfg, model.config.padding_idx or 0)
-    packed = cfg.execution == "packed"
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
-    loss_sum = 0.0
-    for batch in batches:
-        inputs, lengths, labels = collate([ds[i] for i in batch])
-        inputs = _to_device(inputs, device)
-        logits = model(inputs) if packed else model(inputs, lengths)  # (B, C)
-        loss_sum += float(nn.functional.cross_entropy(logits.float(), labels.to(device),
-                                                      reduction="sum"))
-        pred = logits.argmax(-1).cpu()  # (B,)
-        confusion.index_put_((labels, pred), torch.ones(len(batch), dtype=torch.float64),
-                             accumulate=True)
-    if ctx is not None and ctx.distributed:
-        flat = D.all_reduce_sum(ctx, confusion.flatten().tolist() + [loss_sum])
-        confusion = torch.tensor(flat[:-1], dtype=torch.float64).view(num_classes, num_classes)
-        loss_sum = flat[-1]
-    model.train(was_training)
-    result = _scores(confusion)
-    result["loss"] = loss_sum / result["count"] if result["count"] else float("nan")
-    return result
-
-
-def _scores(confusion: Tensor) -> dict[str, Any]:
-    """Accuracy, per-class precision / recall / F1 and their macro averages from a confusion matrix.
-
-    Per class: ``None`` where undefined (precision of a class never predicted, recall of a class
-    absent from the data, F1 of a class that is neither). Macro averages are over the classes
-    that occur in the data or the predictions, an undefined value counting as 0 (as
-    scikit-learn's ``average="macro"`` with ``zero_division=0``).
-    """
-    total = float(confusion.sum())
-    tp = confusion.diagonal()  # (C,)
-    predicted = confusion.sum(0)  # (C,)
-    actual = confusion.sum(1)  # (C,)
-    classes = range(len(tp))
-    precision = [float(tp[i] / predicted[i]) if predicted[i] > 0 else None for i in classes]
-    recall = [float(tp[i] / actual[i]) if actual[i] > 0 else None for i in classes]
-    seen = [i for i in classes if actual[i] + predicted[i] > 0]
-    f1 = [float(2 * tp[i] / (actual[i] + predicted[i])) if i in seen else None for i in classes]
-
-    def macro(values: list[float | None]) -> float | None:
-        return sum(values[i] or 0.0 for i in seen) / len(seen) if seen else None
-
-    return {
-        "count": int(total),
-        "accuracy": float(tp.sum()) / total if total else float("nan"),
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "macro": {"precision": macro(precision), "recall": macro(recall), "f1": macro(f1)},
-        "support": [int(a) for a in actual],
-        "confusion": confusion.to(torch.int64).tolist(),
-    }
 
 
 @dataclass
@@ -996,12 +948,13 @@ class Run:
     """A trained (or interrupted) run read back from its directory by ``load_run``."""
 
     directory: Path  # the run's output directory
-    model: SequenceClassifier  # in eval mode
+    model: nn.Module  # in eval mode: a SequenceClassifier for task "classify"
     vocab: Any  # packrnn.data.Vocab of the training file
-    labels: list[str]  # label names; the model's class i is labels[i]
+    labels: list[str]  # label (or tag) names; the model's class i is labels[i]
     config: TrainConfig  # the run's training config
     epochs_done: int  # finished epochs
     history: list[EpochMetrics]  # metrics of the finished epochs
+    char_vocab: Any = None  # task "tag" with char_features: the characters' Vocab
 
     def tokenize(self, text: str) -> list[str]:
         """The run's tokenizer (truncating to ``max_length`` if the run did)."""
@@ -1020,23 +973,19 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
     state = load_checkpoint(directory)
     path = Path(directory)
     try:
-        mcfg = ModelConfig.from_dict(state["model_config"])
         tcfg = TrainConfig.from_dict(state["train_config"])
         vocab = Vocab.from_dict(state["vocab"])
-        model = SequenceClassifier(mcfg)
-        model.load_state_dict(state["model_state"])
-        labels = [str(n) for n in state["labels"]]
-        if len(labels) != mcfg.num_classes:
-            raise ValueError(f"labels: expected {mcfg.num_classes} label names (the model's "
-                             f"classes), got {len(labels)}")
+        model = get_task(tcfg.task).model_from_state(state)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint in {str(path)!r} is inconsistent and cannot be used "
                               f"({first})") from e
     history = _history(state, path)
     model.to(device).eval()
-    return Run(directory=path, model=model, vocab=vocab, labels=labels,
-               config=tcfg, epochs_done=int(state["epoch"]), history=history)
+    chars = state.get("char_vocab")
+    return Run(directory=path, model=model, vocab=vocab, labels=[str(n) for n in state["labels"]],
+               config=tcfg, epochs_done=int(state["epoch"]), history=history,
+               char_vocab=Vocab.from_dict(chars) if chars else None)
 
 
 def _history(state: Mapping[str, Any], path: Path) -> list[EpochMetrics]:
@@ -1068,7 +1017,10 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
         F1 are ``None`` for a class never predicted / absent / neither; ``macro`` holds the
         macro averages ``{"precision", "recall", "f1"}`` over the classes that occur in the
         data or the predictions (an undefined value counts as 0, as scikit-learn's);
-        ``loss`` is the mean cross-entropy.
+        ``loss`` is the mean cross-entropy. A tagger (task ``"tag"``) counts tokens and adds
+        ``"macro_f1"`` (``macro["f1"]``); a language model (``"lm"``) returns ``{"count", "loss",
+        "perplexity", "bits_per_token", "accuracy", "level", "skipped"}`` (and
+        ``"bits_per_char"`` at character level).
 
     Raises:
         ValueError: a bad row or a label the run never saw in training
@@ -1081,45 +1033,57 @@ def evaluate(run: Run | str | os.PathLike, path: str | os.PathLike, *,
                                  ("label_column", label_column),
                                  ("skip_bad_rows", skip_bad_rows)) if v is not None}
     cfg = dataclasses.replace(run.config, **changes) if changes else run.config
-    ds = _load(cfg, os.fspath(path), run.vocab, LabelMap(run.labels))
-    result = _evaluate_dataset(run.model, ds, cfg, batch_size=batch_size)
-    result["labels"] = list(run.labels)
-    result["skipped"] = len(ds.skipped)
-    return result
+    return get_task(cfg.task).evaluate_file(run, cfg, os.fspath(path), batch_size)
 
 
-@torch.no_grad()
-def predict(run: Run | str | os.PathLike, texts: Sequence[str], batch_size: int = 256
+def predict(run: Run | str | os.PathLike, texts: Sequence[Any], batch_size: int = 256
             ) -> list[dict[str, Any]]:
     """Label each text: ``[{"text", "label", "probability", "probabilities"}, ...]``.
 
     ``probability`` is the softmax probability of the predicted ``label``;
     ``probabilities`` maps every label to its probability. A text with no known tokens is
     still classified (from the model's state for an empty or all-<unk> sequence).
+
+    A tagger (task ``"tag"``) takes sentences (a str split on whitespace, or a list of
+    tokens) and returns ``[{"tokens", "tags", "probabilities"}, ...]``, one tag and its
+    probability per token. A language model has no ``predict``: see ``generate``.
     """
     run = _as_run(run)
     if isinstance(texts, str):
         raise TypeError("texts: expected a list of str, got a str (wrap it in a list)")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}]: expected a str, got {type(t).__name__}")
-    tokenizer = _tokenizer(run.config)
-    pad = run.vocab.pad_index if run.vocab.pad_index is not None else 0
-    collate = _collate(run.config, pad)
-    packed = run.config.execution == "packed"
-    device = next(run.model.parameters()).device
-    run.model.eval()
-    results: list[dict[str, Any]] = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        inputs, lengths, _ = collate([torch.tensor(run.vocab(tokenizer(t)), dtype=torch.int64)
-                                      for t in chunk])
-        inputs = _to_device(inputs, device)
-        logits = run.model(inputs) if packed else run.model(inputs, lengths)  # (B, C)
-        probs = torch.softmax(logits.float(), dim=-1).cpu()  # (B, C)
-        for t, p in zip(chunk, probs):
-            k = int(p.argmax())
-            results.append({"text": t, "label": run.labels[k], "probability": float(p[k]),
-                            "probabilities": {name: float(q) for name, q in zip(run.labels, p)}})
-    return results
+    return get_task(run.config.task).predict(run, list(texts), batch_size)
+
+
+def generate(run: Run | str | os.PathLike, prefix: str = "", max_new: int = 100, *,
+             temperature: float = 1.0, top_k: int | None = None, seed: int | None = None) -> str:
+    """Continue ``prefix`` with a trained language model (task ``"lm"``); returns the whole text.
+
+    The prefix is split like the training texts (characters, or words by the run's tokenizer;
+    unknown units become ``<unk>``), then ``LanguageModel.generate`` samples up to ``max_new``
+    units step by step, stopping at ``<eos>``. Characters are joined as they are, words with
+    spaces.
+
+    Args:
+        run: a ``Run`` or its directory. prefix (str): the start of the text. Default: "".
+        max_new (int): at most this many new characters or words. Default: 100.
+        temperature (float): > 0 samples, 0 is greedy. Default: 1.0.
+        top_k (int, optional): sample among the likeliest ``top_k`` only.
+        seed (int, optional): same seed, same text.
+
+    >>> generate("runs/charlm", "Stocks ", max_new=40, seed=0)  # doctest: +SKIP
+    'Stocks rise as oil prices fall'
+    """
+    run = _as_run(run)
+    if run.config.task != "lm":
+        raise ValueError(f"run: expected a run of task 'lm', got task {run.config.task!r}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
+    from .data.language_modeling import split_text
+
+    units = split_text(prefix, run.config.level, _tokenizer(run.config))
+    new = run.model.generate(run.vocab(units), max_new, temperature=temperature, top_k=top_k,
+                             seed=seed)
+    words = run.vocab.lookup_tokens(new)
+    if run.config.level == "char":
+        return prefix + "".join(words)
+    return " ".join([prefix.rstrip(), *words]).strip() if prefix.strip() else " ".join(words)

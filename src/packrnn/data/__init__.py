@@ -11,7 +11,8 @@ A typical pipeline (AG News CSV -> padded or packed batches of similar lengths):
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=Collate(packed=True))
 """
 
-from .collate import Batch, Collate, collate_packed, collate_padded
+from .collate import (IGNORE_INDEX, Batch, Collate, TokenBatch, TokenCollate, collate_packed,
+                      collate_padded, collate_tokens)
 from .datasets import (
     AG_NEWS_LABELS,
     FORMATS,
@@ -25,7 +26,11 @@ from .datasets import (
     read_jsonl,
     read_records,
 )
+from .language_modeling import (LEVELS, LM_FORMATS, LM_SPECIALS, LanguageModelDataset,
+                                load_language_modeling, read_texts)
 from .samplers import BucketBatchSampler, DistributedBucketBatchSampler, PaddingStats, padding_waste
+from .tagging import (TAGGING_FORMATS, TaggedRecords, TaggingDataset, load_tagging, read_conll,
+                      read_conllu, read_tagged, read_tagged_jsonl)
 from .tokenizer import Tokenizer, basic_english, get_tokenizer
 from .vocab import Vocab, build_vocab_from_iterator
 
@@ -58,4 +63,23 @@ __all__ = [
     "Collate",
     "collate_padded",
     "collate_packed",
+    # per-token tasks: tagging and language modelling
+    "TAGGING_FORMATS",
+    "TaggedRecords",
+    "TaggingDataset",
+    "read_conllu",
+    "read_conll",
+    "read_tagged_jsonl",
+    "read_tagged",
+    "load_tagging",
+    "LM_FORMATS",
+    "LEVELS",
+    "LM_SPECIALS",
+    "LanguageModelDataset",
+    "read_texts",
+    "load_language_modeling",
+    "IGNORE_INDEX",
+    "TokenBatch",
+    "TokenCollate",
+    "collate_tokens",
 ]

@@ -311,7 +311,7 @@ def read_csv(
     path: str | os.PathLike,
     *,
     text_column: str | Sequence[str] = "text",
-    label_column: str = "label",
+    label_column: str | None = "label",
     delimiter: str = ",",
     quotechar: str | None = '"',
     skip_bad_rows: bool = False,
@@ -322,7 +322,9 @@ def read_csv(
         path: the file (UTF-8).
         text_column (str or list of str): the text column; several are joined with a space
             (e.g. ``["title", "body"]``). Default: ``"text"``.
-        label_column (str): the label column; integer or string labels. Default: ``"label"``.
+        label_column (str or None): the label column; integer or string labels. ``None``: the
+            texts have no labels (``labels`` holds ``""``, e.g. for a language model).
+            Default: ``"label"``.
         delimiter (str): ``","`` for CSV, ``"\\t"`` for TSV. Default: ``","``.
         quotechar (str or None): the quote character; ``None`` reads fields verbatim (no
             quoting, the usual TSV convention). Default: ``'"'``.
@@ -333,8 +335,8 @@ def read_csv(
             NOTE [bad rows]), an empty file or no data rows.
     """
     text_cols = _columns(text_column, "text_column")
-    if not isinstance(label_column, str):
-        raise TypeError(f"label_column: expected a column name, got {label_column!r}")
+    if label_column is not None and not isinstance(label_column, str):
+        raise TypeError(f"label_column: expected a column name or None, got {label_column!r}")
     if not isinstance(delimiter, str) or len(delimiter) != 1:
         raise ValueError(f"delimiter: expected a single character, got {delimiter!r}")
     name, text = _read_text(path, skip_bad_rows)
@@ -346,22 +348,23 @@ def read_csv(
             raise ValueError(f"{name}:{line}: {error}")
         header = [h.strip() for h in row]
         break
-    wanted = text_cols + [label_column]
+    wanted = text_cols + ([label_column] if label_column is not None else [])
     for col in wanted:
         if header.count(col) != 1:
             got = "twice" if header.count(col) > 1 else "no such column"
             raise ValueError(f"{name}:1: expected a column {col!r} in the header {header}, got {got}")
     text_idx = [header.index(c) for c in text_cols]
-    label_idx = header.index(label_column)
+    label_idx = header.index(label_column) if label_column is not None else None
     for line, row, error in records:
         if error:
             rows.bad(line, error)
         elif len(row) != len(header):
             rows.bad(line, f"expected {len(header)} columns as in the header, got {len(row)}")
-        elif not row[label_idx].strip():
+        elif label_idx is not None and not row[label_idx].strip():
             rows.bad(line, f"expected a label in column {label_column!r}, got an empty field")
         else:
-            rows.add(line, " ".join(row[i] for i in text_idx), row[label_idx].strip())
+            label = row[label_idx].strip() if label_idx is not None else ""
+            rows.add(line, " ".join(row[i] for i in text_idx), label)
     return rows.finish()
 
 
@@ -369,7 +372,7 @@ def read_jsonl(
     path: str | os.PathLike,
     *,
     text_key: str | Sequence[str] = "text",
-    label_key: str = "label",
+    label_key: str | None = "label",
     skip_bad_rows: bool = False,
 ) -> TextRecords:
     """Read JSON Lines: one JSON object per line, text and label under the given keys.
@@ -378,7 +381,8 @@ def read_jsonl(
         path: the file (UTF-8); blank lines are ignored.
         text_key (str or list of str): the text key(s); several are joined with a space.
             Default: ``"text"``.
-        label_key (str): the label key; a JSON string or integer. Default: ``"label"``.
+        label_key (str or None): the label key; a JSON string or integer. ``None``: no labels
+            (``labels`` holds ``""``). Default: ``"label"``.
         skip_bad_rows (bool): skip and count malformed lines instead of raising. Default: False.
 
     Raises:
@@ -386,8 +390,9 @@ def read_jsonl(
             data rows.
     """
     text_keys = _columns(text_key, "text_key")
-    if not isinstance(label_key, str):
-        raise TypeError(f"label_key: expected a key name, got {label_key!r}")
+    if label_key is not None and not isinstance(label_key, str):
+        raise TypeError(f"label_key: expected a key name or None, got {label_key!r}")
+    keys = text_keys + ([label_key] if label_key is not None else [])
     name, text = _read_text(path, skip_bad_rows)
     rows = _Rows(name, skip_bad_rows)
     # Not str.splitlines: it also splits at U+2028 and other characters JSON strings may hold.
@@ -403,16 +408,17 @@ def read_jsonl(
         if not isinstance(obj, dict):
             rows.bad(number, f"expected a JSON object, got a JSON {type(obj).__name__}")
             continue
-        missing = [k for k in text_keys + [label_key] if k not in obj]
+        missing = [k for k in keys if k not in obj]
         if missing:
-            rows.bad(number, f"expected keys {text_keys + [label_key]}, got no {missing[0]!r}")
+            rows.bad(number, f"expected keys {keys}, got no {missing[0]!r}")
             continue
         bad_text = next((k for k in text_keys if not isinstance(obj[k], str)), None)
         if bad_text is not None:
             rows.bad(number, f"expected a string under {bad_text!r}, got {type(obj[bad_text]).__name__}")
             continue
-        label = obj[label_key]
-        if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+        label = obj[label_key] if label_key is not None else ""
+        if label_key is not None and (isinstance(label, bool) or not isinstance(label, (str, int))
+                                      or not str(label).strip()):
             rows.bad(number, f"expected a non-empty string or integer label under {label_key!r}, got {label!r}")
             continue
         rows.add(number, " ".join(obj[k] for k in text_keys), str(label).strip())
