@@ -400,13 +400,13 @@ def contention(args) -> bool:
     import bench_agnews
     import lesson_recipe
 
-    from packrnn.train import default_threads
+    from packrnn.train import TrainConfig, default_threads
 
     print("\n## Contention: a CPU-bound process pinned to another core\n")
-    lesson_model = ModelConfig(vocab_size=VOCAB, num_classes=CLASSES)
+    lesson = TrainConfig(train_path="train.csv", output="unused")  # the lesson's sizes
     print(f"threads: the B = {args.batch} step and the lesson (plain torch) "
           f"{torch.get_num_threads()}; packrnn train its default, "
-          f"{default_threads(lesson_model, 16, 40.0)} for this model")
+          f"{default_threads(lesson, 40.0)} for this model")
     models = Models(32, 1, False)
     ids, lengths = make_batch(args.batch, None)
     labels = torch.randint(0, CLASSES, (args.batch,))
