@@ -324,16 +324,24 @@ class SequenceClassifier(nn.Module):
         list). Rows of tokens absent from the file keep their random initialisation; the
         padding row stays zero. See ``load_vectors``.
         """
-        if len(tokens) != self.config.vocab_size:
-            raise ValueError(f"tokens: expected {self.config.vocab_size} tokens (vocab_size), "
-                             f"got {len(tokens)}")
-        vectors = load_vectors(path, {t: i for i, t in enumerate(tokens)},
-                               dim=self.config.embed_dim)
-        with torch.no_grad():
-            for i, v in vectors.items():
-                if i != self.config.padding_idx:
-                    self.embedding.weight[i] = v
-        return len(vectors)
+        return fill_embedding(self.embedding, self.config.padding_idx, path, tokens)
+
+
+def fill_embedding(embedding: nn.Embedding, padding_idx: int | None,
+                   path: str | os.PathLike, tokens: Sequence[str]) -> int:
+    """Copy the vectors of a word2vec/GloVe file into ``embedding``'s rows (``tokens[i]`` is row
+    ``i``'s token); the padding row stays as it is. Returns the rows found. The models'
+    ``load_vectors`` methods call this."""
+    if len(tokens) != embedding.num_embeddings:
+        raise ValueError(f"tokens: expected {embedding.num_embeddings} tokens (vocab_size), "
+                         f"got {len(tokens)}")
+    vectors = load_vectors(path, {t: i for i, t in enumerate(tokens)},
+                           dim=embedding.embedding_dim)
+    with torch.no_grad():
+        for i, v in vectors.items():
+            if i != padding_idx:
+                embedding.weight[i] = v
+    return len(vectors)
 
 
 _POOL = {"mean": mean_pool, "max": max_pool}

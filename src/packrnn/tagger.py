@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .data.collate import Batch
 from .models import (CELLS, EXECUTIONS, DictConfig, _check_choice, _check_int, _check_probability,
-                     load_vectors, recurrent_layer)
+                     fill_embedding, recurrent_layer)
 from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["TaggerConfig", "SequenceTagger"]
@@ -213,13 +213,4 @@ class SequenceTagger(nn.Module):
 
         As ``SequenceClassifier.load_vectors``: ``tokens[i]`` is the word of row ``i``.
         """
-        if len(tokens) != self.config.vocab_size:
-            raise ValueError(f"tokens: expected {self.config.vocab_size} tokens (vocab_size), "
-                             f"got {len(tokens)}")
-        vectors = load_vectors(path, {t: i for i, t in enumerate(tokens)},
-                               dim=self.config.embed_dim)
-        with torch.no_grad():
-            for i, v in vectors.items():
-                if i != self.config.padding_idx:
-                    self.embedding.weight[i] = v
-        return len(vectors)
+        return fill_embedding(self.embedding, self.config.padding_idx, path, tokens)
