@@ -86,6 +86,16 @@ def _collate(cfg: TrainConfig, pad: int) -> Collate:
     return Collate(packed=packed, padding_value=pad, batch_first=True)
 
 
+def sum_over_ranks(ctx: D.DistContext | None, confusion: Tensor, loss_sum: float
+                   ) -> tuple[Tensor, float]:
+    """An evaluation's (K, K) confusion matrix and summed loss, summed over the ranks of a
+    distributed run (each rank scored its shard); as they are otherwise."""
+    if ctx is None or not ctx.distributed:
+        return confusion, loss_sum
+    flat = D.all_reduce_sum(ctx, confusion.flatten().tolist() + [loss_sum])
+    return torch.tensor(flat[:-1], dtype=torch.float64).view(confusion.shape), flat[-1]
+
+
 class ClassifyTask:
     """One label per text (see ``packrnn.tasks.base.Task`` for the interface)."""
 
@@ -162,10 +172,7 @@ class ClassifyTask:
             pred = logits.argmax(-1).cpu()  # (B,)
             confusion.index_put_((labels, pred), torch.ones(len(batch), dtype=torch.float64),
                                  accumulate=True)
-        if ctx is not None and ctx.distributed:
-            flat = D.all_reduce_sum(ctx, confusion.flatten().tolist() + [loss_sum])
-            confusion = torch.tensor(flat[:-1], dtype=torch.float64).view(num_classes, num_classes)
-            loss_sum = flat[-1]
+        confusion, loss_sum = sum_over_ranks(ctx, confusion, loss_sum)
         model.train(was_training)
         result = scores(confusion)
         result["loss"] = loss_sum / result["count"] if result["count"] else float("nan")

@@ -23,7 +23,7 @@ from ..data.collate import Batch
 from ..packing import pad_packed_sequence
 from ..tagger import SequenceTagger, TaggerConfig
 from .base import StepStats, TaskData
-from .classify import check_label_names, scores
+from .classify import check_label_names, scores, sum_over_ranks
 
 if TYPE_CHECKING:
     from ..train import Run, TrainConfig
@@ -154,10 +154,7 @@ class TagTask:
             pred = logits.argmax(-1)[real].cpu()
             confusion.index_put_((targets[real].cpu(), pred),
                                  torch.ones(pred.numel(), dtype=torch.float64), accumulate=True)
-        if ctx is not None and ctx.distributed:
-            flat = D.all_reduce_sum(ctx, confusion.flatten().tolist() + [loss_sum])
-            confusion = torch.tensor(flat[:-1], dtype=torch.float64).view(k, k)
-            loss_sum = flat[-1]
+        confusion, loss_sum = sum_over_ranks(ctx, confusion, loss_sum)
         model.train(was_training)
         result = tag_scores(confusion)
         result["loss"] = loss_sum / result["count"] if result["count"] else float("nan")
