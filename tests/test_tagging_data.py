@@ -240,3 +240,18 @@ def test_tagging_dataset_checks():
         TaggingDataset([[1, 2]], [[0]])
     with pytest.raises(ValueError, match=r"tags: expected tag indices in \[0, 1\), got 3"):
         TaggingDataset([[1]], [[3]], tag_map=LabelMap(["X"]))
+
+
+@pytest.mark.parametrize("end", ["\r\n", "\r"], ids=["crlf", "cr"])
+def test_readers_take_windows_and_old_mac_line_ends(tmp_path, end):
+    """The same tokens, tags and line numbers as with \\n (the readers split lines as the text
+    classification readers do)."""
+    want = read_conllu(write(tmp_path, "lf.conllu", CONLLU))
+    got = read_conllu(write(tmp_path, "x.conllu", CONLLU.replace("\n", end)))
+    assert (got.tokens, got.tags, got.lines, got.starts) == \
+        (want.tokens, want.tags, want.lines, want.starts)
+    bad = write(tmp_path, "j.jsonl", end.join(['{"tokens": ["b"], "tags": ["Y"]}', "", "["]) + end)
+    with pytest.raises(ValueError, match=r"j.jsonl:3: expected a JSON object"):
+        read_tagged_jsonl(bad)
+    assert read_texts(write(tmp_path, "t.txt", f"hihello{end}{end}hi{end}")).texts == \
+        ["hihello", "hi"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .datasets import BadRow, TextRecords, _read_text, _Rows, read_agnews, read_records
+from .datasets import _LINE_END, BadRow, TextRecords, _read_text, _Rows, read_agnews, read_records
 from .tokenizer import Tokenizer, get_tokenizer
 from .vocab import Vocab, build_vocab_from_iterator
 
@@ -48,7 +48,7 @@ def read_texts(path: str | os.PathLike, format: str = "text", *, skip_bad_rows: 
             raise TypeError(f"options: expected none for format 'text', got {sorted(options)}")
         name, text = _read_text(path, skip_bad_rows)
         rows = _Rows(name, skip_bad_rows)
-        for number, line in enumerate(text.split("\n"), start=1):
+        for number, line in enumerate(_LINE_END.split(text), start=1):
             line = line.rstrip("\r")
             if line.strip():
                 rows.add(number, line, "")

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .datasets import _BAD_BYTE, BadRow, LabelMap, _bad_byte_reason, _read_text
+from .datasets import _BAD_BYTE, _LINE_END, BadRow, LabelMap, _bad_byte_reason, _read_text
 from .vocab import Vocab, build_vocab_from_iterator
 
 __all__ = [
@@ -147,7 +147,7 @@ def read_conllu(path: str | os.PathLike, *, tagset: str = "upos",
     name, text = _read_text(path, skip_bad_rows)
     out = _Sentences(name, skip_bad_rows)
     expected_id = 1
-    for number, raw in enumerate(text.split("\n"), start=1):
+    for number, raw in enumerate(_LINE_END.split(text), start=1):
         raw = raw.rstrip("\r")
         if not raw.strip():
             out.end()
@@ -220,7 +220,7 @@ def read_conll(path: str | os.PathLike, *, token_column: int = 0, tag_column: in
     name, text = _read_text(path, skip_bad_rows)
     out = _Sentences(name, skip_bad_rows)
     width = first_line = 0
-    for number, raw in enumerate(text.split("\n"), start=1):
+    for number, raw in enumerate(_LINE_END.split(text), start=1):
         raw = raw.rstrip("\r")
         if not raw.strip():
             out.end()
@@ -266,7 +266,7 @@ def read_tagged_jsonl(path: str | os.PathLike, *, tokens_key: str = "tokens",
             raise TypeError(f"{arg}: expected a key name, got {value!r}")
     name, text = _read_text(path, skip_bad_rows)
     out = _Sentences(name, skip_bad_rows)
-    for number, raw in enumerate(text.split("\n"), start=1):
+    for number, raw in enumerate(_LINE_END.split(text), start=1):
         raw = raw.strip()
         if not raw:
             continue
