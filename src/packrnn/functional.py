@@ -148,31 +148,22 @@ def _folded_bias(mode: str, d: _Direction) -> Optional[Tensor]:
     return d.b_ih if mode == "gru" else d.b_ih + d.b_hh  # (G*H,)
 
 
-def _project(mode: str, x: Tensor, directions: Sequence[_Direction],
-             backend: ModuleType) -> list[Tensor]:
+def _project(mode: str, x: Tensor, directions: Sequence[_Direction]) -> list[Tensor]:
     """Input projections of every row for every direction in one (batched) GEMM (the python
-    backend's; the native backend's layer_forward operator does its own)."""
+    backend's; the native backend's layer_forward operator does its own, into its buffer
+    cache)."""
     biases = [_folded_bias(mode, d) for d in directions]
-    num_dirs, rows, width = len(directions), x.shape[0], directions[0].w_ih.shape[0]
-    out = None
-    if hasattr(backend, "empty") and x.device.type == "cpu":
-        # The native backend's buffer cache: this (N, D*G*H) output is fresh memory every call
-        # otherwise, and its page faults cost ~10 % of an inference forward at B=256.
-        out = backend.empty(num_dirs * rows, width, x.dtype)  # (D*N, G*H)
-    if num_dirs == 1:
+    if len(directions) == 1:
         w_ih, b = directions[0].w_ih, biases[0]
-        out0 = out  # (N, G*H) or None
         if b is None:
-            return [torch.mm(x, w_ih.t(), out=out0)]  # [(N, G*H)]
-        return [torch.addmm(b, x, w_ih.t(), out=out0)]  # [(N, G*H)]
+            return [torch.mm(x, w_ih.t())]  # [(N, G*H)]
+        return [torch.addmm(b, x, w_ih.t())]  # [(N, G*H)]
     w_t = torch.stack([d.w_ih for d in directions]).transpose(1, 2)  # (D, E, G*H)
-    xs = x.unsqueeze(0).expand(num_dirs, -1, -1)  # (D, N, E)
-    if out is not None:
-        out = out.view(num_dirs, rows, width)  # (D, N, G*H)
+    xs = x.unsqueeze(0).expand(len(directions), -1, -1)  # (D, N, E)
     if biases[0] is None:
-        gates = torch.bmm(xs, w_t, out=out)  # (D, N, G*H)
+        gates = torch.bmm(xs, w_t)  # (D, N, G*H)
     else:
-        gates = torch.baddbmm(torch.stack(biases).unsqueeze(1), xs, w_t, out=out)  # (D, N, G*H)
+        gates = torch.baddbmm(torch.stack(biases).unsqueeze(1), xs, w_t)  # (D, N, G*H)
     return list(gates.unbind(0))  # D x (N, G*H), each contiguous
 
 
@@ -194,7 +185,7 @@ def _run_directions(spec: _LayerSpec, x: Tensor, directions: Sequence[_Direction
                 dict(_direction_args(spec, d), w_ih=d.w_ih, bias=_folded_bias(spec.mode, d))
                 for d in directions])
     else:
-        gates = _project(spec.mode, x, directions, spec.backend)
+        gates = _project(spec.mode, x, directions)
         results = spec.backend.recurrence_forward_directions(
             mode=spec.mode, batch_sizes=spec.batch_sizes, need_backward=need_backward,
             directions=[dict(_direction_args(spec, d), gates_x=gates_x)
