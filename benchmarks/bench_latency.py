@@ -208,12 +208,19 @@ def calibrate(fn: Callable[[], object], target: float = 0.02) -> int:
     return max(1, min(2000, int(target / once)))
 
 
+# Pause before each contender's round: onnxruntime's intra-op threads spin after a run (its
+# default), and OpenMP's after a parallel region; without it, the contender timed next shares
+# the 2 cores with them (the first contender of each round read up to 2x slow).
+SETTLE_S = 0.05
+
+
 def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Best mean seconds per call over ``repeats`` interleaved rounds, per contender."""
     counts = {name: calibrate(fn) for name, fn in fns.items()}
     best = {name: math.inf for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             for _ in range(counts[name]):
                 fn()
