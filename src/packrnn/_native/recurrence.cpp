@@ -25,8 +25,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <chrono>
 #include <mutex>
+#include <thread>
 #include <utility>
+
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (NOTE [Subnormals])
@@ -335,6 +343,7 @@ struct LstmFwd {
   T* hr;         // (b_t, ld_hr): o * tanh(c) out (output rows, or the projection input)
   int64_t ld_hr;
   int64_t H;
+  int64_t u0, u1;  // the hidden units updated: [u0, u1), all H but in NOTE [Unit split]
 };
 
 template <typename T>
@@ -348,7 +357,7 @@ PR_INLINE void lstm_fwd_rows(const LstmFwd<T>& a, int64_t r0, int64_t r1) {
     T* c = a.c + b * H;
     T* hr = a.hr + b * a.ld_hr;
 #pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = a.u0; j < a.u1; ++j) {
       const T i = M::sigmoid(gx[j] + s[j]);
       const T f = M::sigmoid(gx[H + j] + s[H + j]);
       const T g = M::tanh(gx[2 * H + j] + s[2 * H + j]);
@@ -417,6 +426,7 @@ struct GruFwd {
   T* h;          // (b_t, H) stride H: state in/out
   T* out;        // (b_t, H) stride H: output rows
   int64_t H;
+  int64_t u0, u1;  // the hidden units updated: [u0, u1), all H but in NOTE [Unit split]
 };
 
 template <typename T>
@@ -431,7 +441,7 @@ PR_INLINE void gru_fwd_rows(const GruFwd<T>& a, int64_t r0, int64_t r1) {
     T* h = a.h + b * H;
     T* out = a.out + b * H;
 #pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = a.u0; j < a.u1; ++j) {
       const T r = M::sigmoid(gx[j] + s[j] + bh[j]);
       const T z = M::sigmoid(gx[H + j] + s[H + j] + bh[H + j]);
       const T hn = s[2 * H + j] + bh[2 * H + j];
@@ -493,6 +503,7 @@ struct RnnFwd {
   T* out;       // (b_t, H) stride H
   int64_t H;
   bool relu;
+  int64_t u0, u1;  // the hidden units updated: [u0, u1), all H but in NOTE [Unit split]
 };
 
 template <typename T>
@@ -506,7 +517,7 @@ PR_INLINE void rnn_fwd_rows(const RnnFwd<T>& a, int64_t r0, int64_t r1) {
     T* out = a.out + b * H;
     if (a.relu) {
 #pragma GCC ivdep
-      for (int64_t j = 0; j < H; ++j) {
+      for (int64_t j = a.u0; j < a.u1; ++j) {
         const T v = gx[j] + s[j];
         const T y = v > T(0) ? v : T(0);
         h[j] = y;
@@ -514,7 +525,7 @@ PR_INLINE void rnn_fwd_rows(const RnnFwd<T>& a, int64_t r0, int64_t r1) {
       }
     } else {
 #pragma GCC ivdep
-      for (int64_t j = 0; j < H; ++j) {
+      for (int64_t j = a.u0; j < a.u1; ++j) {
         const T y = M::tanh(gx[j] + s[j]);
         h[j] = y;
         out[j] = y;
@@ -1110,6 +1121,189 @@ void run_with_helpers(int64_t count, int64_t helpers, std::function<void(int64_t
   if (board->error) std::rethrow_exception(board->error);
 }
 
+// NOTE [Unit split]
+//   One sequence (b_0 = 1) is one slab (NOTE [Row slabs]), so its time loop would run on one
+//   thread however many are free; and at large H its step is mostly one matrix-vector product,
+//   h (1, H_out) @ w_hh^T. So when every direction of a call has at least two threads to itself
+//   and each step does at least kMinSplitStepFlops, each step is split by HIDDEN UNITS instead
+//   of rows (split_units): the units are cut into chunks, and a chunk is the rows g*H + u of
+//   w_hh of every gate g for its units u -- so a unit's gate pre-activations and its fused cell
+//   update stay together -- and writes only its units of S, act, c, h and the output row. A step
+//   reads the whole previous state from h0 or the previous step's output row, never from the
+//   running h that the chunks of the same step write, so steps need one wait between them:
+//   step k + 1 starts when every chunk of step k is done.
+//   Chunks are claimed, not assigned (SplitBoard): each participant claims its own chunks first
+//   (the same ones every step, so each core keeps its slice of w_hh in its cache), then any
+//   chunk of the step still unclaimed, from the far end. As with NOTE [Helpers, not a team], a
+//   participant that the OS delays claims nothing and nobody waits for it: on a busy machine
+//   the calling thread runs whole steps alone, at the serial speed plus a few claims. Only a
+//   chunk already claimed is waited for (StepSignal): spinning for up to kSpinNanos (about a
+//   step of work), then sleeping on a futex, so that a partner preempted in the middle of a
+//   chunk gets a core back instead of waiting out the spinner's scheduler slice.
+//   The numbers do not change: a chunk computes each output's dot product with the same small
+//   GEMM code and order as the whole step (NOTE [Small GEMMs]; so the split needs that kernel:
+//   BLAS may sum a sub-block differently), and runs the same elementwise code on its units,
+//   whose bounds are multiples of kSplitUnitAlign (vector- and cache-line-aligned), so a split
+//   run is bit-identical to a serial one. Forward only (the inference path; backward keeps
+//   NOTE [Row slabs]), and not with proj_size > 0, which would need a second wait per step.
+//   Measured at B = 1, 2 threads, T = 200 (per-step FLOPs: H = 64 LSTM 3.4e4, H = 128 LSTM
+//   1.4e5, H = 256 LSTM 5.4e5): see kMinSplitStepFlops.
+constexpr double kMinSplitStepFlops = 1e5;
+constexpr int64_t kSplitUnitAlign = 16;
+constexpr int64_t kChunksPerThread = 2;
+constexpr int64_t kSpinNanos = 30000;
+std::atomic<int64_t> g_split_loops{0};  // loops run split, for tests (split_loops())
+
+PR_INLINE void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+// A condition that threads wait for (NOTE [Unit split]): wait(ready) spins, then sleeps until
+// notify(), which whoever made ready() true calls.
+class StepSignal {
+ public:
+  template <typename Ready>
+  void wait(Ready ready) {
+    if (ready()) return;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kSpinNanos);
+    for (int64_t i = 1;; ++i) {
+      cpu_relax();
+      if (ready()) return;
+      if (i % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+    }
+    sleepers_.fetch_add(1);
+    for (;;) {
+      const uint32_t seen = epoch_.load();
+      if (ready()) break;
+      sleep_while(seen);  // returns at once if notify() came after `seen` was read
+    }
+    sleepers_.fetch_sub(1);
+  }
+
+  void notify() {
+    epoch_.fetch_add(1);
+    if (sleepers_.load() > 0) wake_all();
+  }
+
+ private:
+#ifdef __linux__
+  uint32_t* word() { return reinterpret_cast<uint32_t*>(&epoch_); }
+  void sleep_while(uint32_t seen) {
+    syscall(SYS_futex, word(), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+  }
+  void wake_all() { syscall(SYS_futex, word(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0); }
+#else
+  void sleep_while(uint32_t) { std::this_thread::yield(); }
+  void wake_all() {}
+#endif
+  std::atomic<uint32_t> epoch_{0};   // bumped by notify(); the futex word
+  std::atomic<int32_t> sleepers_{0};
+};
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
+
+// One direction's split time loop (NOTE [Unit split]): `steps` steps of `chunks` chunks each.
+// Shared (std::shared_ptr) because a helper may start after the call returned; it then finds
+// every chunk claimed and touches nothing else.
+struct SplitBoard {
+  int64_t steps = 0, chunks = 0;
+  int64_t per_owner = 1;  // chunk c is participant (c / per_owner)'s own
+  std::unique_ptr<std::atomic<int64_t>[]> next;  // (chunks,) first step it is unclaimed at
+  std::atomic<int64_t> finished{0};  // chunks done, all steps: step k is done at (k + 1) * chunks
+  StepSignal signal;
+  std::function<void(int64_t, int64_t)> run;  // run(k, c): only claimed chunks, during the call
+  std::mutex mutex;
+  std::exception_ptr error;  // the first chunk's exception, rethrown by the caller
+
+  bool done(int64_t k) const { return finished.load() >= (k + 1) * chunks; }
+};
+
+// Participant `who` of one split loop: claims and runs chunks, step after step, until every
+// step is claimed (NOTE [Unit split]). Returns without waiting for others' chunks.
+void take_part(SplitBoard& b, int64_t who) {
+  const int64_t C = b.chunks;
+  std::vector<int64_t> order;  // own chunks, then the others' from the far end
+  for (int64_t c = 0; c < C; ++c)
+    if (c / b.per_owner == who) order.push_back(c);
+  for (int64_t c = C - 1; c >= 0; --c)
+    if (c / b.per_owner != who) order.push_back(c);
+  for (int64_t k = b.finished.load() / C; k < b.steps; ++k) {
+    if (k > 0) b.signal.wait([&] { return b.done(k - 1); });
+    for (int64_t c : order) {
+      int64_t expected = k;
+      if (b.next[c].load(std::memory_order_relaxed) != k ||
+          !b.next[c].compare_exchange_strong(expected, k + 1))
+        continue;
+      try {
+        b.run(k, c);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(b.mutex);
+        if (!b.error) b.error = std::current_exception();
+      }
+      if (b.finished.fetch_add(1) + 1 == (k + 1) * C) b.signal.notify();
+    }
+  }
+}
+
+// Whether the loop of `jobs` on `threads` threads splits its steps by units (NOTE [Unit split]).
+template <typename Job>
+bool split_units(const std::vector<Job>& jobs, const Layout& L, int64_t threads) {
+  if (L.max_active != 1 || threads < 2 * static_cast<int64_t>(jobs.size()) ||
+      !use_small_gemm(1))
+    return false;
+  for (const Job& job : jobs)
+    if (!job.splits_units() || job.flops_per_row_step() < kMinSplitStepFlops) return false;
+  return true;
+}
+
+// Runs the loop of every job with its steps split by units over `threads` participants:
+// threads / jobs per job, the calling thread and helpers (NOTE [Unit split]). A job offers
+// units() and step_units(t, t_prev, u0, u1) besides ascending().
+template <typename Job>
+void run_split(const std::vector<Job>& jobs, const Layout& L, int64_t threads,
+               unsigned fp_bits) {
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+  const int64_t per_job = threads / n_jobs;
+  const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
+  std::vector<std::shared_ptr<SplitBoard>> boards;
+  std::vector<std::vector<int64_t>> order(n_jobs), bounds(n_jobs);  // per job: steps, units
+  for (int64_t j = 0; j < n_jobs; ++j) {
+    const Job& job = jobs[j];
+    for (int64_t k = 0; k < T_steps; ++k) {  // the steps with an active row, in loop order
+      const int64_t t = job.ascending() ? k : T_steps - 1 - k;
+      if (L.sizes[t] > 0) order[j].push_back(t);
+    }
+    const int64_t blocks = (job.units() + kSplitUnitAlign - 1) / kSplitUnitAlign;
+    const int64_t C = std::min(per_job * kChunksPerThread, blocks);
+    for (int64_t c = 0; c <= C; ++c)
+      bounds[j].push_back(std::min(job.units(), c * blocks / C * kSplitUnitAlign));
+    auto b = std::make_shared<SplitBoard>();
+    b->steps = static_cast<int64_t>(order[j].size());
+    b->chunks = C;
+    b->per_owner = (C + per_job - 1) / per_job;
+    b->next.reset(new std::atomic<int64_t>[C]);
+    for (int64_t c = 0; c < C; ++c) b->next[c].store(0);
+    b->run = [&job, &steps = order[j], &units = bounds[j]](int64_t k, int64_t c) {
+      job.step_units(steps[k], k > 0 ? steps[k - 1] : -1, units[c], units[c + 1]);
+    };
+    boards.push_back(std::move(b));
+  }
+  g_split_loops.fetch_add(1, std::memory_order_relaxed);
+  // Participant p belongs to job p % n_jobs, then helps the others in turn.
+  auto participate = [boards, n_jobs, fp_bits](int64_t p) {
+    SubnormalMode fp(fp_bits);  // NOTE [Subnormals]
+    SingleThreadedBlas guard;
+    for (int64_t i = 0; i < n_jobs; ++i) take_part(*boards[(p + i) % n_jobs], p / n_jobs);
+  };
+  for (int64_t p = 1; p < per_job * n_jobs; ++p) at::launch([participate, p] { participate(p); });
+  participate(0);
+  for (auto& b : boards) {
+    if (b->steps > 0) b->signal.wait([&] { return b->done(b->steps - 1); });
+    if (b->error) std::rethrow_exception(b->error);
+  }
+}
+
 // Runs the time loop of every job (one direction each) on every slab, all (job, slab) tasks in
 // one parallel call (NOTE [Row slabs], NOTE [Direction tasks], NOTE [Helpers, not a team]). A job offers ascending() (its
 // visiting order), flops_per_row_step() and step(t, r0, r1): step t on rows [r0, r1) (never
@@ -1129,6 +1323,9 @@ void run_jobs(const std::vector<Job>& jobs, const Layout& L) {
   for (const Job& job : jobs)
     for (const Slab& slab : slabs) tasks.emplace_back(&job, slab);
   const unsigned fp_bits = SubnormalMode::current();  // set by the entry point's guard
+  if constexpr (Job::kSplitsUnits) {
+    if (split_units(jobs, L, threads)) return run_split(jobs, L, threads, fp_bits);
+  }
   auto loop = [&](const Job& job, const Slab& slab) {
     SubnormalMode fp(fp_bits);  // NOTE [Subnormals]: every thread, restored at task end
     SingleThreadedBlas guard;  // each thread (or the one thread) runs its own BLAS calls
@@ -1235,7 +1432,7 @@ struct ForwardJob {
   ForwardArgs in;  // keeps the inputs alive
   at::Tensor output, h_n, c_n, S, act, cells, r_all, bias, w_hh_t, w_hr_t;
   int64_t act_width;
-  const T *gx, *whh, *whr, *whh_t, *whr_t, *bias_p;
+  const T *gx, *whh, *whr, *whh_t, *whr_t, *bias_p, *h0p;
   T *out, *h, *c, *s, *act_p, *cells_p, *r_p;
 
   ForwardJob(const Dims& dims, const Layout& layout, ForwardArgs args, bool need_bwd)
@@ -1256,6 +1453,7 @@ struct ForwardJob {
     if (gru) bias = in.b_hh.has_value() ? *in.b_hh : at::zeros({GH}, opts);       // (G*H,)
 
     gx = in.gates_x.data_ptr<T>();
+    h0p = in.h0.data_ptr<T>();
     whh = in.w_hh.data_ptr<T>();
     whr = P > 0 ? in.w_hr->data_ptr<T>() : nullptr;
     if (blas_steps(*L) >= kMinStepsToTranspose) {  // NOTE [Transposed weights]
@@ -1282,6 +1480,38 @@ struct ForwardJob {
     return double(2 * GH * d.Hout + 2 * d.P * d.H + 16 * GH);
   }
 
+  // NOTE [Unit split]: the steps of a one-row loop split by hidden units.
+  static constexpr bool kSplitsUnits = true;
+  bool splits_units() const { return d.P == 0; }
+  int64_t units() const { return d.H; }
+
+  // Step t of a one-row loop (b_0 = 1) on hidden units [u0, u1) only; t_prev = the step before
+  // it in the loop (-1: none, the state is h0). Reads the whole previous state from h0 or
+  // t_prev's output row (never from h, which the other chunks of step t write) and writes units
+  // [u0, u1) of S, act, c, cells, the output row and h.
+  void step_units(int64_t t, int64_t t_prev, int64_t u0, int64_t u1) const {
+    const int64_t H = d.H, Hout = d.Hout, GH = d.G * d.H, n = u1 - u0;
+    const int64_t off = L->offsets[t];
+    const T* h_prev = t_prev < 0 ? h0p : out + L->offsets[t_prev] * Hout;  // (1, H_out)
+    const T* gx_t = gx + off * GH;
+    T* out_t = out + off * Hout;
+    T* act_t = act_p ? act_p + (need_backward ? off : 0) * act_width : nullptr;
+    for (int64_t g = 0; g < d.G; ++g) prefetch_rows(gx_t + g * H + u0, n * sizeof(T));
+    // S[g*H + u0 : g*H + u1] = h_prev @ w_hh[g*H + u0 : g*H + u1]^T, each gate g: (1, n)
+    for (int64_t g = 0; g < d.G; ++g)
+      step_gemm_nt<T>(1, n, Hout, h_prev, Hout, whh + (g * H + u0) * Hout, Hout, nullptr,
+                      s + g * H + u0, GH);
+    if (d.mode == Mode::kLstm) {
+      lstm_fwd_rows_run(LstmFwd<T>{gx_t, s, act_t, c, out_t, Hout, H, u0, u1}, 0, 1);
+      if (cells_p) std::memcpy(cells_p + off * H + u0, c + u0, sizeof(T) * n);
+      std::memcpy(h + u0, out_t + u0, sizeof(T) * n);
+    } else if (d.mode == Mode::kGru) {
+      gru_fwd_rows_run(GruFwd<T>{gx_t, s, bias_p, act_t, h, out_t, H, u0, u1}, 0, 1);
+    } else {
+      rnn_fwd_rows_run(RnnFwd<T>{gx_t, s, h, out_t, H, d.mode == Mode::kRnnRelu, u0, u1}, 0, 1);
+    }
+  }
+
   void step(int64_t t, int64_t r0, int64_t r1) const {
     const int64_t H = d.H, Hout = d.Hout, P = d.P, GH = d.G * d.H;
     const int64_t off = L->offsets[t];
@@ -1298,7 +1528,7 @@ struct ForwardJob {
     step_gemm_nt<T>(m, GH, Hout, h + r0 * Hout, Hout, whh, Hout, whh_t, s + r0 * GH, GH);
     if (d.mode == Mode::kLstm) {
       T* hr = P > 0 ? r_t : out_t;
-      lstm_fwd_rows_run(LstmFwd<T>{gx_t, s, act_t, c, hr, P > 0 ? H : Hout, H}, r0, r1);
+      lstm_fwd_rows_run(LstmFwd<T>{gx_t, s, act_t, c, hr, P > 0 ? H : Hout, H, 0, H}, r0, r1);
       if (cells_p) copy_rows<T>(cells_p + off * H, H, c, H, r0, r1, H);
       if (P > 0) {
         // output[r0:r1] = r[r0:r1] @ w_hr^T: (m, H) x (H, P)
@@ -1306,9 +1536,9 @@ struct ForwardJob {
       }
       copy_rows<T>(h, Hout, out_t, Hout, r0, r1, Hout);
     } else if (d.mode == Mode::kGru) {
-      gru_fwd_rows_run(GruFwd<T>{gx_t, s, bias_p, act_t, h, out_t, H}, r0, r1);
+      gru_fwd_rows_run(GruFwd<T>{gx_t, s, bias_p, act_t, h, out_t, H, 0, H}, r0, r1);
     } else {
-      rnn_fwd_rows_run(RnnFwd<T>{gx_t, s, h, out_t, H, d.mode == Mode::kRnnRelu}, r0, r1);
+      rnn_fwd_rows_run(RnnFwd<T>{gx_t, s, h, out_t, H, d.mode == Mode::kRnnRelu, 0, H}, r0, r1);
     }
   }
 
@@ -1402,6 +1632,7 @@ struct BackwardJob {
 
   // Backward visits the steps in the opposite order of forward.
   bool ascending() const { return reverse; }
+  static constexpr bool kSplitsUnits = false;  // NOTE [Unit split]: forward only
   double flops_per_row_step() const {
     const int64_t GH = d.G * d.H;
     return double(2 * GH * d.Hout + 2 * d.P * d.H + 24 * GH);
@@ -1817,6 +2048,8 @@ void set_kernel_threads(int64_t threads) {
 
 int64_t kernel_threads() { return g_kernel_threads.load(); }
 
+int64_t split_loops() { return g_split_loops.load(); }
+
 at::Tensor empty_buffer(int64_t rows, int64_t cols, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "empty_buffer: expected non-negative sizes, got (",
                     rows, ", ", cols, ")");
@@ -1874,6 +2107,7 @@ TORCH_LIBRARY(packrnn, m) {
   m.def("clear_cache() -> ()", &packrnn::clear_cache);
   m.def("set_kernel_threads(int threads) -> ()", &packrnn::set_kernel_threads);
   m.def("kernel_threads() -> int", &packrnn::kernel_threads);
+  m.def("split_loops() -> int", &packrnn::split_loops);
   m.def("empty_buffer(int rows, int cols, ScalarType dtype) -> Tensor", &packrnn::empty_buffer);
 }
 

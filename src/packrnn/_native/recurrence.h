@@ -176,6 +176,10 @@ void clear_cache();
 void set_kernel_threads(int64_t threads);
 int64_t kernel_threads();
 
+// How many time loops this process has run with their steps split by hidden units (NOTE [Unit
+// split] in recurrence.cpp): lets tests check that the split path ran.
+int64_t split_loops();
+
 // An uninitialised contiguous (rows, cols) CPU tensor; large ones come from the buffer cache.
 // For callers whose big per-call outputs (e.g. the input projection) should skip page faults.
 at::Tensor empty_buffer(int64_t rows, int64_t cols, at::ScalarType dtype);
