@@ -350,3 +350,50 @@ def test_training_threads_default_from_the_work_size():
     steps = SMALL_STEP_FLOPS / per_sequence_step
     assert default_threads(lesson, steps * 0.99) == 1
     assert default_threads(lesson, steps * 1.01) == torch.get_num_threads()
+
+
+def split_loops() -> int:
+    """How many time loops the kernel has split by hidden units (NOTE [Unit split])."""
+    from packrnn import _native
+
+    _native.load_library()
+    return torch.ops.packrnn.split_loops()
+
+
+# (kind, hidden, split): a step of rnn at H = 128 is too little work to split.
+UNIT_SPLIT_CASES = [("lstm", 128, True), ("lstm", 256, True), ("gru", 128, True),
+                    ("gru", 256, True), ("rnn_tanh", 128, False), ("rnn_tanh", 256, True),
+                    ("rnn_relu", 256, True), ("lstm_proj", 256, False)]
+
+
+@native_only
+@DTYPES
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("kind,hidden,split", UNIT_SPLIT_CASES,
+                         ids=[f"{k}-{h}" for k, h, _ in UNIT_SPLIT_CASES])
+def test_one_sequence_split_by_units_equals_one_thread(kind, hidden, split, bidirectional,
+                                                       dtype, restore_threads):
+    """One sequence with two threads a direction (2 uni, 4 bi) splits each step's units over
+    them (NOTE [Unit split]): the same bits as one thread, and torch's numbers."""
+    reference, ours = layer_pair(kind, dtype, input_size=16, hidden_size=hidden, num_layers=1,
+                                 bidirectional=bidirectional, batch_first=True)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 23, 16, generator=g, dtype=torch.float64).to(dtype)
+    runs = []
+    for threads in (1, 4 if bidirectional else 2):
+        torch.set_num_threads(threads)
+        packrnn.set_kernel_threads(threads)
+        before = split_loops()
+        with torch.no_grad():
+            out, state = ours(x)
+        runs.append((out, states(state), split_loops() - before))
+    (out_1, states_1, splits_1), (out_n, states_n, splits_n) = runs
+    assert splits_1 == 0 and splits_n == int(split)
+    assert torch.equal(out_n, out_1)
+    for got, one in zip(states_n, states_1, strict=True):
+        assert torch.equal(got, one)
+    with torch.no_grad():
+        want, want_state = reference(x)
+    assert_same(out_n, want, dtype)
+    for got, expected in zip(states_n, states(want_state), strict=True):
+        assert_same(got, expected, dtype)

@@ -397,6 +397,56 @@ def test_directions_call_equals_single_direction_calls(mode, dtype, case, num_th
 
 
 @native_only
+@pytest.mark.parametrize("num_threads", [2], indirect=True)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_contract_one_sequence_split_by_units(mode, dtype, reverse, num_threads):
+    """One sequence with 2 threads: the forward's steps are split by hidden units (NOTE [Unit
+    split]; not with a projection), H = 230 is no multiple of the chunk alignment, and the
+    forward saves for backward: forward and every gradient match the oracle."""
+    case = make_case(mode, [30], hidden=230, dtype=dtype, extra_rows=1,
+                     proj=100 if mode == "lstm_proj" else 0, seed=6)
+    before = torch.ops.packrnn.split_loops()
+    assert_matches_oracle(case, reverse, dtype)
+    assert torch.ops.packrnn.split_loops() - before == (0 if mode == "lstm_proj" else 1)
+
+
+@native_only
+@pytest.mark.parametrize("num_threads", [4], indirect=True)
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_contract_one_sequence_split_padded_layout(mode, num_threads):
+    """Both directions of one padded sequence, 2 threads each (NOTE [Unit split]): steps past
+    its end have no active row (the reverse direction starts at its last real step); the same
+    bits as the packed rows on one thread, and zero padding rows."""
+    from packrnn import _native
+
+    steps, length = 30, 24
+    dirs = [make_case(mode, [length], hidden=230, dtype=torch.float32, seed=seed)
+            for seed in (7, 8)]
+    batch_sizes = dirs[0]["batch_sizes"]  # (24,) ones
+    per_dir = [{k: v for k, v in d.items() if k not in ("mode", "batch_sizes")} for d in dirs]
+    padded_dirs = [dict(d, gates_x=torch.cat([d["gates_x"], torch.randn(steps - length,
+                                                                        d["gates_x"].shape[1])]))
+                   for d in per_dir]
+    padded_sizes = torch.cat([batch_sizes, torch.zeros(steps - length, dtype=torch.int64)])
+    before = torch.ops.packrnn.split_loops()
+    padded = _native.recurrence_forward_directions(
+        mode=dirs[0]["mode"], batch_sizes=padded_sizes, need_backward=False,
+        directions=padded_dirs, padded=True)
+    assert torch.ops.packrnn.split_loops() - before == 1
+    packrnn.set_kernel_threads(1)
+    packed = _native.recurrence_forward_directions(
+        mode=dirs[0]["mode"], batch_sizes=batch_sizes, need_backward=False, directions=per_dir)
+    for got, want in zip(padded, packed, strict=True):
+        assert torch.equal(got[0][:length], want[0]) and got[0][length:].eq(0).all()
+        assert torch.equal(got[1], want[1])
+        assert (got[2] is None) == (want[2] is None)
+        if got[2] is not None:
+            assert torch.equal(got[2], want[2])
+
+
+@native_only
 def test_directions_call_errors():
     from packrnn import _native
 

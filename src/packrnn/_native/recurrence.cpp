@@ -1134,12 +1134,18 @@ void run_with_helpers(int64_t count, int64_t helpers, std::function<void(int64_t
 //   step k + 1 starts when every chunk of step k is done.
 //   Chunks are claimed, not assigned (SplitBoard): each participant claims its own chunks first
 //   (the same ones every step, so each core keeps its slice of w_hh in its cache), then any
-//   chunk of the step still unclaimed, from the far end. As with NOTE [Helpers, not a team], a
-//   participant that the OS delays claims nothing and nobody waits for it: on a busy machine
-//   the calling thread runs whole steps alone, at the serial speed plus a few claims. Only a
-//   chunk already claimed is waited for (StepSignal): spinning for up to kSpinNanos (about a
-//   step of work), then sleeping on a futex, so that a partner preempted in the middle of a
-//   chunk gets a core back instead of waiting out the spinner's scheduler slice.
+//   chunk of the step still unclaimed, from the far end. So a participant that the OS delays
+//   claims nothing and no step waits for it: on a busy machine the calling thread runs whole
+//   steps alone, at the serial speed plus a few claims, and the late one finds no chunk left
+//   when it starts. Only a chunk already claimed is waited for (StepSignal): spinning for up
+//   to kSpinNanos (about a step of work), then sleeping on a futex, so that a partner
+//   preempted in the middle of a chunk gets a core back instead of waiting out the spinner's
+//   scheduler slice. The participants are an OpenMP team (at::parallel_for), not helpers on
+//   the inter-op pool (NOTE [Helpers, not a team]): after a threaded op (the input projection
+//   is one from kMinThreadedGemmFlops on) torch's OpenMP workers spin for a while and would
+//   hold the core a helper needs (B = 1, H = 256, T = 200, 2 threads: 10.6 ms with helpers,
+//   4.1 ms with OMP_WAIT_POLICY=passive); the team's workers are those spinning threads. The
+//   team's join waits for a late member to start, once per call, not per step.
 //   The numbers do not change: a chunk computes each output's dot product with the same small
 //   GEMM code and order as the whole step (NOTE [Small GEMMs]; so the split needs that kernel:
 //   BLAS may sum a sub-block differently), and runs the same elementwise code on its units,
@@ -1204,15 +1210,13 @@ class StepSignal {
 static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
 
 // One direction's split time loop (NOTE [Unit split]): `steps` steps of `chunks` chunks each.
-// Shared (std::shared_ptr) because a helper may start after the call returned; it then finds
-// every chunk claimed and touches nothing else.
 struct SplitBoard {
   int64_t steps = 0, chunks = 0;
   int64_t per_owner = 1;  // chunk c is participant (c / per_owner)'s own
   std::unique_ptr<std::atomic<int64_t>[]> next;  // (chunks,) first step it is unclaimed at
   std::atomic<int64_t> finished{0};  // chunks done, all steps: step k is done at (k + 1) * chunks
   StepSignal signal;
-  std::function<void(int64_t, int64_t)> run;  // run(k, c): only claimed chunks, during the call
+  std::function<void(int64_t, int64_t)> run;  // run(k, c), for a claimed chunk
   std::mutex mutex;
   std::exception_ptr error;  // the first chunk's exception, rethrown by the caller
 
@@ -1266,7 +1270,7 @@ void run_split(const std::vector<Job>& jobs, const Layout& L, int64_t threads,
   const int64_t n_jobs = static_cast<int64_t>(jobs.size());
   const int64_t per_job = threads / n_jobs;
   const int64_t T_steps = static_cast<int64_t>(L.sizes.size());
-  std::vector<std::shared_ptr<SplitBoard>> boards;
+  std::vector<SplitBoard> boards(n_jobs);
   std::vector<std::vector<int64_t>> order(n_jobs), bounds(n_jobs);  // per job: steps, units
   for (int64_t j = 0; j < n_jobs; ++j) {
     const Job& job = jobs[j];
@@ -1278,30 +1282,29 @@ void run_split(const std::vector<Job>& jobs, const Layout& L, int64_t threads,
     const int64_t C = std::min(per_job * kChunksPerThread, blocks);
     for (int64_t c = 0; c <= C; ++c)
       bounds[j].push_back(std::min(job.units(), c * blocks / C * kSplitUnitAlign));
-    auto b = std::make_shared<SplitBoard>();
-    b->steps = static_cast<int64_t>(order[j].size());
-    b->chunks = C;
-    b->per_owner = (C + per_job - 1) / per_job;
-    b->next.reset(new std::atomic<int64_t>[C]);
-    for (int64_t c = 0; c < C; ++c) b->next[c].store(0);
-    b->run = [&job, &steps = order[j], &units = bounds[j]](int64_t k, int64_t c) {
+    SplitBoard& b = boards[j];
+    b.steps = static_cast<int64_t>(order[j].size());
+    b.chunks = C;
+    b.per_owner = (C + per_job - 1) / per_job;
+    b.next.reset(new std::atomic<int64_t>[C]);
+    for (int64_t c = 0; c < C; ++c) b.next[c].store(0);
+    b.run = [&job, &steps = order[j], &units = bounds[j]](int64_t k, int64_t c) {
       job.step_units(steps[k], k > 0 ? steps[k - 1] : -1, units[c], units[c + 1]);
     };
-    boards.push_back(std::move(b));
   }
   g_split_loops.fetch_add(1, std::memory_order_relaxed);
   // Participant p belongs to job p % n_jobs, then helps the others in turn.
-  auto participate = [boards, n_jobs, fp_bits](int64_t p) {
+  auto participate = [&](int64_t p) {
     SubnormalMode fp(fp_bits);  // NOTE [Subnormals]
     SingleThreadedBlas guard;
-    for (int64_t i = 0; i < n_jobs; ++i) take_part(*boards[(p + i) % n_jobs], p / n_jobs);
+    for (int64_t i = 0; i < n_jobs; ++i) take_part(boards[(p + i) % n_jobs], p / n_jobs);
   };
-  for (int64_t p = 1; p < per_job * n_jobs; ++p) at::launch([participate, p] { participate(p); });
-  participate(0);
-  for (auto& b : boards) {
-    if (b->steps > 0) b->signal.wait([&] { return b->done(b->steps - 1); });
-    if (b->error) std::rethrow_exception(b->error);
-  }
+  // As a team (NOTE [Unit split]): a member that starts late finds no chunk left.
+  at::parallel_for(0, per_job * n_jobs, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) participate(p);
+  });
+  for (const SplitBoard& b : boards)
+    if (b.error) std::rethrow_exception(b.error);
 }
 
 // Runs the time loop of every job (one direction each) on every slab, all (job, slab) tasks in
