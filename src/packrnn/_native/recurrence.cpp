@@ -1000,12 +1000,17 @@ constexpr double kStepOverheadRows = 4.0;
 //   * a smaller one of at least kMinHelperFlops runs on the calling thread with opportunistic
 //     helpers (NOTE [Helpers, not a team]): on an idle machine they take their share, on a busy
 //     one the calling thread does everything and waits for no one;
-//   * below that (one sentence, a few short ones) the calling thread alone: nothing to wake.
+//   * below that (one sentence, a few short ones) the calling thread alone: nothing to wake;
+//   * one sequence (b_0 = 1: one slab, so one task per direction) with at least two threads a
+//     direction and kMinSplitStepFlops a step (H >= ~90 for LSTM) splits each step by hidden
+//     units instead, as a team (NOTE [Unit split]); a bidirectional layer on two threads keeps
+//     one direction per thread.
 //   The GEMMs over all rows (input projections, weight gradients) use BLAS's threads only from
 //   kMinThreadedGemmFlops on. set_kernel_threads(n) (packrnn.set_kernel_threads,
 //   PACKRNN_NUM_THREADS) replaces these rules: n = 1 runs everything on the calling thread;
-//   n > 1 runs every loop with more than one task as a team of min(n, torch's threads, tasks),
-//   and every GEMM over all rows with BLAS's threads.
+//   n > 1 runs every loop with more than one task as a team of min(n, torch's threads, tasks)
+//   (a split one-row loop: min(n, torch's threads) threads), and every GEMM over all rows with
+//   BLAS's threads.
 constexpr double kFlopsPerThread = 2e7;
 constexpr double kMinHelperFlops = 2e6;
 constexpr double kMinThreadedGemmFlops = 8e6;
@@ -1152,9 +1157,11 @@ void run_with_helpers(int64_t count, int64_t helpers, std::function<void(int64_t
 //   whose bounds are multiples of kSplitUnitAlign (vector- and cache-line-aligned), so a split
 //   run is bit-identical to a serial one. Forward only (the inference path; backward keeps
 //   NOTE [Row slabs]), and not with proj_size > 0, which would need a second wait per step.
-//   Measured at B = 1, 2 threads, T = 200 (per-step FLOPs: H = 64 LSTM 3.4e4, H = 128 LSTM
-//   1.4e5, H = 256 LSTM 5.4e5): see kMinSplitStepFlops.
-constexpr double kMinSplitStepFlops = 1e5;
+//   kMinSplitStepFlops, measured at B = 1, T = 200, 2 threads split against 1 thread (best of
+//   150 interleaved calls on a busy 2-core machine): per-step FLOPs (flops_per_row_step) 1e4
+//   (LSTM H = 32) 0.8x; 3.5e4 (LSTM H = 64, RNN H = 128) 0.93-1.04x; 8e4 (LSTM H = 96) 1.2x;
+//   1.4e5 (LSTM H = 128) 1.3-1.4x; 5.4e5 (LSTM H = 256) 1.5-1.7x.
+constexpr double kMinSplitStepFlops = 6e4;
 constexpr int64_t kSplitUnitAlign = 16;
 constexpr int64_t kChunksPerThread = 2;
 constexpr int64_t kSpinNanos = 30000;
@@ -1308,9 +1315,11 @@ void run_split(const std::vector<Job>& jobs, const Layout& L, int64_t threads,
 }
 
 // Runs the time loop of every job (one direction each) on every slab, all (job, slab) tasks in
-// one parallel call (NOTE [Row slabs], NOTE [Direction tasks], NOTE [Helpers, not a team]). A job offers ascending() (its
-// visiting order), flops_per_row_step() and step(t, r0, r1): step t on rows [r0, r1) (never
-// empty), called concurrently for disjoint row ranges and different jobs.
+// one parallel call (NOTE [Row slabs], NOTE [Direction tasks], NOTE [Helpers, not a team]), or
+// split by units (NOTE [Unit split]). A job offers ascending() (its visiting order),
+// flops_per_row_step() and step(t, r0, r1): step t on rows [r0, r1) (never empty), called
+// concurrently for disjoint row ranges and different jobs; and kSplitsUnits (if true, what
+// run_split needs).
 template <typename Job>
 void run_jobs(const std::vector<Job>& jobs, const Layout& L) {
   const int64_t T_steps = static_cast<int64_t>(L.sizes.size());

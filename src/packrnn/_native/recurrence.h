@@ -22,8 +22,10 @@
 // threads <= D), and each (direction, slab) task runs the WHOLE time loop of its direction on
 // its slab -- per step: recurrent GEMM (single-threaded BLAS call), one fused elementwise pass
 // (gate nonlinearities + state update), and the projection GEMM for LSTM with proj_size. One
-// parallel region per call, no barrier per step. Small problems run on one thread. Each
-// direction has its own buffers below; the GEMMs over all rows after the backward loop run per
+// parallel region per call, no barrier per step. Small problems run on one thread. One
+// sequence (b_0 = 1) at large H with spare threads is the exception: each step is split by
+// hidden units over the threads, with one wait per step (NOTE [Unit split]). Each direction has
+// its own buffers below; the GEMMs over all rows after the backward loop run per
 // direction, after the parallel region.
 //
 // Subnormal floats are flushed to zero inside the kernel (FTZ and DAZ on every thread it runs
@@ -43,7 +45,8 @@
 // call and dropped at return. No buffer is allocated inside the time loop. Buffers with N rows
 // of 4 MiB or more come from a cache of blocks earlier calls released, else new 2 MiB aligned
 // transparent huge pages (NOTE [Buffer cache] in recurrence.cpp).
-// Threads write disjoint row ranges of every buffer (their slabs), never the same row.
+// Threads write disjoint row ranges of every buffer (their slabs), never the same row; in a
+// unit split, disjoint unit ranges of the one row.
 // Every buffer below is one direction's.
 //
 //   gates_x   (N, G*H)   caller    x @ w_ih^T + b_ih (+ b_hh for rnn/lstm). Read only.
