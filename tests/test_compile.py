@@ -190,3 +190,36 @@ def test_jit_script_and_trace_point_to_compile_and_export():
         torch.jit.script(module)
     with pytest.raises(RuntimeError, match="torch.jit.trace is not supported.*torch.export"):
         torch.jit.trace(module, (torch.randn(2, 3, E),))
+
+
+def test_compile_for_training_compiles_at_most_twice():
+    """What ``--compile`` runs (``compile_for_training``: inductor, dynamic shapes, torch's RNG
+    for dropout) over 10 differently shaped batches, forward and backward: at most two
+    compilations (NOTE [compiled training]), and without dropout eager's numbers."""
+    from torch._dynamo.utils import counters
+
+    from packrnn.train import compile_for_training
+
+    torch.manual_seed(4)
+    config = ModelConfig(vocab_size=30, num_classes=3, embed_dim=6, hidden_size=5,
+                         bidirectional=True, pooling="max", padding_idx=0)
+    model = SequenceClassifier(config).train()
+    net = compile_for_training(model)
+    counters.clear()
+    shapes = [(4, 7), (5, 9), (3, 4), (6, 12), (2, 3), (7, 5), (3, 11), (5, 6), (8, 8), (2, 10)]
+    for step, (batch, steps) in enumerate(shapes):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(1, 30, (batch, steps), generator=g)
+        lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+        lengths[0] = steps
+        for b, n in enumerate(lengths.tolist()):
+            ids[b, n:] = 0
+        results = []
+        for m in (model, net):
+            logits = m(ids, lengths)
+            grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+            results.append([logits.detach(), *grads])
+        for got, want in zip(*results[::-1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    compiled = counters["stats"]["unique_graphs"]
+    assert 1 <= compiled <= 2, f"compiled {compiled} graphs for 10 shapes"
