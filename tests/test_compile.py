@@ -223,3 +223,26 @@ def test_compile_for_training_compiles_at_most_twice():
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     compiled = counters["stats"]["unique_graphs"]
     assert 1 <= compiled <= 2, f"compiled {compiled} graphs for 10 shapes"
+
+
+@pytest.mark.parametrize("pool", ["mean_pool", "max_pool"])
+def test_compiled_pools_match_eager(pool):
+    """Traced, the padded pools reduce with time last (NOTE [time reductions under inductor] in
+    ``packrnn.ops``): same values and gradients as eager, extra feature dims, an empty sequence
+    and ties (which share the gradient, as torch.amax) included."""
+    fn = getattr(packrnn.ops, pool)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 4, 3, 2, dtype=torch.float64)
+    x[1, 2, 0, 1] = x[3, 2, 0, 1] = 9.0  # a tie in sequence 2's real steps
+    lengths = torch.tensor([5, 0, 4, 2])
+    results = []
+    for f in (fn, compiled):
+        xg = x.clone().requires_grad_(True)
+        out = f(xg, lengths)
+        (grad,) = torch.autograd.grad((out * torch.linspace(-1, 2, out.numel()).view_as(out)
+                                       .to(out.dtype)).sum(), xg)
+        results.append((out.detach(), grad))
+    (got, got_grad), (want, want_grad) = results[1], results[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-12)
+    assert bool(got[1].eq(0).all())  # the empty sequence
