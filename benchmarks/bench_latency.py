@@ -2,6 +2,7 @@
 
     python benchmarks/bench_latency.py [--threads 2] [--repeats 7] [--quick] [--no-onnx]
     python benchmarks/bench_latency.py --contention [--data-dir ../shared/data/ag_news]
+    python benchmarks/bench_latency.py --breakdown [--no-onnx]
 
 The model (issue 13): token ids -> ``Embedding(V=20000, E)`` -> LSTM (H, 1 or 2 layers, uni- or
 bidirectional) -> the last layer's final state (both directions) -> ``Linear(D*H, 4)``. E = 64
@@ -33,6 +34,8 @@ The step runs with ``--threads`` torch threads for both; the epochs as a user ru
 lesson with ``--threads``, ``packrnn train`` with its own default (one thread for this model).
 Without ``--data-dir`` data, the epoch runs on a synthetic AG News-format file of the same size
 (lognormal lengths, median 40 words).
+
+``--breakdown``: where one B = 1 call's time goes, on one thread (see ``breakdown``).
 
 Timings on a shared machine are noisy: the script prints the load average at start and end.
 """
@@ -208,12 +211,19 @@ def calibrate(fn: Callable[[], object], target: float = 0.02) -> int:
     return max(1, min(2000, int(target / once)))
 
 
+# Pause before each contender's round: onnxruntime's intra-op threads spin after a run (its
+# default), and OpenMP's after a parallel region; without it, the contender timed next shares
+# the 2 cores with them (the first contender of each round read up to 2x slow).
+SETTLE_S = 0.05
+
+
 def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Best mean seconds per call over ``repeats`` interleaved rounds, per contender."""
     counts = {name: calibrate(fn) for name, fn in fns.items()}
     best = {name: math.inf for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             for _ in range(counts[name]):
                 fn()
@@ -343,6 +353,79 @@ def small_batches(args, with_ort: bool) -> bool:
               f"{fmt(train['packrnn'])} | {fmt(train['torch padded'])} | "
               f"{r_train:.2f}x {verdict(r_train >= GOAL_B16_TRAIN_VS_TORCH)} |", flush=True)
     return ok_all
+
+
+# ----------------------------------------------------------------------------------------------
+# where the time goes
+
+def cpu_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best mean CPU seconds of the calling thread per call (``time.thread_time``): for
+    single-threaded calls it does not count the time the OS gives the core to someone else,
+    so it is steadier than wall time on a shared machine."""
+    counts = {name: calibrate(fn) for name, fn in fns.items()}
+    best = {name: math.inf for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.thread_time()
+            for _ in range(counts[name]):
+                fn()
+            best[name] = min(best[name], (time.thread_time() - start) / counts[name])
+    return best
+
+
+def breakdown(args, with_ort: bool) -> None:
+    """Section 3 (issue 13: "say where the remaining time goes"): one B = 1 call, 1 layer,
+    unidirectional, on ONE thread, cut into its parts:
+
+    * **Python**: the classifier's call minus the operator's (argument checks, module calls,
+      embedding, pooling, the linear head, the operator's Python wrapper);
+    * **op fixed**: the stacked operator on a ONE-step sequence minus that step's projection:
+      the dispatcher, argument checks, allocations, the state copies;
+    * **projection**: the input projection of all T rows (one GEMM);
+    * **time loop**: the rest of the operator's time, per step (the matrix-vector product
+      h @ w_hh^T and the fused gate update).
+    """
+    from packrnn import _native
+
+    print("\n## Where a B = 1 call's time goes (1 layer, uni, 1 thread, thread CPU time)\n")
+    print("| H | T | packrnn call | Python | op fixed | projection | time loop | per step | "
+          "torch padded | onnxruntime |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for hidden in args.hidden:
+            for length in args.lengths:
+                models = Models(hidden, 1, False)
+                ids, lengths = make_batch(1, length)
+                layer = models.packrnn.rnn
+                weights = [w.detach() for w in layer._flat_weights]
+                with torch.no_grad():
+                    emb = models.packrnn.embedding(ids)[0]  # (T, E)
+                ops = _native._ops()
+
+                def op(rows: torch.Tensor):
+                    sizes = torch.ones(rows.shape[0], dtype=torch.int64)
+                    return lambda: ops.stack_forward("lstm", sizes, rows, weights, None, None, 1,
+                                                     False, True, False)
+
+                fns = {"call": lambda: models.packrnn(ids, lengths), "op": op(emb),
+                       "op1": op(emb[:1].clone()),
+                       "proj": lambda: torch.addmm(weights[2], emb, weights[0].t()),
+                       "proj1": lambda: torch.addmm(weights[2], emb[:1], weights[0].t()),
+                       "torch": lambda: models.torch_padded(ids, lengths)}
+                if with_ort:
+                    fns["ort"] = ort_session(models.torch_packed, ids, lengths, 1)
+                with torch.no_grad():
+                    t = cpu_times(fns, args.repeats)
+                fixed = max(t["op1"] - t["proj1"], 0.0)
+                loop = max(t["op"] - fixed - t["proj"], 0.0)
+                cells = [fmt(t["call"]), fmt(t["call"] - t["op"]), fmt(fixed), fmt(t["proj"]),
+                         fmt(loop), f"{loop / length * 1e6:.1f} us", fmt(t["torch"]),
+                         fmt(t["ort"]) if "ort" in t else "-"]
+                print(f"| {hidden} | {length} | {' | '.join(cells)} |", flush=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,6 +566,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: H=32, length 40, 1 layer, 2 rounds")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime column")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only the B = 1 time breakdown (Python, op fixed cost, projection, loop)")
     p.add_argument("--contention", action="store_true",
                    help="only the contention section (slowdown beside a CPU-bound process)")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "ag_news",
@@ -503,6 +588,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ok = True
     if args.contention:
         ok = contention(args)
+    elif args.breakdown:
+        why = onnx_status() if not args.no_onnx else "--no-onnx"
+        breakdown(args, why is None)
     else:
         why = None if not args.no_onnx else "onnxruntime column skipped: --no-onnx"
         why = why or onnx_status()
@@ -515,7 +603,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ok_single = single_sequence(args, why is None)
         ok = small_batches(args, why is None) and ok_single
     print(f"\nload average (1, 5, 15 min) at end: {load_average()}")
-    print(f"all goals: {verdict(ok)}")
+    if not args.breakdown:
+        print(f"all goals: {verdict(ok)}")
     return 0
 
 

@@ -204,6 +204,49 @@ def test_inference_lane_matches_torch_and_the_reference(kind, batch_first, dtype
         assert_same(ref, want, dtype)
 
 
+@DTYPES
+@pytest.mark.parametrize("lengths", [[7, 3, 7, 1, 4], [7, 0, 3, 0], [5, 5]],
+                         ids=["unsorted", "zero-length", "sorted"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_inference_lane_matches_torch_and_the_gradient_path(kind, lengths, dtype,
+                                                                   monkeypatch):
+    """A PackedSequence without hx under no_grad runs the stacked operator (NOTE [Inference
+    lane]): torch's numbers, states in the original order, zero-length sequences keep zeros."""
+    reference, ours = layer_pair(kind, dtype, input_size=6, hidden_size=10, num_layers=2,
+                                 bidirectional=True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, len(lengths), 6, generator=g, dtype=torch.float64).to(dtype)
+    packed = packrnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    lane_results = []
+    lane = functional._infer_packed
+    monkeypatch.setattr(functional, "_infer_packed",
+                        lambda **kw: lane_results.append(lane(**kw)) or lane_results[-1])
+    with torch.no_grad():
+        out, state = ours(packed)  # the lane (native), else the selected backend
+    assert len(lane_results) == 1
+    if _NATIVE_ERROR is None and os.environ.get(backend.ENV_VAR) != "python":
+        assert lane_results[0] is not None  # the stacked operator ran
+    grad_out, grad_state = ours(packed)  # the gradient path: layer by layer
+    assert isinstance(out, packrnn.PackedSequence)
+    torch.testing.assert_close(out.data, grad_out.data.detach(), rtol=0, atol=0)
+    for got, want in zip(states(state), states(grad_state)):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    real = [n for n in lengths if n > 0]
+    if len(real) == len(lengths):  # torch packs no zero-length sequence
+        with torch.no_grad():
+            want_out, want_state = reference(tnn_rnn.pack_padded_sequence(
+                x, lengths, enforce_sorted=False))
+        assert_same(out.data, want_out.data, dtype)
+        for got, want in zip(states(state), states(want_state)):
+            assert_same(got, want, dtype)
+    else:
+        empty = torch.tensor(lengths) == 0
+        for got in states(state):
+            assert got.shape[1] == len(lengths) and bool(got[:, empty].eq(0).all())
+    padded, _ = packrnn.pad_packed_sequence(out)  # the output is a valid PackedSequence
+    assert padded.shape == (max(lengths), len(lengths), 20 if kind != "lstm_proj" else 6)
+
+
 @native_only
 def test_inference_lane_keeps_dropout_between_layers_in_training_mode():
     """No gradients but training mode with dropout: the lane steps aside, the masks are drawn as

@@ -489,7 +489,8 @@ def _stacked(impl, dropout_between_layers: bool, *tensors: Optional[Tensor]) -> 
 
 # NOTE [Inference lane]
 # A module called without gradients on a padded batch without lengths or hx (every step real:
-# one sentence, or a batch of equal lengths) goes straight to the stacked operator: no state
+# one sentence, or a batch of equal lengths), or on a PackedSequence without hx, goes straight
+# to the stacked operator: no state
 # tensors to build (the kernel makes the zeros), no batch_sizes to build (cached per shape),
 # no Python re-check of the module's own weights (the operator checks every shape). At B = 1
 # these per-call costs are otherwise as large as the kernel's work.
@@ -504,14 +505,27 @@ def _infer(*, mode: str, rows: Tensor, weights: Sequence[Tensor], bias: bool, nu
     """The inference lane (NOTE [Inference lane]): (output (T*B, D*H_out), h_n, c_n or None) of
     the time-major rows (T, B, E), every step real, zero initial states, no dropout, no
     gradients; or None where the lane does not apply (the caller then runs ``_run``)."""
-    impl = _get_backend(backend, rows.dtype)
     steps, batch = rows.shape[0], rows.shape[1]
-    if (not hasattr(impl, "stack_forward") or rows.device.type != "cpu" or steps == 0
-            or batch == 0 or torch.compiler.is_compiling()):
+    if steps == 0 or batch == 0:
+        return None
+    return _infer_packed(mode=mode, data=rows.reshape(steps * batch, rows.shape[2]),
+                         batch_sizes=_full_batch_sizes(steps, batch), h0=None, c0=None,
+                         weights=weights, bias=bias, num_layers=num_layers,
+                         bidirectional=bidirectional, backend=backend)
+
+
+def _infer_packed(*, mode: str, data: Tensor, batch_sizes: Tensor, h0: Optional[Tensor],
+                  c0: Optional[Tensor], weights: Sequence[Tensor], bias: bool, num_layers: int,
+                  bidirectional: bool, backend: Optional[str]):
+    """The inference lane for packed rows (NOTE [Inference lane]): (output (N, D*H_out), h_n,
+    c_n or None) in the rows' sorted order, or None where the lane does not apply. ``batch_sizes``
+    is valid (a checked PackedSequence's); ``h0`` / ``c0`` None: zeros of batch_sizes[0] rows."""
+    impl = _get_backend(backend, data.dtype)
+    if (not hasattr(impl, "stack_forward") or data.device.type != "cpu" or data.shape[0] == 0
+            or torch.compiler.is_compiling()):
         return None
     return impl.stack_forward(
-        mode=mode, batch_sizes=_full_batch_sizes(steps, batch),
-        x=rows.reshape(steps * batch, rows.shape[2]), weights=weights, h0=None, c0=None,
+        mode=mode, batch_sizes=batch_sizes, x=data, weights=weights, h0=h0, c0=c0,
         num_layers=num_layers, bidirectional=bidirectional, bias=bias, padded=False)
 
 

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .ops import lengths_to_mask, max_pool, mean_pool
-from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from .packing import (PackedSequence, _validated, check_packed_sequence, pack_padded_sequence,
+                      pad_packed_sequence)
 from .rnn import GRU, LSTM, RNN
 
 __all__ = ["ModelConfig", "SequenceClassifier", "load_vectors", "CELLS", "POOLINGS",
@@ -239,6 +240,9 @@ class SequenceClassifier(nn.Module):
         if ids.numel() == 0 or torch.compiler.is_compiling():
             return
         vocab_size = self.config.vocab_size
+        low, high = torch.aminmax(ids)  # one pass: the common case, every id in range
+        if int(low) >= 0 and int(high) < vocab_size:
+            return
         outside = (ids < 0) | (ids >= vocab_size)  # (B, T) or (N,)
         if lengths is not None:
             outside &= lengths_to_mask(lengths, ids.shape[1], batch_first=True).to(ids.device)
@@ -274,10 +278,11 @@ class SequenceClassifier(nn.Module):
 
     def _forward_packed(self, packed_ids: PackedSequence) -> Tensor:
         c = self.config
+        batch = check_packed_sequence(packed_ids, "ids")  # free for packrnn's own packing
         emb = self.embedding(packed_ids.data.long())  # (N, E): real steps only
         emb = _dropout(self.embed_dropout, emb)
-        packed = PackedSequence(emb, packed_ids.batch_sizes, packed_ids.sorted_indices,
-                                packed_ids.unsorted_indices)
+        packed = _validated(PackedSequence(emb, packed_ids.batch_sizes, packed_ids.sorted_indices,
+                                           packed_ids.unsorted_indices), batch)
         out, h = self.rnn(packed)  # out.data (N, D); h_n (layers*dirs, B, H)
         if c.pooling == "last":
             z = self._last_state(h)

@@ -284,7 +284,11 @@ def packing_order(
             f"pack an unsorted batch"
         )
     if enforce_sorted is False or not is_sorted:
-        return sorted_lengths, sorted_indices, invert_permutation(sorted_indices)
+        if _np is None or torch.compiler.is_compiling():
+            return sorted_lengths, sorted_indices, invert_permutation(sorted_indices)
+        inverse = _np.empty(batch, dtype=_np.int64)  # (B,): ~1 us on numpy, ~8 as a scatter
+        inverse[sorted_indices.numpy()] = _np.arange(batch)
+        return sorted_lengths, sorted_indices, torch.from_numpy(inverse)
     if batch and int(lengths[-1]) == 0:  # NOTE [zero-length sequences]: keep B recoverable
         identity = torch.arange(batch)
         return lengths, identity, identity.clone()
@@ -519,6 +523,24 @@ def _layout_from_lengths(sorted_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor
     return mask.sum(1), t_idx, j_idx
 
 
+def _packed_rows(sorted_lengths: Tensor, sorted_indices: Tensor | None, batch: int, steps: int,
+                 batch_first: bool) -> tuple[Tensor, Tensor]:
+    """``(batch_sizes, flat)`` of a contiguous padded input: ``flat`` (N,) holds the row of
+    each packed step in the input's flat ``(B*T, *)`` (``batch_first``) or ``(T*B, *)`` view.
+
+    What :func:`_layout_from_lengths` and :func:`_gather_steps` compute, on numpy's views of
+    the small CPU index tensors: packing a small batch costs ~1 us an op there instead of ~5.
+    """
+    lengths_np = sorted_lengths.numpy()  # (B,) decreasing
+    max_len = int(lengths_np[0]) if lengths_np.size else 0
+    mask = _np.arange(max_len)[:, None] < lengths_np  # (T', B) real step?
+    t_idx, j_idx = mask.nonzero()  # (N,), (N,) row-major = packed order
+    b_idx = j_idx if sorted_indices is None else sorted_indices.numpy()[j_idx]  # original column
+    flat = b_idx * steps + t_idx if batch_first else t_idx * batch + b_idx  # (N,)
+    return (torch.from_numpy(mask.sum(1, dtype=_np.int64)),
+            torch.from_numpy(flat.astype(_np.int64, copy=False)))
+
+
 def _layout_from_batch_sizes(batch_sizes: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
     """Packed layout from ``batch_sizes``: ``(sorted_lengths, t_idx, j_idx)``, all CPU int64.
 
@@ -636,9 +658,14 @@ def pack_padded_sequence(
 
     sorted_lengths, sorted_indices, unsorted_indices = packing_order(lengths, enforce_sorted)
 
-    batch_sizes, t_idx, j_idx = _layout_from_lengths(sorted_lengths)  # (T',), (N,), (N,)
-    b_idx = j_idx if sorted_indices is None else sorted_indices[j_idx]  # (N,) original column
-    data = _gather_steps(input, b_idx, t_idx, batch_first)  # (N, *)
+    if _np is not None and input.is_contiguous() and not torch.compiler.is_compiling():
+        batch_sizes, flat = _packed_rows(sorted_lengths, sorted_indices, batch, steps, batch_first)
+        data = input.reshape((batch * steps,) + input.shape[2:]).index_select(
+            0, flat.to(input.device))  # (N, *)
+    else:
+        batch_sizes, t_idx, j_idx = _layout_from_lengths(sorted_lengths)  # (T',), (N,), (N,)
+        b_idx = j_idx if sorted_indices is None else sorted_indices[j_idx]  # (N,) original column
+        data = _gather_steps(input, b_idx, t_idx, batch_first)  # (N, *)
 
     if sorted_indices is not None:
         sorted_indices = sorted_indices.to(input.device)

@@ -384,8 +384,36 @@ class _RNNBase(nn.Module):
             raise InputError(f"input.data: expected a 2-D tensor (N, E), got shape "
                              f"{tuple(input.data.shape)}")
         _check_input_features(input.data, "input.data", self.input_size, self.weight_ih_l0)
+        if hx is None and not torch.is_grad_enabled():
+            result = self._packed_inference(input, batch)  # NOTE [Inference lane] in functional
+            if result is not None:
+                return result
         h0, c0 = self._prepare_hx(hx, batch, input.data, unbatched=False)
         packed_out, h_n, c_n = self._forward_sorted(input, h0, c0, batch, zero_state=hx is None)
+        return self._finish(packed_out, h_n, c_n)
+
+    def _packed_inference(self, packed, batch: int):
+        """A checked PackedSequence of ``batch`` sequences without hx or gradients: the inference
+        lane (NOTE [Inference lane] in ``functional``), or None where it does not apply."""
+        if self.training and self.dropout > 0 and self.num_layers > 1:
+            return None
+        data, batch_sizes = packed.data, packed.batch_sizes
+        h0 = c0 = None  # the kernel's zeros, for batch_sizes[0] rows
+        if batch_sizes.numel() and batch > int(batch_sizes[0]):  # zero-length sequences
+            h0, c0 = self._prepare_hx(None, batch, data, unbatched=False)
+        result = functional._infer_packed(
+            mode=self.mode.lower(), data=data, batch_sizes=batch_sizes, h0=h0, c0=c0,
+            weights=self._flat_weights, bias=self.bias, num_layers=self.num_layers,
+            bidirectional=self.bidirectional, backend=self.backend)
+        if result is None:
+            return None
+        out, h_n, c_n = result
+        sorted_indices, unsorted_indices = packed.sorted_indices, packed.unsorted_indices
+        if unsorted_indices is not None:
+            h_n = h_n.index_select(1, unsorted_indices)
+            c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
+        packed_out = _validated(  # NOTE [validated PackedSequence]
+            PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), batch)
         return self._finish(packed_out, h_n, c_n)
 
     def _forward_sorted(self, packed, h0: Tensor, c0: Optional[Tensor], batch: int,
