@@ -27,6 +27,14 @@ calls per round, the variants interleaved round by round, and the best of ``--re
 counts. torch and onnxruntime get the same number of intra-op threads (``--threads``, default
 torch's current count), and both are printed. Goal (issue 10): the served model at least as
 fast as packrnn eager at B=1, at both lengths, for every configuration.
+
+``--split-directions`` (bidirectional configurations) adds an experiment, **onnx 2-node**: the
+same file with each bidirectional recurrent node rewritten as a forward and a reverse node
+(the same operator and weights, outputs concatenated: identical logits), served with
+onnxruntime's parallel executor (``--threads`` inter-op threads, 1 intra-op thread). Why:
+onnxruntime's CPU LSTM/GRU run a bidirectional node's directions one after the other and
+spread the time loop only over chunks of the batch, so at B=1 extra intra-op threads have
+nothing to do, while packrnn runs the two directions on two threads at once.
 """
 
 from __future__ import annotations
@@ -111,6 +119,65 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def split_directions(path: Path, out: Path) -> bool:
+    """Write ``path`` with every bidirectional LSTM/GRU/RNN node as a forward and a reverse node
+    (``--split-directions``); False if it has none."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes, split = [], False
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type not in ("LSTM", "GRU", "RNN") or attrs.get("direction") != b"bidirectional":
+            nodes.append(node)
+            continue
+        split = True
+        ys, states = [], []
+        for d, direction in enumerate(("forward", "reverse")):
+            inputs = list(node.input)
+            for k in (1, 2, 3):  # W, R, B: (dirs, ...) -> this direction's (1, ...)
+                array = numpy_helper.to_array(weights[node.input[k]])[d:d + 1]
+                inputs[k] = f"{node.input[k]}_{direction}"
+                model.graph.initializer.append(numpy_helper.from_array(array, inputs[k]))
+            one = dict(attrs, direction=direction)
+            if "activations" in one:  # the first half is the forward direction's
+                n = len(one["activations"]) // 2
+                one["activations"] = one["activations"][d * n:(d + 1) * n]
+            outs = [f"{o}_{direction}" for o in node.output]
+            nodes.append(helper.make_node(node.op_type, inputs, outs,
+                                          name=f"{node.name}_{direction}", **one))
+            ys.append(outs[0])
+            states.append(outs[1])
+        nodes.append(helper.make_node("Concat", ys, [node.output[0]], axis=1))  # (T, 2, B, H)
+        nodes.append(helper.make_node("Concat", states, [node.output[1]], axis=0))  # (2, B, H)
+    if not split:
+        return False
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return True
+
+
+def parallel_session(path: Path, threads: int):
+    """onnxruntime's parallel executor: ``threads`` inter-op threads, 1 intra-op thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = threads
+    options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def export_plain(plain: PlainLSTMClassifier, path: Path) -> None:
     import warnings
 
@@ -148,6 +215,9 @@ def bench_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     export_s = time.perf_counter() - start
     export_plain(plain, plain_path)
     ours, theirs = session(ours_path, args.threads), session(plain_path, args.threads)
+    split_path = tmp / f"{name}_split.onnx"
+    split = (parallel_session(split_path, args.threads)
+             if args.split_directions and split_directions(ours_path, split_path) else None)
 
     def runners(ids: np.ndarray, lengths: np.ndarray) -> dict[str, Callable[[], object]]:
         ids_t, lengths_t = torch.from_numpy(ids), torch.from_numpy(lengths)
@@ -156,9 +226,13 @@ def bench_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
             with torch.inference_mode():
                 return model(ids_t, lengths_t).numpy()
 
-        return {"eager": eager,
-                "onnx": lambda: ours.run(["logits"], {"ids": ids, "lengths": lengths})[0],
-                "torch.onnx": lambda: theirs.run(["logits"], {"ids": ids})[0]}
+        result = {"eager": eager,
+                  "onnx": lambda: ours.run(["logits"], {"ids": ids, "lengths": lengths})[0],
+                  "torch.onnx": lambda: theirs.run(["logits"], {"ids": ids})[0]}
+        if split is not None:
+            result["onnx 2-node"] = lambda: split.run(["logits"],
+                                                      {"ids": ids, "lengths": lengths})[0]
+        return result
 
     rows = {}
     for length in (40, 200):
@@ -166,7 +240,7 @@ def bench_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         ids = make_batch(lengths)
         rs = runners(ids, lengths)
         outs = {k: r() for k, r in rs.items()}
-        diff = max(float(np.abs(outs[k] - outs["eager"]).max()) for k in ("onnx", "torch.onnx"))
+        diff = max(float(np.abs(outs[k] - outs["eager"]).max()) for k in outs if k != "eager")
         rows[f"B=1 L={length}"] = (best_time(rs, args.repeats, args.calls), diff)
     lengths = ag_news_lengths(args.batch)
     ids = make_batch(lengths)
@@ -174,7 +248,7 @@ def bench_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     outs = {k: r() for k, r in rs.items()}
     rows[f"B={args.batch}"] = (best_time(rs, args.repeats, max(1, args.calls // 10)),
                                {k: float(np.abs(outs[k] - outs["eager"]).max())
-                                for k in ("onnx", "torch.onnx")})
+                                for k in outs if k != "eager"})
     return {"export_s": export_s, "rows": rows, "size_mb": ours_path.stat().st_size / 1e6,
             "lengths": lengths}
 
@@ -190,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=50,
                    help="calls per round at B=1; a tenth of it at the large batch (default: 50)")
     p.add_argument("--batch", type=int, default=256, help="throughput batch (default: 256)")
+    p.add_argument("--split-directions", action="store_true",
+                   help="also time the bidirectional layers as two nodes under onnxruntime's "
+                        "parallel executor (see the module docstring)")
     p.add_argument("--quick", action="store_true",
                    help="check that the script works: 2 rounds of 3 calls, batch 32")
     args = p.parse_args(argv)
@@ -227,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
                     cells = [f"{args.batch / t[k]:7.0f}/s" for k in ("eager", "onnx", "torch.onnx")]
                 print(f"  {case:<12} {cells[0]:>10} {cells[1]:>10} {cells[2]:>11}   "
                       f"{t['eager'] / t['onnx']:9.2f}x {t['torch.onnx'] / t['onnx']:14.2f}x")
+                if "onnx 2-node" in t:
+                    two = t["onnx 2-node"]
+                    cell = (f"{two * 1e3:.3f}ms" if case.startswith("B=1 ")
+                            else f"{args.batch / two:.0f}/s")
+                    print(f"  {'':<12} onnx 2-node (parallel executor): {cell}, "
+                          f"eager/2-node {t['eager'] / two:.2f}x")
             b1 = max(d for c, (_, d) in r["rows"].items() if c.startswith("B=1 "))
             big = r["rows"][f"B={args.batch}"][1]
             print(f"  max |logits - eager|: B=1 {b1:.1e} (all three); B={args.batch} onnx "

@@ -190,3 +190,59 @@ def test_jit_script_and_trace_point_to_compile_and_export():
         torch.jit.script(module)
     with pytest.raises(RuntimeError, match="torch.jit.trace is not supported.*torch.export"):
         torch.jit.trace(module, (torch.randn(2, 3, E),))
+
+
+def test_compile_for_training_compiles_at_most_twice():
+    """What ``--compile`` runs (``compile_for_training``: inductor, dynamic shapes, torch's RNG
+    for dropout) over 10 differently shaped batches, forward and backward: at most two
+    compilations (NOTE [compiled training]), and without dropout eager's numbers."""
+    from torch._dynamo.utils import counters
+
+    from packrnn.train import compile_for_training
+
+    torch.manual_seed(4)
+    config = ModelConfig(vocab_size=30, num_classes=3, embed_dim=6, hidden_size=5,
+                         bidirectional=True, pooling="max", padding_idx=0)
+    model = SequenceClassifier(config).train()
+    net = compile_for_training(model)
+    counters.clear()
+    shapes = [(4, 7), (5, 9), (3, 4), (6, 12), (2, 3), (7, 5), (3, 11), (5, 6), (8, 8), (2, 10)]
+    for step, (batch, steps) in enumerate(shapes):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(1, 30, (batch, steps), generator=g)
+        lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+        lengths[0] = steps
+        for b, n in enumerate(lengths.tolist()):
+            ids[b, n:] = 0
+        results = []
+        for m in (model, net):
+            logits = m(ids, lengths)
+            grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+            results.append([logits.detach(), *grads])
+        for got, want in zip(*results[::-1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    compiled = counters["stats"]["unique_graphs"]
+    assert 1 <= compiled <= 2, f"compiled {compiled} graphs for 10 shapes"
+
+
+@pytest.mark.parametrize("pool", ["mean_pool", "max_pool"])
+def test_compiled_pools_match_eager(pool):
+    """Traced, the padded pools reduce with time last (NOTE [time reductions under inductor] in
+    ``packrnn.ops``): same values and gradients as eager, extra feature dims, an empty sequence
+    and ties (which share the gradient, as torch.amax) included."""
+    fn = getattr(packrnn.ops, pool)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 4, 3, 2, dtype=torch.float64)
+    x[1, 2, 0, 1] = x[3, 2, 0, 1] = 9.0  # a tie in sequence 2's real steps
+    lengths = torch.tensor([5, 0, 4, 2])
+    results = []
+    for f in (fn, compiled):
+        xg = x.clone().requires_grad_(True)
+        out = f(xg, lengths)
+        (grad,) = torch.autograd.grad((out * torch.linspace(-1, 2, out.numel()).view_as(out)
+                                       .to(out.dtype)).sum(), xg)
+        results.append((out.detach(), grad))
+    (got, got_grad), (want, want_grad) = results[1], results[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-12)
+    assert bool(got[1].eq(0).all())  # the empty sequence

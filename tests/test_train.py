@@ -589,6 +589,32 @@ def test_compiled_training_matches_eager(data, tmp_path):
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(packrnn.backend_name() != "native", reason="compile traces the native ops")
+def test_compiled_training_resumes_exactly(data, tmp_path):
+    """--compile: a run killed mid-epoch resumes from its checkpoint (weights, Adam's moments and
+    step counts, RNG states) and ends exactly where an uninterrupted compiled run ends; dropout
+    draws from torch's generator (NOTE [compiled training]), so the saved states replay it."""
+    torch._dynamo.reset()
+    kw = dict(compile=True, epochs=1, checkpoint_every_steps=4, embed_dropout=0.2, lr=0.01)
+    straight = train(config(data, tmp_path / "straight", **kw))
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train(config(data, out, **kw), on_step=_kill_at(6))
+    assert load_checkpoint(out)["step"] == 4
+    resumed = train(config(data, out, resume=True, **kw))
+    assert [(m.train_loss, m.train_accuracy, m.test_loss, m.test_accuracy) for m in resumed] == \
+           [(m.train_loss, m.train_accuracy, m.test_loss, m.test_accuracy) for m in straight]
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(out)
+    for k in a["model_state"]:
+        torch.testing.assert_close(b["model_state"][k], a["model_state"][k], rtol=0, atol=0)
+    want, got = a["optimizer_state"]["adam"], b["optimizer_state"]["adam"]
+    assert want["state"].keys() == got["state"].keys() and len(want["state"]) > 0
+    for i, moments in want["state"].items():
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got["state"][i][name], moments[name], rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 def test_compile_is_for_the_classifier_only(data, tmp_path):
     with pytest.raises(ValueError, match="compile"):
         config(data, tmp_path / "x", task="lm", compile=True)

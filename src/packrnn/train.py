@@ -645,8 +645,9 @@ class _Loop:
         if ctx.distributed:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        if cfg.compile:  # the training forward only; evaluation runs the model eagerly
-            self.net = torch.compile(self.net)
+        if cfg.compile:  # the training steps only; evaluation runs the model eagerly
+            self.net = compile_for_training(self.net)
+        self.train_step = _Step(task, model, self.net, self.optimizer, cfg.grad_clip)
 
     def run(self, on_step: Callable[[int], None] | None,
             cleanup: contextlib.ExitStack) -> list[EpochMetrics]:
@@ -674,20 +675,14 @@ class _Loop:
         return self.history
 
     def _train_step(self, batch: Any, total: int) -> StepStats:
-        """What one training step does: the task's loss, backward, clipping, Adam."""
-        loss, stats = self.task.step(self.net, batch, self.ctx.device)
-        loss_value = float(loss.detach())
+        """One training step (``_Step``); a loss that is not finite stops the run."""
+        loss_value, stats = self.train_step(batch, self.ctx.device)
         if not math.isfinite(loss_value):
             raise TrainError(
                 f"loss: expected a finite number, got {loss_value} at step {self.step + 1} "
                 f"(epoch {self.epoch + 1}, batch {self.step_in_epoch + 1} of {total}); stopped, "
                 f"the checkpoint in {str(self.out)!r} holds the steps before it: lower --lr or "
                 "set --grad-clip")
-        self.optimizer.zero_grad()
-        loss.backward()
-        if self.cfg.grad_clip is not None:
-            _clip_grad_norm(self.model, self.cfg.grad_clip)
-        self.optimizer.step()
         return stats
 
     def _run_epoch(self, batches: list[list[int]], collate: Callable,
@@ -792,6 +787,55 @@ class _Loop:
             f"interrupted after step {self.step} (epoch {self.epoch + 1}, batch {in_epoch} of "
             f"{total}); checkpoint saved in {str(self.out)!r}: continue with "
             f"`packrnn train --resume --output {self.out}`")
+
+
+class _Step:
+    """What one training step does: the task's loss, backward, clipping, the optimizer step.
+
+    ``net`` is what the step calls: the model, DDP-wrapped under torchrun, compiled with
+    ``--compile`` (``compile_for_training``); ``model`` is the bare module (clipping).
+    ``_Loop`` runs it; ``benchmarks/bench_compile.py`` times it, eager against compiled.
+    Returns the loss's value and the batch's ``StepStats``; a loss that is not finite skips
+    the update (the loop then stops the run).
+    """
+
+    def __init__(self, task: Task, model: nn.Module, net: nn.Module, optimizer: _Adam,
+                 grad_clip: float | None) -> None:
+        self.task, self.model, self.net = task, model, net
+        self.optimizer, self.grad_clip = optimizer, grad_clip
+
+    def __call__(self, batch: Any, device: torch.device) -> tuple[float, StepStats]:
+        loss, stats = self.task.step(self.net, batch, device)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            return loss_value, stats
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.grad_clip is not None:
+            _clip_grad_norm(self.model, self.grad_clip)
+        self.optimizer.step()
+        return loss_value, stats
+
+
+# NOTE [compiled training]
+# `--compile` compiles the module the steps call: its forward and, through AOTAutograd, its
+# backward, with the recurrent layers as one opaque `packrnn::layer_forward` each. The rest of
+# the step stays as in eager training, on purpose:
+# - The optimizer step stays torch's fused Adam (`_Adam`): one vectorised pass per parameter
+#   already, and the dense update over the embedding is most of a small model's step.
+#   Compiling it (torch's "compiling the optimizer" recipe: `torch.compile(opt.step)` over the
+#   non-fused Adam, which inductor fuses itself) measured slower on CPU than the fused kernel
+#   (lesson size, 1 thread: 7.5 vs 6.3 ms a step), and compiling the fused one changes nothing.
+# - `dynamic=True`: batches of every size share one graph from the first call (without it the
+#   first call compiles for its exact sizes and the second recompiles). Inductor may still
+#   specialise once on a size (e.g. a float sum over more or fewer than 4096 rows), so an
+#   epoch compiles at most twice; `tests/test_compile.py` counts.
+# - `fallback_random`: dropout draws with torch's generator (`bernoulli_`), as eager does.
+#   Inductor's own CPU random numbers cost a Philox call per element in a scalar loop: on the
+#   recommended model's embedding dropout (64 x 45 x 128 draws) about 5 ms more a step.
+def compile_for_training(net: nn.Module) -> nn.Module:
+    """``torch.compile`` of the module a training step calls (NOTE [compiled training])."""
+    return torch.compile(net, dynamic=True, options={"fallback_random": True})
 
 
 def _empty_accum() -> dict[str, float]:
