@@ -126,6 +126,24 @@ def test_inductor_dropout_matches_eager_with_fallback_random():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def assert_classifier_matches(model, compiled, seed: int, batch: int, steps: int, **tol) -> None:
+    """Logits and every parameter's gradient of ``compiled`` equal ``model``'s (eager) on a
+    random (batch, steps) batch of ids padded with 0 after each length (the first is full)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 30, (batch, steps), generator=g)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+    lengths[0] = steps
+    for b, n in enumerate(lengths.tolist()):
+        ids[b, n:] = 0
+    results = []
+    for m in (model, compiled):
+        logits = m(ids, lengths)
+        grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+        results.append([logits.detach(), *grads])
+    for got, want in zip(*results[::-1]):
+        torch.testing.assert_close(got, want, **tol)
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean", "max", "mean_padded"])
 def test_compiled_classifier_matches_eager(pooling):
     torch.manual_seed(3)
@@ -135,19 +153,7 @@ def test_compiled_classifier_matches_eager(pooling):
     model = SequenceClassifier(config).train()  # dropouts are 0 by default
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for step, (batch, steps) in enumerate([(4, 7), (3, 5)]):
-        g = torch.Generator().manual_seed(step)
-        ids = torch.randint(1, 30, (batch, steps), generator=g)
-        lengths = torch.randint(1, steps + 1, (batch,), generator=g)
-        lengths[0] = steps
-        for b, n in enumerate(lengths.tolist()):
-            ids[b, n:] = 0
-        results = []
-        for m in (model, compiled):
-            logits = m(ids, lengths)
-            grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
-            results.append([logits.detach(), *grads])
-        for got, want in zip(*results[::-1]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert_classifier_matches(model, compiled, step, batch, steps, rtol=1e-5, atol=1e-6)
 
 
 def test_export_classifier_dynamic_batch_and_time():
@@ -208,19 +214,7 @@ def test_compile_for_training_compiles_at_most_twice():
     counters.clear()
     shapes = [(4, 7), (5, 9), (3, 4), (6, 12), (2, 3), (7, 5), (3, 11), (5, 6), (8, 8), (2, 10)]
     for step, (batch, steps) in enumerate(shapes):
-        g = torch.Generator().manual_seed(step)
-        ids = torch.randint(1, 30, (batch, steps), generator=g)
-        lengths = torch.randint(1, steps + 1, (batch,), generator=g)
-        lengths[0] = steps
-        for b, n in enumerate(lengths.tolist()):
-            ids[b, n:] = 0
-        results = []
-        for m in (model, net):
-            logits = m(ids, lengths)
-            grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
-            results.append([logits.detach(), *grads])
-        for got, want in zip(*results[::-1]):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert_classifier_matches(model, net, step, batch, steps, rtol=1e-4, atol=1e-5)
     compiled = counters["stats"]["unique_graphs"]
     assert 1 <= compiled <= 2, f"compiled {compiled} graphs for 10 shapes"
 
