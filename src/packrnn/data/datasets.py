@@ -37,7 +37,7 @@ import numbers
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -395,18 +395,9 @@ def read_jsonl(
     keys = text_keys + ([label_key] if label_key is not None else [])
     name, text = _read_text(path, skip_bad_rows)
     rows = _Rows(name, skip_bad_rows)
-    # Not str.splitlines: it also splits at U+2028 and other characters JSON strings may hold.
-    for number, raw in enumerate(_LINE_END.split(text), start=1):
-        raw = raw.strip()
-        if not raw:
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            rows.bad(number, f"expected a JSON object, got invalid JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(obj, dict):
-            rows.bad(number, f"expected a JSON object, got a JSON {type(obj).__name__}")
+    for number, obj, error in _json_objects(text):
+        if error is not None:
+            rows.bad(number, error)
             continue
         missing = [k for k in keys if k not in obj]
         if missing:
@@ -423,6 +414,25 @@ def read_jsonl(
             continue
         rows.add(number, " ".join(obj[k] for k in text_keys), str(label).strip())
     return rows.finish()
+
+
+def _json_objects(text: str) -> Iterator[tuple[int, dict | None, str | None]]:
+    """The non-blank lines of a JSON Lines text, each as ``(line number, object, None)``, or as
+    ``(line number, None, reason)`` when it is not a JSON object (shared by the JSONL readers)."""
+    # Not str.splitlines: it also splits at U+2028 and other characters JSON strings may hold.
+    for number, raw in enumerate(_LINE_END.split(text), start=1):
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            yield number, None, f"expected a JSON object, got invalid JSON ({e.msg} at column {e.colno})"
+            continue
+        if not isinstance(obj, dict):
+            yield number, None, f"expected a JSON object, got a JSON {type(obj).__name__}"
+            continue
+        yield number, obj, None
 
 
 def read_records(path: str | os.PathLike, format: str = "agnews", *, skip_bad_rows: bool = False, **options) -> TextRecords:

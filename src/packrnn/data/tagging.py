@@ -21,7 +21,6 @@ counted in ``.skipped`` and reported with one warning.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -31,7 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .datasets import _BAD_BYTE, _LINE_END, BadRow, LabelMap, _bad_byte_reason, _read_text
+from .datasets import (_BAD_BYTE, _LINE_END, BadRow, LabelMap, _bad_byte_reason, _json_objects,
+                       _read_text)
 from .vocab import Vocab, build_vocab_from_iterator
 
 __all__ = [
@@ -266,18 +266,9 @@ def read_tagged_jsonl(path: str | os.PathLike, *, tokens_key: str = "tokens",
             raise TypeError(f"{arg}: expected a key name, got {value!r}")
     name, text = _read_text(path, skip_bad_rows)
     out = _Sentences(name, skip_bad_rows)
-    for number, raw in enumerate(_LINE_END.split(text), start=1):
-        raw = raw.strip()
-        if not raw:
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            out.bad(number, f"expected a JSON object, got invalid JSON ({e.msg} at column {e.colno})")
-            out.end()
-            continue
-        if not isinstance(obj, dict):
-            out.bad(number, f"expected a JSON object, got a JSON {type(obj).__name__}")
+    for number, obj, error in _json_objects(text):
+        if error is not None:
+            out.bad(number, error)
         elif tokens_key not in obj or tags_key not in obj:
             out.bad(number, f"expected keys [{tokens_key!r}, {tags_key!r}], got no "
                             f"{tokens_key if tokens_key not in obj else tags_key!r}")
