@@ -13,8 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .models import (CELLS, EXECUTIONS, DictConfig, _check_choice, _check_int, _check_probability,
-                     recurrent_layer)
+from .models import DictConfig, _check_int, _check_network, recurrent_layer
 from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["LanguageModelConfig", "LanguageModel"]
@@ -42,13 +41,7 @@ class LanguageModelConfig(DictConfig):
     eos_index: int = 3  # the token that ends a sequence (generate stops there)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
-            _check_int(name, getattr(self, name), 1)
-        _check_choice("cell", self.cell, CELLS)
-        _check_choice("execution", self.execution, EXECUTIONS)
-        _check_choice("nonlinearity", self.nonlinearity, ("tanh", "relu"))
-        for name in ("dropout", "embed_dropout"):
-            _check_probability(name, getattr(self, name))
+        _check_network(self)
         if not isinstance(self.tie_weights, bool):
             raise TypeError(f"tie_weights: expected a bool, got {self.tie_weights!r}")
         if self.tie_weights and self.embed_dim != self.hidden_size:

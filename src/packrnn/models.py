@@ -70,6 +70,21 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
 
 
+def _check_network(config: Any, bools: Sequence[str] = ()) -> None:
+    """The checks every model config shares: sizes, cell, execution, nonlinearity, dropouts,
+    and the flags named in ``bools``."""
+    for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
+        _check_int(name, getattr(config, name), 1)
+    _check_choice("cell", config.cell, CELLS)
+    _check_choice("execution", config.execution, EXECUTIONS)
+    _check_choice("nonlinearity", config.nonlinearity, ("tanh", "relu"))
+    for name in bools:
+        if not isinstance(getattr(config, name), bool):
+            raise TypeError(f"{name}: expected a bool, got {getattr(config, name)!r}")
+    for name in ("dropout", "embed_dropout"):
+        _check_probability(name, getattr(config, name))
+
+
 class DictConfig:
     """Mixin for config dataclasses: a plain dict (JSON, checkpoints) and back.
 
@@ -114,20 +129,9 @@ class ModelConfig(DictConfig):
     sparse_embedding: bool = False  # sparse embedding gradients (only the batch's rows)
 
     def __post_init__(self) -> None:
-        _check_int("vocab_size", self.vocab_size, 1)
+        _check_network(self, bools=("bidirectional", "freeze_embedding", "sparse_embedding"))
         _check_int("num_classes", self.num_classes, 1)
-        _check_int("embed_dim", self.embed_dim, 1)
-        _check_int("hidden_size", self.hidden_size, 1)
-        _check_int("num_layers", self.num_layers, 1)
-        _check_choice("cell", self.cell, CELLS)
         _check_choice("pooling", self.pooling, POOLINGS)
-        _check_choice("execution", self.execution, EXECUTIONS)
-        _check_choice("nonlinearity", self.nonlinearity, ("tanh", "relu"))
-        for name in ("bidirectional", "freeze_embedding", "sparse_embedding"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        for name in ("dropout", "embed_dropout"):
-            _check_probability(name, getattr(self, name))
         if self.padding_idx is not None:
             _check_int("padding_idx", self.padding_idx, 0)
             if self.padding_idx >= self.vocab_size:

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .data.collate import Batch
-from .models import (CELLS, EXECUTIONS, DictConfig, _check_choice, _check_int, _check_probability,
-                     fill_embedding, recurrent_layer)
+from .models import DictConfig, _check_int, _check_network, fill_embedding, recurrent_layer
 from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["TaggerConfig", "SequenceTagger"]
@@ -57,18 +56,10 @@ class TaggerConfig(DictConfig):
     char_padding_idx: int | None = 0  # character embedding row of <pad>
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_tags", "embed_dim", "hidden_size", "num_layers",
-                     "char_embed_dim", "char_hidden_size"):
+        _check_network(self, bools=("bidirectional", "freeze_embedding", "sparse_embedding"))
+        for name in ("num_tags", "char_embed_dim", "char_hidden_size"):
             _check_int(name, getattr(self, name), 1)
         _check_int("char_vocab_size", self.char_vocab_size, 0)
-        _check_choice("cell", self.cell, CELLS)
-        _check_choice("execution", self.execution, EXECUTIONS)
-        _check_choice("nonlinearity", self.nonlinearity, ("tanh", "relu"))
-        for name in ("bidirectional", "freeze_embedding", "sparse_embedding"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        for name in ("dropout", "embed_dropout"):
-            _check_probability(name, getattr(self, name))
         for name, size in (("padding_idx", self.vocab_size),
                            ("char_padding_idx", self.char_vocab_size)):
             value = getattr(self, name)
