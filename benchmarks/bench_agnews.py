@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from packrnn.bench import load_average  # noqa: E402
 from packrnn.train import TrainConfig, train  # noqa: E402
 
 # The README's recommended configuration (>= 0.90 test accuracy within 3 epochs and 2 minutes).
@@ -66,14 +67,6 @@ from packrnn.train import TrainConfig, train  # noqa: E402
 RECOMMENDED = dict(model="lstm", bidirectional=True, embed_dim=128, hidden_size=128,
                    embed_dropout=0.4, pooling="max", batch_size=64, lr=1e-2, lr_decay=0.3,
                    epochs=3, bucket=True, min_freq=2)
-
-
-def _load() -> str:
-    try:
-        one, five, _ = os.getloadavg()
-        return f"{one:.1f}"
-    except OSError:
-        return "?"
 
 
 def _command(cfg: dict) -> str:
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; "
           f"packrnn backend: {backend_info()}")
     warm_up(args.data_dir, args.threads)
-    print(f"load average (1 min) at start: {_load()}")
+    print(f"load average (1, 5, 15 min) at start: {load_average()}")
     rows = []
 
     lesson = {}
@@ -225,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"training (<= 120 s): {'PASS' if ok else 'FAIL'}", flush=True)
         print(f"goal (recommended, every seed): {sum(passed)}/{len(passed)} seeds pass: "
               f"{'PASS' if all(passed) else 'FAIL'}")
-    print(f"load average (1 min) at end: {_load()}")
+    print(f"load average (1, 5, 15 min) at end: {load_average()}")
     return 0
 
 

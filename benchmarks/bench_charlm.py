@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from packrnn.bench import load_average  # noqa: E402
 from packrnn.train import TrainConfig, evaluate, generate, load_run, train  # noqa: E402
 
 CONFIG = dict(model="lstm", embed_dim=128, hidden_size=128, tie_weights=True, num_layers=1,
@@ -41,13 +42,6 @@ FLAGS = {"model": "--model", "embed_dim": "--embed-dim", "hidden_size": "--hidde
          "num_layers": "--layers", "dropout": "--dropout", "batch_size": "--batch-size",
          "lr": "--lr", "lr_decay": "--lr-decay", "epochs": "--epochs", "grad_clip": "--grad-clip"}
 PREFIXES = ("", "Stocks ", "Apple ", "Red Sox ", "Iraq ")
-
-
-def _load() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "?"
 
 
 def command(cfg: dict) -> str:
@@ -100,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         n_test = write_titles(args.data_dir / "test.csv", tmp / "test.txt", args.limit)
         if args.limit:
             print(f"--limit {args.limit}: NOT a result")
-        print(f"AG News titles: {n_train} training, {n_test} test; load average (1 min) at "
-              f"start: {_load()}")
+        print(f"AG News titles: {n_train} training, {n_test} test; load average (1, 5, 15 min) at "
+              f"start: {load_average()}")
         print(f"configuration:\n  {command(cfg)} --output runs/charlm")
         t0 = time.perf_counter()
         config = TrainConfig(train_path=str(tmp / "train.txt"), test_path=str(tmp / "test.txt"),
@@ -126,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 text = generate(run, prefix, max_new=120, temperature=0.8, top_k=20,
                                 seed=args.seed * 1000 + i * 10 + k)
                 print(f"  {text}")
-    print(f"load average (1 min) at end: {_load()}")
+    print(f"load average (1, 5, 15 min) at end: {load_average()}")
     return 0
 
 

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from packrnn.bench import load_average  # noqa: E402
 from packrnn.train import TrainConfig, train  # noqa: E402
 
 TRAIN, TEST = "en_lines-ud-train.conllu", "en_lines-ud-test.conllu"
@@ -59,13 +60,6 @@ FLAGS = {"model": "--model", "embed_dim": "--embed-dim", "hidden_size": "--hidde
          "min_freq": "--min-freq", "embed_dropout": "--embed-dropout", "dropout": "--dropout",
          "batch_size": "--batch-size", "lr": "--lr", "lr_decay": "--lr-decay",
          "epochs": "--epochs", "grad_clip": "--grad-clip", "num_layers": "--layers"}
-
-
-def _load() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "?"
 
 
 def command(cfg: dict) -> str:
@@ -156,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         warm.mkdir()
         run(limited(args.data_dir, 40, warm), args.threads, 0,
             **dict(cfg, epochs=1, skip_bad_rows=True))
-        print(f"load average (1 min) at start: {_load()}")
+        print(f"load average (1, 5, 15 min) at start: {load_average()}")
         print(f"\nrecommended configuration:\n  {command(cfg)} --output runs/upos")
         passed = []
         for seed in seeds:
@@ -187,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             ok = ratio >= 2.0 and diff >= -0.005
             print(f"goal (packed >= 2x faster per epoch at the same accuracy): {ratio:.2f}x, "
                   f"accuracy packed - padded {diff:+.4f}: {'PASS' if ok else 'FAIL'}")
-    print(f"load average (1 min) at end: {_load()}")
+    print(f"load average (1, 5, 15 min) at end: {load_average()}")
     return 0
 
 
