@@ -407,14 +407,7 @@ class _RNNBase(nn.Module):
             bidirectional=self.bidirectional, backend=self.backend)
         if result is None:
             return None
-        out, h_n, c_n = result
-        sorted_indices, unsorted_indices = packed.sorted_indices, packed.unsorted_indices
-        if unsorted_indices is not None:
-            h_n = h_n.index_select(1, unsorted_indices)
-            c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
-        packed_out = _validated(  # NOTE [validated PackedSequence]
-            PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), batch)
-        return self._finish(packed_out, h_n, c_n)
+        return self._finish(*_packed_result(packed, *result, batch))
 
     def _forward_sorted(self, packed, h0: Tensor, c0: Optional[Tensor], batch: int,
                         zero_state: bool = False):
@@ -426,13 +419,20 @@ class _RNNBase(nn.Module):
             h0 = h0.index_select(1, sorted_indices)
             c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
         out, h_n, c_n = self._run(packed.data, packed.batch_sizes, h0, c0)
-        if unsorted_indices is not None:
-            h_n = h_n.index_select(1, unsorted_indices)
-            c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
-        # same fields as the validated input: mark it valid (NOTE [validated PackedSequence])
-        packed_out = _validated(
-            PackedSequence(out, packed.batch_sizes, sorted_indices, unsorted_indices), batch)
-        return packed_out, h_n, c_n
+        return _packed_result(packed, out, h_n, c_n, batch)
+
+
+def _packed_result(packed, out: Tensor, h_n: Tensor, c_n: Optional[Tensor], batch: int):
+    """(output PackedSequence, h_n, c_n) of a run on ``packed``'s rows: the output carries the
+    input's fields, so it is marked valid (NOTE [validated PackedSequence]); the states, in
+    sorted order from the run, go back to the original batch order."""
+    sorted_indices, unsorted_indices = packed.sorted_indices, packed.unsorted_indices
+    if unsorted_indices is not None:
+        h_n = h_n.index_select(1, unsorted_indices)
+        c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
+    packed_out = _validated(
+        PackedSequence(out, packed.batch_sizes, sorted_indices, unsorted_indices), batch)
+    return packed_out, h_n, c_n
 
 
 _LAYER_DOC = """
