@@ -247,7 +247,17 @@ def sort_lengths(lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     (tensor([3, 2, 1]), tensor([1, 2, 0]), tensor([2, 0, 1]))
     """
     sorted_lengths, sorted_indices = torch.sort(lengths, descending=True)
-    return sorted_lengths, sorted_indices, invert_permutation(sorted_indices)
+    return sorted_lengths, sorted_indices, _sort_inverse(sorted_indices)
+
+
+def _sort_inverse(sorted_indices: Tensor) -> Tensor:
+    """:func:`invert_permutation` of the CPU permutation ``torch.sort`` returned (valid by
+    construction); in eager mode on numpy's view: ~1 us instead of ~8 for a scatter."""
+    if _np is None or torch.compiler.is_compiling():
+        return invert_permutation(sorted_indices)
+    inverse = _np.empty(sorted_indices.numel(), dtype=_np.int64)  # (B,)
+    inverse[sorted_indices.numpy()] = _np.arange(sorted_indices.numel())
+    return torch.from_numpy(inverse)
 
 
 def packing_order(
@@ -284,11 +294,7 @@ def packing_order(
             f"pack an unsorted batch"
         )
     if enforce_sorted is False or not is_sorted:
-        if _np is None or torch.compiler.is_compiling():
-            return sorted_lengths, sorted_indices, invert_permutation(sorted_indices)
-        inverse = _np.empty(batch, dtype=_np.int64)  # (B,): ~1 us on numpy, ~8 as a scatter
-        inverse[sorted_indices.numpy()] = _np.arange(batch)
-        return sorted_lengths, sorted_indices, torch.from_numpy(inverse)
+        return sorted_lengths, sorted_indices, _sort_inverse(sorted_indices)
     if batch and int(lengths[-1]) == 0:  # NOTE [zero-length sequences]: keep B recoverable
         identity = torch.arange(batch)
         return lengths, identity, identity.clone()
@@ -511,34 +517,29 @@ def _check_bool(value, name: str) -> bool:
     return value
 
 
-def _layout_from_lengths(sorted_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Packed layout of decreasing lengths: ``(batch_sizes, t_idx, j_idx)``, all CPU int64.
+def _layout_from_lengths(sorted_lengths: Tensor, sorted_indices: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed layout of decreasing lengths: ``(batch_sizes, t_idx, b_idx)``, all CPU int64.
 
-    ``batch_sizes`` is ``(T,)``; packed row ``n`` is step ``t_idx[n]`` of the sequence in sorted
-    column ``j_idx[n]`` (both ``(N,)``, in packed, time-major order).
+    ``batch_sizes`` is ``(T,)``; packed row ``n`` is step ``t_idx[n]`` of the sequence in column
+    ``b_idx[n]`` (both ``(N,)``, in packed, time-major order): the original column
+    ``sorted_indices[j]`` of sorted column ``j``, or ``j`` itself if ``sorted_indices`` is None.
+    In eager mode the steps run on numpy's views of these small CPU tensors (~1 us an op
+    instead of ~5: it dominates packing a small batch).
     """
-    max_len = int(sorted_lengths[0]) if sorted_lengths.numel() else 0  # sorted: first is longest
+    if _np is not None and not torch.compiler.is_compiling():
+        lengths_np = sorted_lengths.numpy()  # (B,)
+        max_len = int(lengths_np[0]) if lengths_np.size else 0  # sorted: first is longest
+        mask_np = _np.arange(max_len)[:, None] < lengths_np  # (T, B) real step?
+        t_np, j_np = mask_np.nonzero()  # (N,), (N,) row-major = packed order
+        b_np = j_np if sorted_indices is None else sorted_indices.numpy()[j_np]
+        return (torch.from_numpy(mask_np.sum(1, dtype=_np.int64)),
+                torch.from_numpy(t_np.astype(_np.int64, copy=False)),
+                torch.from_numpy(b_np.astype(_np.int64, copy=False)))
+    max_len = int(sorted_lengths[0]) if sorted_lengths.numel() else 0
     mask = torch.arange(max_len).unsqueeze(1) < sorted_lengths  # (T, B) real step?
     t_idx, j_idx = mask.nonzero(as_tuple=True)  # (N,), (N,) row-major = packed order
-    return mask.sum(1), t_idx, j_idx
-
-
-def _packed_rows(sorted_lengths: Tensor, sorted_indices: Tensor | None, batch: int, steps: int,
-                 batch_first: bool) -> tuple[Tensor, Tensor]:
-    """``(batch_sizes, flat)`` of a contiguous padded input: ``flat`` (N,) holds the row of
-    each packed step in the input's flat ``(B*T, *)`` (``batch_first``) or ``(T*B, *)`` view.
-
-    What :func:`_layout_from_lengths` and :func:`_gather_steps` compute, on numpy's views of
-    the small CPU index tensors: packing a small batch costs ~1 us an op there instead of ~5.
-    """
-    lengths_np = sorted_lengths.numpy()  # (B,) decreasing
-    max_len = int(lengths_np[0]) if lengths_np.size else 0
-    mask = _np.arange(max_len)[:, None] < lengths_np  # (T', B) real step?
-    t_idx, j_idx = mask.nonzero()  # (N,), (N,) row-major = packed order
-    b_idx = j_idx if sorted_indices is None else sorted_indices.numpy()[j_idx]  # original column
-    flat = b_idx * steps + t_idx if batch_first else t_idx * batch + b_idx  # (N,)
-    return (torch.from_numpy(mask.sum(1, dtype=_np.int64)),
-            torch.from_numpy(flat.astype(_np.int64, copy=False)))
+    return mask.sum(1), t_idx, (j_idx if sorted_indices is None else sorted_indices[j_idx])
 
 
 def _layout_from_batch_sizes(batch_sizes: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -658,14 +659,8 @@ def pack_padded_sequence(
 
     sorted_lengths, sorted_indices, unsorted_indices = packing_order(lengths, enforce_sorted)
 
-    if _np is not None and input.is_contiguous() and not torch.compiler.is_compiling():
-        batch_sizes, flat = _packed_rows(sorted_lengths, sorted_indices, batch, steps, batch_first)
-        data = input.reshape((batch * steps,) + input.shape[2:]).index_select(
-            0, flat.to(input.device))  # (N, *)
-    else:
-        batch_sizes, t_idx, j_idx = _layout_from_lengths(sorted_lengths)  # (T',), (N,), (N,)
-        b_idx = j_idx if sorted_indices is None else sorted_indices[j_idx]  # (N,) original column
-        data = _gather_steps(input, b_idx, t_idx, batch_first)  # (N, *)
+    batch_sizes, t_idx, b_idx = _layout_from_lengths(sorted_lengths, sorted_indices)  # (T',), (N,), (N,)
+    data = _gather_steps(input, b_idx, t_idx, batch_first)  # (N, *)
 
     if sorted_indices is not None:
         sorted_indices = sorted_indices.to(input.device)
@@ -827,8 +822,7 @@ def pack_sequence(sequences, enforce_sorted: bool | None = None) -> PackedSequen
         lengths, enforce_sorted, name="sequences"
     )
 
-    batch_sizes, t_idx, j_idx = _layout_from_lengths(sorted_lengths)  # (T,), (N,), (N,)
-    b_idx = j_idx if sorted_indices is None else sorted_indices[j_idx]  # (N,)
+    batch_sizes, t_idx, b_idx = _layout_from_lengths(sorted_lengths, sorted_indices)  # (T,), (N,), (N,)
     starts = torch.cumsum(lengths, 0) - lengths  # (B,) first row of each sequence in the cat
     device = seqs[0].device
     data = torch.cat(seqs, 0).index_select(0, (starts[b_idx] + t_idx).to(device))  # (N, *)
