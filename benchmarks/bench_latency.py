@@ -221,8 +221,12 @@ def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
     """Best mean seconds per call over ``repeats`` interleaved rounds, per contender."""
     counts = {name: calibrate(fn) for name, fn in fns.items()}
     best = {name: math.inf for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        # rotate the order: no contender always runs right after the same one (onnxruntime's
+        # workers can still be spinning after SETTLE_S, and slowed whoever came next)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             time.sleep(SETTLE_S)
             start = time.perf_counter()
             for _ in range(counts[name]):
