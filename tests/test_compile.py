@@ -109,6 +109,46 @@ def test_fullgraph_no_recompile_per_shape():
     assert counter.frame_count <= 2, f"compiled {counter.frame_count} times for 10 shapes"
 
 
+def test_compiled_backward_sorts_the_batch_without_scatter():
+    """The padded + lengths path sorts the batch longest first and unsorts the results
+    (NOTE [Permuting the batch] in ``packrnn.rnn``): its traced backward gathers with the
+    inverse permutation instead of scatter-adding (which inductor compiles to atomic adds), with
+    eager's numbers, initial states included."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+
+    backward_ops = set()
+
+    def capture_backward(graph, example_inputs):
+        backward_ops.update(str(n.target) for n in graph.graph.nodes if n.op == "call_function")
+        return graph.forward
+
+    def backend(graph, example_inputs):
+        return aot_module_simplified(graph, example_inputs, fw_compiler=lambda g, _: g.forward,
+                                     bw_compiler=capture_backward,
+                                     partition_fn=default_partition)
+
+    torch.manual_seed(5)
+    module = packrnn.LSTM(E, H, bidirectional=True, batch_first=True)
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    x, lengths = _batch(5, 6, seed=4)
+    lengths = torch.tensor([2, 6, 1, 4, 6])  # unsorted, with a tie
+    h0, c0 = torch.randn(2, 5, H), torch.randn(2, 5, H)
+    results = []
+    for m in (module, compiled):
+        inputs = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
+        out, (h_n, c_n) = m(inputs[0], (inputs[1], inputs[2]), lengths=lengths)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() \
+            + (h_n * c_n).sum()
+        results.append([out.detach(), *torch.autograd.grad(loss, inputs)])
+    for got, want in zip(*results[::-1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert "aten.index_select.default" in backward_ops, sorted(backward_ops)
+    scatters = {op for op in backward_ops if "index_add" in op or "scatter" in op
+                or "index_put" in op}
+    assert not scatters, f"the backward scatters: {sorted(scatters)}"
+
+
 def test_inductor_dropout_matches_eager_with_fallback_random():
     """Inter-layer dropout: the compiled graph draws the same masks as eager for a seed when
     inductor uses torch's RNG (fallback_random), as eager's compact padded form draws its mask

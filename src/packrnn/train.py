@@ -833,6 +833,12 @@ class _Step:
 # - `fallback_random`: dropout draws with torch's generator (`bernoulli_`), as eager does.
 #   Inductor's own CPU random numbers cost a Philox call per element in a scalar loop: on the
 #   recommended model's embedding dropout (64 x 45 x 128 draws) about 5 ms more a step.
+# - Scatter-adds: with more than one thread inductor compiles each as one atomic add per
+#   element. The layers sort the batch with gathers both ways (NOTE [Permuting the batch] in
+#   rnn.py). The embedding's gradient stays inductor's scatter: ATen's embedding_dense_backward
+#   instead (a decomposition removed from the table) measured slower (B=16 lesson batch, 2
+#   threads: 0.69 vs 0.44 ms), and so did inductor's kernels on one thread (`cpp.threads=1`:
+#   fewer OpenMP regions, but the recommended model's step 0.96x eager instead of 1.03x).
 def compile_for_training(net: nn.Module) -> nn.Module:
     """``torch.compile`` of the module a training step calls (NOTE [compiled training])."""
     return torch.compile(net, dynamic=True, options={"fallback_random": True})
