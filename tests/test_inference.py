@@ -159,8 +159,9 @@ def test_stack_forward_errors():
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_on_few_rows_matches_torch(kind, batch, dtype):
     """Forward and every gradient; H = 37 and E = 13 are no multiple of any vector width (the
-    loops' masked tails), B = 1 runs the matrix-vector loops in both passes, B = 3 BLAS on the
-    transposed weights (more than 4 steps of more than one row)."""
+    loops' masked tails), B = 1 runs the matrix-vector loops in both passes (forward: the NN form
+    on the transposed weights, H_out <= 64), B = 3 BLAS on the transposed weights (more than 4
+    steps of more than one row)."""
     reference, ours = layer_pair(kind, dtype, input_size=13, hidden_size=37, num_layers=2,
                                  bidirectional=True, batch_first=True)
     ours.backend = "native"
