@@ -1004,12 +1004,16 @@ void zero_padding(T* p, int64_t width, const Layout& L) {
   }
 }
 
-Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch, bool padded) {
+void check_batch_sizes(const at::Tensor& batch_sizes) {
   TORCH_CHECK_TYPE(batch_sizes.scalar_type() == at::kLong && batch_sizes.device().is_cpu() &&
                        batch_sizes.dim() == 1,
                    "batch_sizes: expected a 1-D int64 CPU tensor, got ",
                    batch_sizes.scalar_type(), " ", batch_sizes.device(), " with ",
                    batch_sizes.dim(), " dims");
+}
+
+Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch, bool padded) {
+  check_batch_sizes(batch_sizes);
   Layout L;
   const at::Tensor bs = batch_sizes.contiguous();
   const int64_t* p = bs.data_ptr<int64_t>();
@@ -2002,21 +2006,48 @@ std::vector<at::Tensor> recurrence_backward_directions(
 
 namespace {
 
-// x @ w_ih^T (+ bias): the input projection of every row for one direction, (N, G*H), into a
-// buffer of the cache (its page faults cost ~10 % of an inference forward at B = 256 otherwise).
+// x @ w_ih^T (+ bias (+ bias2)): the input projection of every row for one direction,
+// (N, G*H), into a buffer of the cache (its page faults cost ~10 % of an inference forward at
+// B = 256 otherwise). The rows start as the bias (summed once when there are two: rnn/lstm's
+// b_ih + b_hh) and one BLAS call adds the product: at B = 1 the aten calls of
+// addmm(b_ih + b_hh, x, w_ih.t()) (the add, the transposed view, the bias's broadcast copy)
+// cost about as much as the product itself.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w_ih,
-                   const std::optional<at::Tensor>& bias, const char* name, int64_t index) {
+                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias2,
+                   const char* name, int64_t index) {
   TORCH_CHECK_VALUE(w_ih.dim() == 2 && w_ih.size(1) == x.size(1) &&
                         w_ih.scalar_type() == x.scalar_type(),
                     name, "[", index, "]: expected a (G*H, ", x.size(1), ") tensor of dtype ",
                     x.scalar_type(), ", got ", w_ih.sizes(), " ", w_ih.scalar_type());
-  at::Tensor g = empty_rows(x.size(0), w_ih.size(0), x.options());  // (N, G*H)
+  const int64_t N = x.size(0), E = x.size(1), GH = w_ih.size(0);
+  for (const auto* b : {&bias, &bias2}) {
+    TORCH_CHECK_VALUE(!b->has_value() || ((*b)->dim() == 1 && (*b)->size(0) == GH &&
+                                          (*b)->scalar_type() == x.scalar_type()),
+                      name, "[", index, "] bias: expected a (", GH, ",) tensor of dtype ",
+                      x.scalar_type(), ", got ", (*b)->sizes(), " ", (*b)->scalar_type());
+  }
+  at::Tensor g = empty_rows(N, GH, x.options());  // (N, G*H)
+  if (N == 0 || GH == 0) return g;
+  const at::Tensor rows = x.contiguous(), w = w_ih.contiguous();
   std::optional<SingleThreadedBlas> serial_blas;  // NOTE [Threads]
-  if (!threaded_gemm(2.0 * x.size(0) * x.size(1) * w_ih.size(0))) serial_blas.emplace();
-  if (bias.has_value())
-    at::addmm_out(g, *bias, x, w_ih.t());
-  else
-    at::mm_out(g, x, w_ih.t());
+  const bool threaded = threaded_gemm(2.0 * N * E * GH);
+  if (!threaded) serial_blas.emplace();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "packrnn_project", [&] {
+    scalar_t* out = g.data_ptr<scalar_t>();
+    if (bias.has_value()) {
+      const at::Tensor b1 = bias->contiguous();
+      const at::Tensor b2 = bias2.has_value() ? bias2->contiguous() : at::Tensor();
+      const scalar_t* p1 = b1.data_ptr<scalar_t>();
+      const scalar_t* p2 = b2.defined() ? b2.data_ptr<scalar_t>() : nullptr;
+      for (int64_t j = 0; j < GH; ++j) out[j] = p2 ? p1[j] + p2[j] : p1[j];
+      at::parallel_for(1, N, threaded ? 256 : N, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) std::memcpy(out + r * GH, out, GH * sizeof(scalar_t));
+      });
+    }
+    gemm_rm<scalar_t>(false, true, N, GH, E, rows.data_ptr<scalar_t>(), std::max<int64_t>(E, 1),
+                      w.data_ptr<scalar_t>(), std::max<int64_t>(E, 1),
+                      scalar_t(bias.has_value() ? 1 : 0), out, GH);
+  });
   return g;
 }
 
@@ -2038,7 +2069,8 @@ std::vector<at::Tensor> layer_forward(
   check_count(bias.size(), D, "bias");
   check_input(x);
   std::vector<at::Tensor> gates;
-  for (size_t k = 0; k < D; ++k) gates.push_back(project(x, w_ih[k], bias.get(k), "w_ih", k));
+  for (size_t k = 0; k < D; ++k)
+    gates.push_back(project(x, w_ih[k], bias.get(k), std::nullopt, "w_ih", k));
   return recurrence_forward_directions(mode, batch_sizes, gates, h0, c0, w_hh, b_hh, w_hr,
                                        need_backward, padded);
 }
@@ -2073,20 +2105,26 @@ std::vector<at::Tensor> stack_forward(const std::string& mode, const at::Tensor&
                         "): expected shape (", GH, ",), got ", b.sizes());
     }
   }
-  // Absent initial states are zeros; B = the rows of a step (padded layout: N / T).
+  // Absent initial states are zeros, one (B, H_out) / (B, H) tensor that every layer and
+  // direction reads (the kernel copies it into its running state); B = the rows of a step
+  // (padded layout: N / T).
+  check_batch_sizes(batch_sizes);
   const int64_t steps = batch_sizes.numel();
   const int64_t batch = steps == 0 ? 0 : padded ? x.size(0) / steps
-                                               : batch_sizes.select(0, 0).item<int64_t>();
+                                               : batch_sizes.data_ptr<int64_t>()[0];
   const auto opts = x.options();
-  const at::Tensor h0 = h0_in.has_value() ? *h0_in : at::zeros({slots, batch, Hout}, opts);
-  std::optional<at::Tensor> c0 = c0_in;
-  if (lstm && !c0.has_value()) c0 = at::zeros({slots, h0.size(1), H}, opts);
-  TORCH_CHECK_VALUE(h0.dim() == 3 && h0.size(0) == slots, "h0: expected shape (", slots,
-                    ", B, H_out), got ", h0.sizes());
-  if (lstm) {
-    TORCH_CHECK_VALUE(c0->dim() == 3 && c0->size(0) == slots, "c0: expected shape (", slots,
-                      ", B, H), got ", c0->sizes());
+  if (h0_in.has_value()) {
+    TORCH_CHECK_VALUE(h0_in->dim() == 3 && h0_in->size(0) == slots, "h0: expected shape (",
+                      slots, ", B, H_out), got ", h0_in->sizes());
   }
+  if (lstm && c0_in.has_value()) {
+    TORCH_CHECK_VALUE(c0_in->dim() == 3 && c0_in->size(0) == slots, "c0: expected shape (",
+                      slots, ", B, H), got ", c0_in->sizes());
+  }
+  const int64_t state_rows = h0_in.has_value() ? h0_in->size(1) : batch;
+  const at::Tensor zero_h = h0_in.has_value() ? at::Tensor() : at::zeros({batch, Hout}, opts);
+  const at::Tensor zero_c =
+      lstm && !c0_in.has_value() ? at::zeros({state_rows, H}, opts) : at::Tensor();
   at::Tensor input = x;  // (N, E), then (N, D*H_out) between layers
   std::vector<at::Tensor> h_n, c_n;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
@@ -2094,11 +2132,13 @@ std::vector<at::Tensor> stack_forward(const std::string& mode, const at::Tensor&
     for (int64_t k = 0; k < D; ++k) {
       const int64_t idx = layer * D + k;
       const at::Tensor* w = weights.data() + idx * per;
-      std::optional<at::Tensor> bias;  // b_ih (+ b_hh folded in, but for gru)
-      if (has_bias) bias = gru ? w[2] : w[2] + w[3];
-      dirs.push_back(ForwardArgs{project(input, w[0], bias, "weights", idx * per), h0[idx],
-                                 lstm ? std::optional<at::Tensor>(c0->select(0, idx))
-                                      : std::nullopt,
+      std::optional<at::Tensor> bias, bias2;  // b_ih (+ b_hh folded in, but for gru)
+      if (has_bias) bias = w[2];
+      if (has_bias && !gru) bias2 = w[3];
+      std::optional<at::Tensor> c0;
+      if (lstm) c0 = c0_in.has_value() ? c0_in->select(0, idx) : zero_c;
+      dirs.push_back(ForwardArgs{project(input, w[0], bias, bias2, "weights", idx * per),
+                                 h0_in.has_value() ? h0_in->select(0, idx) : zero_h, c0,
                                  w[1], gru && has_bias ? std::optional<at::Tensor>(w[3])
                                                        : std::nullopt,
                                  has_proj ? std::optional<at::Tensor>(w[per - 1]) : std::nullopt,
