@@ -523,6 +523,50 @@ def test_kernel_threads_environment_variable_is_read_at_load():
     assert result.stdout.strip().splitlines()[-1] == "3"
 
 
+_SIMD_CODE = """
+import sys, torch, packrnn
+from packrnn import _native
+packrnn.backend_name()
+print(_native.kernel_info())
+torch.manual_seed(0)
+results = []
+for cell in ("LSTM", "GRU", "RNN"):
+    layer = getattr(packrnn, cell)(6, 37, num_layers=2, bidirectional=True)
+    x = torch.randn(9, 3, 6, requires_grad=True)  # every step 3 rows: BLAS products
+    out, state = layer(x, lengths=[9, 9, 9])
+    h = state[0] if isinstance(state, tuple) else state
+    grads = torch.autograd.grad(out.square().sum() + h.sum(), [x, *layer.parameters()])
+    results += [out.detach(), *grads]
+torch.save(results, sys.argv[1])
+"""
+
+
+@native_only
+def test_simd_cap_keeps_the_elementwise_bits(tmp_path):
+    """PACKRNN_SIMD=avx2 (NOTE [SIMD level]): kernel_info says so, and the elementwise loops of
+    every cell, forward and backward, give the same bits as the default build; a bad value is a
+    clear error."""
+    runs = {}
+    for setting in ("auto", "avx2"):
+        env = dict(os.environ, PACKRNN_SIMD=setting, PACKRNN_BACKEND="native",
+                   PYTHONPATH=str(Path(packrnn.__file__).resolve().parents[1]))
+        path = tmp_path / f"{setting}.pt"
+        result = subprocess.run([sys.executable, "-c", _SIMD_CODE, str(path)],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[setting] = (result.stdout, torch.load(path))
+    assert "avx512" not in runs["avx2"][0]
+    for got, want in zip(runs["avx2"][1], runs["auto"][1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    env = dict(os.environ, PACKRNN_SIMD="sse", PACKRNN_BACKEND="native",
+               PYTHONPATH=str(Path(packrnn.__file__).resolve().parents[1]))
+    code = "import torch, packrnn; packrnn.backend_name(); packrnn.LSTM(2, 3)(torch.ones(1, 1, 2))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode != 0
+    assert "PACKRNN_SIMD: expected auto or avx2, got 'sse'" in result.stderr
+
+
 def test_training_threads_default_from_the_work_size():
     from packrnn.train import SMALL_STEP_FLOPS, TrainConfig, default_threads
 
