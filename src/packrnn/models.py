@@ -252,7 +252,7 @@ class SequenceClassifier(nn.Module):
         # Lean on purpose: each nn.Module attribute lookup costs ~1 us, a tenth of the call.
         c = self.config
         if (c.execution != "packed" or c.pooling == "mean_padded" or ids.dim() != 2
-                or not ids.is_cpu or torch.compiler.is_compiling()
+                or not ids.is_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks):
             return None
         parts = self._modules
