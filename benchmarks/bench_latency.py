@@ -381,8 +381,11 @@ def breakdown(args, with_ort: bool) -> None:
     """Section 3 (issue 13: "say where the remaining time goes"): one B = 1 call, 1 layer,
     unidirectional, on ONE thread, cut into its parts:
 
-    * **Python**: the classifier's call minus the operator's (argument checks, module calls,
-      embedding, pooling, the linear head, the operator's Python wrapper);
+    * **Python**: the classifier's call minus its fused operator's (``classifier_infer``,
+      NOTE [fused inference]): the module call, the checks that choose the fused path, the
+      operator's Python wrapper;
+    * **around the layer**: the fused operator minus the stacked layer operator
+      (``stack_forward``) on the embedded rows: packing, the embedding rows, the head;
     * **op fixed**: the stacked operator on a ONE-step sequence minus that step's projection:
       the dispatcher, argument checks, allocations, the state copies;
     * **projection**: the input projection of all T rows (one GEMM);
@@ -392,9 +395,9 @@ def breakdown(args, with_ort: bool) -> None:
     from packrnn import _native
 
     print("\n## Where a B = 1 call's time goes (1 layer, uni, 1 thread, thread CPU time)\n")
-    print("| H | T | packrnn call | Python | op fixed | projection | time loop | per step | "
-          "torch padded | onnxruntime |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| H | T | packrnn call | Python | around the layer | op fixed | projection | "
+          "time loop | per step | torch padded | onnxruntime |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -413,7 +416,17 @@ def breakdown(args, with_ort: bool) -> None:
                     return lambda: ops.stack_forward("lstm", sizes, rows, weights, None, None, 1,
                                                      False, True, False)
 
-                fns = {"call": lambda: models.packrnn(ids, lengths), "op": op(emb),
+                model = models.packrnn
+                flat = [w.detach() for w in model.rnn._flat_weights]
+                table, head = model.embedding.weight.detach(), model.fc
+
+                def fused():
+                    return _native.classifier_infer(
+                        mode="lstm", ids=ids, lengths=lengths, embedding=table, weights=flat,
+                        fc_weight=head.weight, fc_bias=head.bias, num_layers=1,
+                        bidirectional=False, bias=True, pooling="last")
+
+                fns = {"call": lambda: model(ids, lengths), "fused": fused, "op": op(emb),
                        "op1": op(emb[:1].clone()),
                        "proj": lambda: torch.addmm(weights[2], emb, weights[0].t()),
                        "proj1": lambda: torch.addmm(weights[2], emb[:1], weights[0].t()),
@@ -424,7 +437,8 @@ def breakdown(args, with_ort: bool) -> None:
                     t = cpu_times(fns, args.repeats)
                 fixed = max(t["op1"] - t["proj1"], 0.0)
                 loop = max(t["op"] - fixed - t["proj"], 0.0)
-                cells = [fmt(t["call"]), fmt(t["call"] - t["op"]), fmt(fixed), fmt(t["proj"]),
+                cells = [fmt(t["call"]), fmt(t["call"] - t["fused"]),
+                         fmt(t["fused"] - t["op"]), fmt(fixed), fmt(t["proj"]),
                          fmt(loop), f"{loop / length * 1e6:.1f} us", fmt(t["torch"]),
                          fmt(t["ort"]) if "ort" in t else "-"]
                 print(f"| {hidden} | {length} | {' | '.join(cells)} |", flush=True)

@@ -236,6 +236,9 @@ def test_jit_script_and_trace_point_to_compile_and_export():
         torch.jit.script(module)
     with pytest.raises(RuntimeError, match="torch.jit.trace is not supported.*torch.export"):
         torch.jit.trace(module, (torch.randn(2, 3, E),))
+    classifier = SequenceClassifier(ModelConfig(vocab_size=10, num_classes=2)).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="torch.jit.trace is not supported"):
+        torch.jit.trace(classifier, (torch.tensor([[1, 2, 3]]),))  # not the fused call either
 
 
 def test_compile_for_training_compiles_at_most_twice():

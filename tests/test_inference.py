@@ -6,6 +6,7 @@
   the BLAS steps on transposed weights, forward and backward, at sizes that are no multiple of
   the vector width;
 * the modules' inference lane (NOTE [Inference lane]) and the classifier's one-sequence path;
+* the classifier's fused inference operator (NOTE [fused inference]);
 * the kernel's threads setting (``packrnn.set_kernel_threads``, ``PACKRNN_NUM_THREADS``).
 """
 
@@ -158,8 +159,9 @@ def test_stack_forward_errors():
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_on_few_rows_matches_torch(kind, batch, dtype):
     """Forward and every gradient; H = 37 and E = 13 are no multiple of any vector width (the
-    loops' masked tails), B = 1 runs the matrix-vector loops in both passes, B = 3 BLAS on the
-    transposed weights (more than 4 steps of more than one row)."""
+    loops' masked tails), B = 1 runs the matrix-vector loops in both passes (forward: the NN form
+    on the transposed weights, H_out <= 64), B = 3 BLAS on the transposed weights (more than 4
+    steps of more than one row)."""
     reference, ours = layer_pair(kind, dtype, input_size=13, hidden_size=37, num_layers=2,
                                  bidirectional=True, batch_first=True)
     ours.backend = "native"
@@ -313,6 +315,147 @@ def test_one_sequence_errors():
 
 
 # --------------------------------------------------------------------------------------------
+# The classifier's fused inference (NOTE [fused inference] in models.py).
+
+def fused_spy(monkeypatch) -> list:
+    """Records each call of the fused operator's wrapper (the call still runs)."""
+    from packrnn import _native
+
+    calls = []
+    fused = _native.classifier_infer
+    monkeypatch.setattr(_native, "classifier_infer",
+                        lambda **kw: calls.append(kw["ids"].shape) or fused(**kw))
+    return calls
+
+
+def module_path(model, ids, lengths):
+    """The classifier's own (unfused) forward under no_grad."""
+    fused = SequenceClassifier._fused_inference
+    SequenceClassifier._fused_inference = lambda self, ids, lengths: None
+    try:
+        with torch.no_grad():
+            return model(ids, lengths)
+    finally:
+        SequenceClassifier._fused_inference = fused
+
+
+BATCHES = {  # (ids T, lengths)
+    "one-full": (6, [6]), "one-padded": (6, [4]), "one-empty": (3, [0]),
+    "unsorted": (7, [3, 7, 7, 1, 5]), "zero-length": (5, [0, 4, 2, 4, 0]), "all-empty": (4, [0, 0]),
+}
+
+
+@native_only
+@DTYPES
+@pytest.mark.parametrize("cell,layers,bidirectional",
+                         [("lstm", 1, False), ("lstm", 2, True), ("gru", 2, False),
+                          ("rnn", 1, True)], ids=["lstm1uni", "lstm2bi", "gru2uni", "rnn1bi"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+def test_fused_inference_is_the_module_path_bit_for_bit(cell, layers, bidirectional, pooling,
+                                                         dtype, monkeypatch):
+    """One operator call gives the module path's logits exactly (same aten calls) for every
+    batch shape, and the module path's are torch's (float64 tight, float32 loose)."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(ModelConfig(
+        vocab_size=40, num_classes=3, embed_dim=6, hidden_size=7, cell=cell, num_layers=layers,
+        bidirectional=bidirectional, pooling=pooling, dropout=0.3, embed_dropout=0.2,
+    )).to(dtype).eval()
+    calls = fused_spy(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    for name, (steps, lengths) in BATCHES.items():
+        ids = torch.randint(0, 40, (len(lengths), steps), generator=g)
+        with torch.no_grad():
+            got = model(ids, torch.tensor(lengths))
+        want = module_path(model, ids, torch.tensor(lengths))
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+        assert got.shape == (len(lengths), 3) and got.dtype == dtype
+    assert len(calls) == len(BATCHES)  # every call was the fused one
+    if pooling == "last" and cell == "lstm":  # the module path against torch.nn
+        torch_lstm = torch.nn.LSTM(6, 7, layers, bidirectional=bidirectional, batch_first=True,
+                                   dtype=dtype)
+        torch_lstm.load_state_dict(model.rnn.state_dict())
+        ids = torch.randint(1, 40, (3, 5), generator=g)
+        lengths = torch.tensor([5, 2, 4])
+        with torch.no_grad():
+            _, (h_n, _) = torch_lstm(tnn_rnn.pack_padded_sequence(
+                model.embedding(ids), lengths, batch_first=True, enforce_sorted=False))
+            features = h_n[-1] if not bidirectional else torch.cat([h_n[-2], h_n[-1]], -1)
+            assert_same(model(ids, lengths), model.fc(features), dtype)
+
+
+@native_only
+def test_fused_inference_takes_lengths_as_torch_does(monkeypatch):
+    """Lengths as a list, int32 ids, no lengths (all T steps): the fused call, same logits."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(ModelConfig(vocab_size=30, num_classes=2)).eval()
+    calls = fused_spy(monkeypatch)
+    ids = torch.tensor([[3, 4, 5, 0], [6, 7, 8, 9]])
+    with torch.no_grad():
+        a = model(ids, [3, 4])
+        b = model(ids.int(), torch.tensor([3, 4], dtype=torch.int32))
+        c = model(ids[1:])
+    assert len(calls) == 3
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(c, a[1:])  # a batch of one: other GEMM shapes, last bits
+
+
+@native_only
+def test_fused_inference_steps_aside(monkeypatch):
+    """Training mode, gradients on, the padded execution, mean_padded pooling and forward hooks
+    on a part (which the fused call would skip) all run the module path."""
+    torch.manual_seed(0)
+    ids, lengths = torch.tensor([[3, 4, 5], [6, 7, 0]]), torch.tensor([3, 2])
+    model = SequenceClassifier(ModelConfig(vocab_size=30, num_classes=2))
+    padded = SequenceClassifier(ModelConfig(vocab_size=30, num_classes=2, execution="padded",
+                                            pooling="mean_padded")).eval()
+    calls = fused_spy(monkeypatch)
+    with torch.no_grad():
+        model.train()(ids, lengths)
+        padded(ids, lengths)
+    model.eval()(ids, lengths)  # gradients on
+    seen = []
+    handle = model.rnn.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        hooked = model(ids, lengths)
+    handle.remove()
+    assert calls == [] and len(seen) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, lengths), hooked, rtol=0, atol=0)
+    assert len(calls) == 1
+
+
+@native_only
+def test_fused_inference_bad_input_gets_the_module_errors():
+    model = SequenceClassifier(ModelConfig(vocab_size=10, num_classes=2)).eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"lengths: expected every length <= 3 \(the "
+                                             r"padded time dimension\), got 4 at index 1"):
+            model(torch.tensor([[1, 2, 3], [1, 2, 3]]), [2, 4])
+        with pytest.raises(RuntimeError, match=r"lengths: expected non-negative lengths"):
+            model(torch.tensor([[1, 2, 3]]), [-1])
+        with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 10\) "
+                                             r"\(vocab_size\), got 12 at \(1, 1\)"):
+            model(torch.tensor([[1, 2, 3, 0], [1, 12, 3, 99]]), [4, 3])  # 99: padding
+        with pytest.raises(ValueError, match=r"lengths: expected shape \(2,\)"):
+            model(torch.tensor([[1, 2], [3, 4]]), [2])
+        with pytest.raises(ValueError, match=r"ids: expected a \(B, T\) tensor"):
+            model(torch.tensor([1, 2, 3]))
+
+
+@native_only
+def test_classifier_infer_operator_refuses_gradients():
+    from packrnn import _native
+
+    model = SequenceClassifier(ModelConfig(vocab_size=10, num_classes=2))
+    with pytest.raises(RuntimeError, match=r"classifier_infer: inference only"):
+        _native.classifier_infer(
+            mode="lstm", ids=torch.tensor([[1, 2]]), lengths=torch.tensor([2]),
+            embedding=model.embedding.weight, weights=model.rnn._flat_weights,
+            fc_weight=model.fc.weight, fc_bias=model.fc.bias, num_layers=1,
+            bidirectional=False, bias=True, pooling="last")
+
+
+# --------------------------------------------------------------------------------------------
 # Threads.
 
 @pytest.fixture
@@ -378,6 +521,50 @@ def test_kernel_threads_environment_variable_is_read_at_load():
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "3"
+
+
+_SIMD_CODE = """
+import sys, torch, packrnn
+from packrnn import _native
+packrnn.backend_name()
+print(_native.kernel_info())
+torch.manual_seed(0)
+results = []
+for cell in ("LSTM", "GRU", "RNN"):
+    layer = getattr(packrnn, cell)(6, 37, num_layers=2, bidirectional=True)
+    x = torch.randn(9, 3, 6, requires_grad=True)  # every step 3 rows: BLAS products
+    out, state = layer(x, lengths=[9, 9, 9])
+    h = state[0] if isinstance(state, tuple) else state
+    grads = torch.autograd.grad(out.square().sum() + h.sum(), [x, *layer.parameters()])
+    results += [out.detach(), *grads]
+torch.save(results, sys.argv[1])
+"""
+
+
+@native_only
+def test_simd_cap_keeps_the_elementwise_bits(tmp_path):
+    """PACKRNN_SIMD=avx2 (NOTE [SIMD level]): kernel_info says so, and the elementwise loops of
+    every cell, forward and backward, give the same bits as the default build; a bad value is a
+    clear error."""
+    runs = {}
+    for setting in ("auto", "avx2"):
+        env = dict(os.environ, PACKRNN_SIMD=setting, PACKRNN_BACKEND="native",
+                   PYTHONPATH=str(Path(packrnn.__file__).resolve().parents[1]))
+        path = tmp_path / f"{setting}.pt"
+        result = subprocess.run([sys.executable, "-c", _SIMD_CODE, str(path)],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[setting] = (result.stdout, torch.load(path))
+    assert "avx512" not in runs["avx2"][0]
+    for got, want in zip(runs["avx2"][1], runs["auto"][1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    env = dict(os.environ, PACKRNN_SIMD="sse", PACKRNN_BACKEND="native",
+               PYTHONPATH=str(Path(packrnn.__file__).resolve().parents[1]))
+    code = "import torch, packrnn; packrnn.backend_name(); packrnn.LSTM(2, 3)(torch.ones(1, 1, 2))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode != 0
+    assert "PACKRNN_SIMD: expected auto or avx2, got 'sse'" in result.stderr
 
 
 def test_training_threads_default_from_the_work_size():

@@ -130,6 +130,12 @@ def _fake_stack(mode, batch_sizes, x, weights, h0, c0, num_layers, bidirectional
     return result
 
 
+
+def _fake_classifier(mode, ids, lengths, embedding, weights, fc_weight, fc_bias, num_layers,
+                     bidirectional, has_bias, pooling):
+    """Shape of classifier_infer: the logits (B, C) (NOTE [Fused classifier inference])."""
+    return embedding.new_empty(ids.shape[0], fc_weight.shape[0])
+
 # ---------------------------------------------------------------------------------------------
 # Autograd of layer_forward (one layer: projections + time loop of every direction).
 #
@@ -328,6 +334,7 @@ def register() -> None:
         torch.library.register_fake("packrnn::recurrence_backward", _fake_single_backward)
         torch.library.register_fake("packrnn::layer_forward", _fake_layer)
         torch.library.register_fake("packrnn::stack_forward", _fake_stack)
+        torch.library.register_fake("packrnn::classifier_infer", _fake_classifier)
         torch.library.register_autograd("packrnn::layer_forward", _backward_layer,
                                         setup_context=_setup_layer)
         _registered = True

@@ -192,8 +192,13 @@ def _run_directions(spec: _LayerSpec, x: Tensor, directions: Sequence[_Direction
                         for d, gates_x in zip(directions, gates)])
     outputs = [r[0] for r in results]
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)  # (N, D*H_out)
-    h_n = torch.stack([r[1] for r in results])  # (D, B, H_out)
-    c_n = torch.stack([r[2] for r in results]) if spec.mode == "lstm" else None  # (D, B, H)
+
+    def states(i: int) -> Tensor:  # (D, B, .); one direction: a view of its fresh state
+        return results[0][i].unsqueeze(0) if len(results) == 1 else torch.stack(
+            [r[i] for r in results])
+
+    h_n = states(1)  # (D, B, H_out)
+    c_n = states(2) if spec.mode == "lstm" else None  # (D, B, H)
     return output, h_n, c_n, outputs, [r[3] for r in results]
 
 

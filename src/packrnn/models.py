@@ -37,12 +37,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
+from . import functional
 from .errors import InputError
 from .ops import lengths_to_mask, max_pool, mean_pool
 from .packing import (PackedSequence, _validated, check_packed_sequence, pack_padded_sequence,
                       pad_packed_sequence)
-from .rnn import GRU, LSTM, RNN
+from .rnn import GRU, LSTM, RNN, _RNNBase
 
 __all__ = ["ModelConfig", "SequenceClassifier", "load_vectors", "CELLS", "POOLINGS",
            "EXECUTIONS"]
@@ -198,6 +200,10 @@ class SequenceClassifier(nn.Module):
         self.fc = nn.Linear(c.feature_size, c.num_classes)
 
     def forward(self, ids: Tensor | PackedSequence, lengths: Any = None) -> Tensor:
+        if not (self.training or torch.is_grad_enabled()) and isinstance(ids, Tensor):
+            logits = self._fused_inference(ids, lengths)  # NOTE [fused inference]
+            if logits is not None:
+                return logits
         c = self.config
         if isinstance(ids, torch.nn.utils.rnn.PackedSequence):  # packrnn's is a subclass
             if lengths is not None:
@@ -233,6 +239,52 @@ class SequenceClassifier(nn.Module):
         self._check_ids(ids, lengths)
         packed = pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
         return self._forward_packed(packed)
+
+    # NOTE [fused inference]
+    # An eval-mode call without gradients on padded ids (+ lengths), the packed execution,
+    # last/mean/max pooling and the native backend runs the whole forward as one operator,
+    # packrnn::classifier_infer (NOTE [Fused classifier inference] in classifier.cpp): the same
+    # aten calls as the module path, so the same logits bit for bit, without the Python and
+    # module-call work that is most of a one-text call at small sizes. Anything else, and a
+    # model with forward hooks on its parts (which a fused call would skip), takes the module
+    # path; so does bad input, whose error is the module path's to give.
+    def _fused_inference(self, ids: Tensor, lengths: Any) -> Tensor | None:
+        # Lean on purpose: each nn.Module attribute lookup costs ~1 us, a tenth of the call.
+        c = self.config
+        if (c.execution != "packed" or c.pooling == "mean_padded" or ids.dim() != 2
+                or not ids.is_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks):
+            return None
+        parts = self._modules
+        for part in parts.values():
+            if part._forward_hooks or part._forward_pre_hooks:
+                return None
+        rnn, embedding, fc = parts["rnn"], parts["embedding"], parts["fc"]
+        if (type(embedding) is not nn.Embedding or type(fc) is not nn.Linear
+                or not isinstance(rnn, _RNNBase) or embedding.max_norm is not None):
+            return None
+        table = embedding._parameters.get("weight")  # None: a parametrized weight
+        weight, fc_bias = fc._parameters.get("weight"), fc._parameters.get("bias")
+        if table is None or weight is None:
+            return None
+        impl = functional._get_backend(rnn.backend, table.dtype)
+        if not hasattr(impl, "classifier_infer"):
+            return None
+        if lengths is None:
+            lengths = functional._full_batch_sizes(ids.shape[0], ids.shape[-1])  # (B,) all T
+        elif not isinstance(lengths, Tensor) or lengths.dtype != torch.int64 or not lengths.is_cpu:
+            try:
+                lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
+            except (TypeError, ValueError, RuntimeError):
+                return None  # the module path says what is wrong
+        try:  # ValueError: bad ids or lengths, or shapes the op does not take
+            return impl.classifier_infer(
+                mode=rnn.mode.lower(), ids=ids, lengths=lengths, embedding=table,
+                weights=rnn._flat_weights, fc_weight=weight, fc_bias=fc_bias,
+                num_layers=rnn.num_layers, bidirectional=rnn.bidirectional, bias=rnn.bias,
+                pooling=c.pooling)
+        except ValueError:
+            return None
 
     def _check_ids(self, ids: Tensor, lengths: Tensor | None = None) -> None:
         """Token ids must be rows of the embedding (nn.Embedding's IndexError names neither).

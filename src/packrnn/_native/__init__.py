@@ -29,11 +29,12 @@ from packrnn import _ops as _op_calls
 
 __all__ = ["load_library", "build_directory", "kernel_info", "clear_cache", "empty",
            "recurrence_forward", "recurrence_backward", "recurrence_forward_directions",
-           "recurrence_backward_directions", "layer_forward", "stack_forward", "THREADS_ENV",
+           "recurrence_backward_directions", "layer_forward", "stack_forward", "classifier_infer",
+           "THREADS_ENV",
            "set_kernel_threads", "kernel_threads"]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("recurrence.cpp", "recurrence.h")
+_SOURCES = ("recurrence.cpp", "classifier.cpp", "recurrence.h")
 # Portable flags: no -march=native (the cache may be shared by different CPUs); the elementwise
 # loops carry their own AVX2+FMA build chosen at run time. -fopenmp lets at::parallel_for split a
 # step's rows over torch's intra-op threads (it links the libgomp torch already loaded).
@@ -94,7 +95,7 @@ def load_library(verbose: bool = False) -> str:
                       "~20 s)", directory)
         path = cpp_extension.load(
             name=name,
-            sources=[str(_HERE / "recurrence.cpp")],
+            sources=[str(_HERE / name) for name in _SOURCES if name.endswith(".cpp")],
             extra_cflags=list(_CFLAGS),
             extra_ldflags=list(_LDFLAGS),
             extra_include_paths=[str(_HERE)],
@@ -295,6 +296,25 @@ def stack_forward(
                                bool(bidirectional), bool(bias), bool(padded))
     return out[0], out[1], (out[2] if mode == "lstm" else None)
 
+
+
+def classifier_infer(
+    *, mode: str, ids: Tensor, lengths: Tensor, embedding: Tensor, weights: Sequence[Tensor],
+    fc_weight: Tensor, fc_bias: Optional[Tensor], num_layers: int, bidirectional: bool,
+    bias: bool, pooling: str,
+) -> Tensor:
+    """A SequenceClassifier's whole inference forward (packed execution, eval mode) in one
+    operator call (NOTE [Fused classifier inference] in classifier.cpp): ids (B, T) and
+    lengths (B,) CPU int64 -> logits (B, C). Not differentiable: refused where a gradient
+    could be asked for. Raises ValueError on bad input (its caller then runs the module path,
+    whose error is the one to show)."""
+    if torch.is_grad_enabled() and (embedding.requires_grad or fc_weight.requires_grad
+                                    or any(w.requires_grad for w in weights)):
+        raise RuntimeError("classifier_infer: inference only, expected no gradient to be "
+                           "recorded (call it under torch.no_grad() or inference_mode())")
+    return _ops().classifier_infer(mode, ids, lengths, embedding, list(weights), fc_weight,
+                                   fc_bias, int(num_layers), bool(bidirectional), bool(bias),
+                                   pooling)
 
 def recurrence_backward(
     *,

@@ -561,11 +561,32 @@ PR_INLINE void rnn_bwd_rows(const RnnBwd<T>& a, int64_t r0, int64_t r1) {
   }
 }
 
-// Run-time dispatch of the float kernels to an AVX2+FMA build of the same loops when the CPU has
-// it (portable binary, no -march=native); double always uses the baseline build (libm).
+// NOTE [SIMD level]
+//   Run-time dispatch of the float kernels (portable binary, no -march=native): an AVX-512F build
+//   of the same loops on CPUs that have it, else an AVX2+FMA build, else the baseline; double
+//   always uses the baseline build (libm). The elementwise loops give the same bits in the
+//   AVX-512 and AVX2 builds (the same scalar code, FMA-contracted alike; tested), 1.1-1.25x
+//   faster with 16 lanes (LSTM H = 32, B = 16, one thread: 380 vs 479 us a forward of 80
+//   steps). The one-row matrix-vector product's AVX-512 form sums in another order (NOTE
+//   [Small GEMMs]). PACKRNN_SIMD=avx2 (read once, at the first kernel call) keeps a CPU with
+//   AVX-512 on the AVX2 builds: float results then equal an AVX2-only CPU's.
 #if defined(__x86_64__) || defined(__i386__)
 bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+bool simd_capped_at_avx2() {
+  const char* value = std::getenv("PACKRNN_SIMD");
+  const std::string v = value == nullptr ? "" : value;
+  TORCH_CHECK_VALUE(v.empty() || v == "auto" || v == "avx2",
+                    "PACKRNN_SIMD: expected auto or avx2, got '", v, "'");
+  return v == "avx2";
+}
+
+// The AVX-512F builds run (NOTE [SIMD level]).
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f") && !simd_capped_at_avx2();
   return has;
 }
 
@@ -574,9 +595,15 @@ bool cpu_has_avx2_fma() {
                                                        int64_t r1) {                         \
     NAME<float>(a, r0, r1);                                                                  \
   }                                                                                          \
+  __attribute__((target("avx512f,avx2,fma,prefer-vector-width=512"))) void NAME##_avx512(     \
+      const ARGS<float>& a, int64_t r0, int64_t r1) {                                        \
+    NAME<float>(a, r0, r1);                                                                  \
+  }                                                                                          \
   void NAME##_base(const ARGS<float>& a, int64_t r0, int64_t r1) { NAME<float>(a, r0, r1); } \
   void NAME##_run(const ARGS<float>& a, int64_t r0, int64_t r1) {                            \
-    if (cpu_has_avx2_fma()) {                                                                \
+    if (cpu_has_avx512f()) {                                                                 \
+      NAME##_avx512(a, r0, r1);                                                              \
+    } else if (cpu_has_avx2_fma()) {                                                         \
       NAME##_avx2(a, r0, r1);                                                                \
     } else {                                                                                 \
       NAME##_base(a, r0, r1);                                                                \
@@ -585,6 +612,7 @@ bool cpu_has_avx2_fma() {
   void NAME##_run(const ARGS<double>& a, int64_t r0, int64_t r1) { NAME<double>(a, r0, r1); }
 #else  // other architectures: the baseline build only (the compiler's default vector width)
 bool cpu_has_avx2_fma() { return false; }
+bool simd_capped_at_avx2() { return false; }
 
 #define PACKRNN_KERNEL(NAME, ARGS)                                                           \
   void NAME##_run(const ARGS<float>& a, int64_t r0, int64_t r1) { NAME<float>(a, r0, r1); }  \
@@ -616,8 +644,15 @@ PACKRNN_KERNEL(rnn_bwd_rows, RnnBwd)
 //   16-float vectors (small_gemm_nt_512: 1.19-1.27x faster at B = 1, H = 128 and 256, one
 //   thread); its summation order differs from the AVX2 loop's, so float results differ in the
 //   last bits between such CPUs and AVX2-only ones (e.g. AMD EPYC before Zen 4), but are the
-//   same on every run of one machine, whatever the threads.
+//   same on every run of one machine, whatever the threads (PACKRNN_SIMD=avx2 keeps the AVX2
+//   forms, NOTE [SIMD level]).
+//   A one-row NT product of depth k <= kMaxNnGemvDepth (h @ w_hh^T at H_out <= 64) runs the NN
+//   loop on W^T instead when the call made W^T (NOTE [Transposed weights]): a dot product of
+//   32 floats is two FMAs and a lane sum as long as they, while the NN form has no lane sums
+//   (one sequence, LSTM H = 32, one thread: 124 instead of 162 us for 200 steps, 48 instead of
+//   55 us for 40, the transposition included; 172 vs 180 us at H = 64, T = 100).
 constexpr int64_t kSmallGemmRows = 1;
+constexpr int64_t kMaxNnGemvDepth = 64;
 
 #if defined(__x86_64__) || defined(__i386__)
 template <typename T>
@@ -775,10 +810,6 @@ __attribute__((target("avx2,fma"))) void small_gemm_nn(int64_t m, int64_t n, int
 }
 #undef PR_AVX
 
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 
 // NT form with 16-float vectors, for CPUs with AVX-512F (NOTE [Small GEMMs]): the AVX2 loop's
 // structure (four rows of W, two vectors each in flight, a masked tail), so each output's order
@@ -847,6 +878,8 @@ template <typename T>
 void step_gemm_nt(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* W,
                   int64_t ldw, const T* Wt, T* C, int64_t ldc) {
   if (use_small_gemm(m)) {
+    if (Wt != nullptr && k <= kMaxNnGemvDepth)  // short dot products: the NN form on W^T
+      return small_gemm_nn<T>(m, n, k, A, lda, Wt, n, C, ldc, false);
     if constexpr (std::is_same_v<T, float>) {
       if (cpu_has_avx512f()) return small_gemm_nt_512(m, n, k, A, lda, W, ldw, C, ldc);
     }
@@ -874,8 +907,9 @@ void step_gemm_nn(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, cons
 //   fast from a row-major copy of w_hh^T as from w_hh itself (measured at b_t = 4 to 16, H = 32
 //   to 256: 25-40 % less time a step). The copy costs about two steps' worth of memory traffic
 //   (~100 us at H = 256), so a forward call makes it, once per direction, only when at least
-//   kMinStepsToTranspose steps call BLAS; with the 8 x 8 (4 x 4 for double) register transposes
-//   below (at::Tensor::t().contiguous() is 3x slower).
+//   kMinStepsToTranspose steps call BLAS, or as many one-row steps run the NN loop on it
+//   (H_out <= kMaxNnGemvDepth, NOTE [Small GEMMs]); with the 8 x 8 (4 x 4 for double)
+//   register transposes below (at::Tensor::t().contiguous() is 3x slower).
 constexpr int64_t kMinStepsToTranspose = 4;
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -995,12 +1029,16 @@ void zero_padding(T* p, int64_t width, const Layout& L) {
   }
 }
 
-Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch, bool padded) {
+void check_batch_sizes(const at::Tensor& batch_sizes) {
   TORCH_CHECK_TYPE(batch_sizes.scalar_type() == at::kLong && batch_sizes.device().is_cpu() &&
                        batch_sizes.dim() == 1,
                    "batch_sizes: expected a 1-D int64 CPU tensor, got ",
                    batch_sizes.scalar_type(), " ", batch_sizes.device(), " with ",
                    batch_sizes.dim(), " dims");
+}
+
+Layout make_layout(const at::Tensor& batch_sizes, int64_t n_rows, int64_t batch, bool padded) {
+  check_batch_sizes(batch_sizes);
   Layout L;
   const at::Tensor bs = batch_sizes.contiguous();
   const int64_t* p = bs.data_ptr<int64_t>();
@@ -1529,7 +1567,9 @@ struct ForwardJob {
     h0p = in.h0.data_ptr<T>();
     whh = in.w_hh.data_ptr<T>();
     whr = P > 0 ? in.w_hr->data_ptr<T>() : nullptr;
-    if (blas_steps(*L) >= kMinStepsToTranspose) {  // NOTE [Transposed weights]
+    if (blas_steps(*L) >= kMinStepsToTranspose ||
+        (Hout <= kMaxNnGemvDepth && static_cast<int64_t>(L->sizes.size()) - blas_steps(*L) >=
+                                        kMinStepsToTranspose)) {  // NOTE [Transposed weights]
       w_hh_t = transposed<T>(in.w_hh);                          // (H_out, G*H)
       if (P > 0) w_hr_t = transposed<T>(*in.w_hr);              // (H, P)
     }
@@ -1991,21 +2031,48 @@ std::vector<at::Tensor> recurrence_backward_directions(
 
 namespace {
 
-// x @ w_ih^T (+ bias): the input projection of every row for one direction, (N, G*H), into a
-// buffer of the cache (its page faults cost ~10 % of an inference forward at B = 256 otherwise).
+// x @ w_ih^T (+ bias (+ bias2)): the input projection of every row for one direction,
+// (N, G*H), into a buffer of the cache (its page faults cost ~10 % of an inference forward at
+// B = 256 otherwise). The rows start as the bias (summed once when there are two: rnn/lstm's
+// b_ih + b_hh) and one BLAS call adds the product: at B = 1 the aten calls of
+// addmm(b_ih + b_hh, x, w_ih.t()) (the add, the transposed view, the bias's broadcast copy)
+// cost about as much as the product itself.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w_ih,
-                   const std::optional<at::Tensor>& bias, const char* name, int64_t index) {
+                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias2,
+                   const char* name, int64_t index) {
   TORCH_CHECK_VALUE(w_ih.dim() == 2 && w_ih.size(1) == x.size(1) &&
                         w_ih.scalar_type() == x.scalar_type(),
                     name, "[", index, "]: expected a (G*H, ", x.size(1), ") tensor of dtype ",
                     x.scalar_type(), ", got ", w_ih.sizes(), " ", w_ih.scalar_type());
-  at::Tensor g = empty_rows(x.size(0), w_ih.size(0), x.options());  // (N, G*H)
+  const int64_t N = x.size(0), E = x.size(1), GH = w_ih.size(0);
+  for (const auto* b : {&bias, &bias2}) {
+    TORCH_CHECK_VALUE(!b->has_value() || ((*b)->dim() == 1 && (*b)->size(0) == GH &&
+                                          (*b)->scalar_type() == x.scalar_type()),
+                      name, "[", index, "] bias: expected a (", GH, ",) tensor of dtype ",
+                      x.scalar_type(), ", got ", (*b)->sizes(), " ", (*b)->scalar_type());
+  }
+  at::Tensor g = empty_rows(N, GH, x.options());  // (N, G*H)
+  if (N == 0 || GH == 0) return g;
+  const at::Tensor rows = x.contiguous(), w = w_ih.contiguous();
   std::optional<SingleThreadedBlas> serial_blas;  // NOTE [Threads]
-  if (!threaded_gemm(2.0 * x.size(0) * x.size(1) * w_ih.size(0))) serial_blas.emplace();
-  if (bias.has_value())
-    at::addmm_out(g, *bias, x, w_ih.t());
-  else
-    at::mm_out(g, x, w_ih.t());
+  const bool threaded = threaded_gemm(2.0 * N * E * GH);
+  if (!threaded) serial_blas.emplace();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "packrnn_project", [&] {
+    scalar_t* out = g.data_ptr<scalar_t>();
+    if (bias.has_value()) {
+      const at::Tensor b1 = bias->contiguous();
+      const at::Tensor b2 = bias2.has_value() ? bias2->contiguous() : at::Tensor();
+      const scalar_t* p1 = b1.data_ptr<scalar_t>();
+      const scalar_t* p2 = b2.defined() ? b2.data_ptr<scalar_t>() : nullptr;
+      for (int64_t j = 0; j < GH; ++j) out[j] = p2 ? p1[j] + p2[j] : p1[j];
+      at::parallel_for(1, N, threaded ? 256 : N, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) std::memcpy(out + r * GH, out, GH * sizeof(scalar_t));
+      });
+    }
+    gemm_rm<scalar_t>(false, true, N, GH, E, rows.data_ptr<scalar_t>(), std::max<int64_t>(E, 1),
+                      w.data_ptr<scalar_t>(), std::max<int64_t>(E, 1),
+                      scalar_t(bias.has_value() ? 1 : 0), out, GH);
+  });
   return g;
 }
 
@@ -2027,7 +2094,8 @@ std::vector<at::Tensor> layer_forward(
   check_count(bias.size(), D, "bias");
   check_input(x);
   std::vector<at::Tensor> gates;
-  for (size_t k = 0; k < D; ++k) gates.push_back(project(x, w_ih[k], bias.get(k), "w_ih", k));
+  for (size_t k = 0; k < D; ++k)
+    gates.push_back(project(x, w_ih[k], bias.get(k), std::nullopt, "w_ih", k));
   return recurrence_forward_directions(mode, batch_sizes, gates, h0, c0, w_hh, b_hh, w_hr,
                                        need_backward, padded);
 }
@@ -2062,20 +2130,26 @@ std::vector<at::Tensor> stack_forward(const std::string& mode, const at::Tensor&
                         "): expected shape (", GH, ",), got ", b.sizes());
     }
   }
-  // Absent initial states are zeros; B = the rows of a step (padded layout: N / T).
+  // Absent initial states are zeros, one (B, H_out) / (B, H) tensor that every layer and
+  // direction reads (the kernel copies it into its running state); B = the rows of a step
+  // (padded layout: N / T).
+  check_batch_sizes(batch_sizes);
   const int64_t steps = batch_sizes.numel();
   const int64_t batch = steps == 0 ? 0 : padded ? x.size(0) / steps
-                                               : batch_sizes.select(0, 0).item<int64_t>();
+                                               : batch_sizes.data_ptr<int64_t>()[0];
   const auto opts = x.options();
-  const at::Tensor h0 = h0_in.has_value() ? *h0_in : at::zeros({slots, batch, Hout}, opts);
-  std::optional<at::Tensor> c0 = c0_in;
-  if (lstm && !c0.has_value()) c0 = at::zeros({slots, h0.size(1), H}, opts);
-  TORCH_CHECK_VALUE(h0.dim() == 3 && h0.size(0) == slots, "h0: expected shape (", slots,
-                    ", B, H_out), got ", h0.sizes());
-  if (lstm) {
-    TORCH_CHECK_VALUE(c0->dim() == 3 && c0->size(0) == slots, "c0: expected shape (", slots,
-                      ", B, H), got ", c0->sizes());
+  if (h0_in.has_value()) {
+    TORCH_CHECK_VALUE(h0_in->dim() == 3 && h0_in->size(0) == slots, "h0: expected shape (",
+                      slots, ", B, H_out), got ", h0_in->sizes());
   }
+  if (lstm && c0_in.has_value()) {
+    TORCH_CHECK_VALUE(c0_in->dim() == 3 && c0_in->size(0) == slots, "c0: expected shape (",
+                      slots, ", B, H), got ", c0_in->sizes());
+  }
+  const int64_t state_rows = h0_in.has_value() ? h0_in->size(1) : batch;
+  const at::Tensor zero_h = h0_in.has_value() ? at::Tensor() : at::zeros({batch, Hout}, opts);
+  const at::Tensor zero_c =
+      lstm && !c0_in.has_value() ? at::zeros({state_rows, H}, opts) : at::Tensor();
   at::Tensor input = x;  // (N, E), then (N, D*H_out) between layers
   std::vector<at::Tensor> h_n, c_n;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
@@ -2083,11 +2157,13 @@ std::vector<at::Tensor> stack_forward(const std::string& mode, const at::Tensor&
     for (int64_t k = 0; k < D; ++k) {
       const int64_t idx = layer * D + k;
       const at::Tensor* w = weights.data() + idx * per;
-      std::optional<at::Tensor> bias;  // b_ih (+ b_hh folded in, but for gru)
-      if (has_bias) bias = gru ? w[2] : w[2] + w[3];
-      dirs.push_back(ForwardArgs{project(input, w[0], bias, "weights", idx * per), h0[idx],
-                                 lstm ? std::optional<at::Tensor>(c0->select(0, idx))
-                                      : std::nullopt,
+      std::optional<at::Tensor> bias, bias2;  // b_ih (+ b_hh folded in, but for gru)
+      if (has_bias) bias = w[2];
+      if (has_bias && !gru) bias2 = w[3];
+      std::optional<at::Tensor> c0;
+      if (lstm) c0 = c0_in.has_value() ? c0_in->select(0, idx) : zero_c;
+      dirs.push_back(ForwardArgs{project(input, w[0], bias, bias2, "weights", idx * per),
+                                 h0_in.has_value() ? h0_in->select(0, idx) : zero_h, c0,
                                  w[1], gru && has_bias ? std::optional<at::Tensor>(w[3])
                                                        : std::nullopt,
                                  has_proj ? std::optional<at::Tensor>(w[per - 1]) : std::nullopt,
@@ -2130,8 +2206,10 @@ at::Tensor empty_buffer(int64_t rows, int64_t cols, at::ScalarType dtype) {
 }
 
 std::string kernel_info() {
-  std::string simd = cpu_has_avx2_fma() ? "avx2+fma" : "baseline";
-  if (use_small_gemm(1) && cpu_has_avx512f()) simd += " (float one-row GEMV avx512f)";
+  std::string simd = cpu_has_avx512f()    ? "avx512f (one-row GEMV avx512f)"
+                     : cpu_has_avx2_fma() ? "avx2+fma"
+                                          : "baseline";
+  if (!cpu_has_avx512f() && simd_capped_at_avx2()) simd += " (PACKRNN_SIMD=avx2)";
   std::string blas = (sgemm_ != nullptr && dgemm_ != nullptr) ? "direct BLAS (sgemm_/dgemm_)"
                                                                : "at::mm fallback";
 #ifdef PACKRNN_HAS_MXCSR

@@ -171,6 +171,20 @@ std::vector<at::Tensor> stack_forward(const std::string& mode, const at::Tensor&
                                       const std::optional<at::Tensor>& c0, int64_t num_layers,
                                       bool bidirectional, bool has_bias, bool padded);
 
+// A SequenceClassifier's whole inference forward (classifier.cpp, NOTE [Fused classifier
+// inference]): packing, embedding rows, stack_forward, pooling, linear head. Buffers:
+//   ids (B, T) int64/int32 caller; lengths (B,) int64 caller, each in [0, T];
+//   embedding (V, E), weights (as stack_forward), fc_weight (C, D*H_out), fc_bias (C,) caller;
+//   packed (N,) / column (N,) / batch_sizes (T',) int64 scratch: each real step's id, its
+//   sorted column, the active columns per step; x (N, E) scratch: the embedded rows;
+//   features (B, D*H_out) scratch: the pooled states. Returns the logits (B, C).
+// Throws ValueError on bad ids or lengths (the Python caller then runs the module path).
+at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
+                            const at::Tensor& lengths, const at::Tensor& embedding,
+                            at::TensorList weights, const at::Tensor& fc_weight,
+                            const std::optional<at::Tensor>& fc_bias, int64_t num_layers,
+                            bool bidirectional, bool has_bias, const std::string& pooling);
+
 // Frees the blocks the buffer cache holds (NOTE [Buffer cache] in recurrence.cpp).
 void clear_cache();
 

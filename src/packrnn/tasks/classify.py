@@ -80,9 +80,11 @@ def _load(cfg: TrainConfig, path: str, vocab: Vocab | None = None,
             progress=progress, **options)
 
 
-def _collate(cfg: TrainConfig, pad: int) -> Collate:
-    # Compiled training takes padded ids + lengths: packing has data-dependent shapes.
-    packed = cfg.execution == "packed" and not cfg.compile
+def _collate(cfg: TrainConfig, pad: int, inference: bool = False) -> Collate:
+    # Compiled training takes padded ids + lengths: packing has data-dependent shapes. So does
+    # inference: an eval-mode classifier on CPU then runs as one operator (NOTE [fused
+    # inference] in models.py), and elsewhere packs the batch itself, to the same numbers.
+    packed = cfg.execution == "packed" and not cfg.compile and not inference
     return Collate(packed=packed, padding_value=pad, batch_first=True)
 
 
@@ -159,14 +161,12 @@ class ClassifyTask:
         batches = sampler.batches(0)
         if ctx is not None and ctx.distributed:
             batches = batches[ctx.rank::ctx.world_size]
-        collate = _collate(cfg, model.config.padding_idx or 0)
+        collate = _collate(cfg, model.config.padding_idx or 0, inference=True)
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # (true, predicted)
         loss_sum = 0.0
         for batch in batches:
             inputs, lengths, labels = collate([dataset[i] for i in batch])
-            inputs = inputs.to(device)
-            packed = not isinstance(inputs, Tensor)  # padded with lengths when compiled
-            logits = model(inputs) if packed else model(inputs, lengths)  # (B, C)
+            logits = model(inputs.to(device), lengths)  # (B, C)
             loss_sum += float(nn.functional.cross_entropy(logits.float(), labels.to(device),
                                                           reduction="sum"))
             pred = logits.argmax(-1).cpu()  # (B,)
@@ -199,8 +199,7 @@ class ClassifyTask:
                 raise TypeError(f"texts[{i}]: expected a str, got {type(t).__name__}")
         tok = tokenizer(run.config)
         pad = run.vocab.pad_index if run.vocab.pad_index is not None else 0
-        collate = _collate(run.config, pad)
-        packed = run.config.execution == "packed"
+        collate = _collate(run.config, pad, inference=True)
         device = next(run.model.parameters()).device
         run.model.eval()
         results: list[dict[str, Any]] = []
@@ -208,8 +207,7 @@ class ClassifyTask:
             chunk = inputs[start:start + batch_size]
             ids, lengths, _ = collate([torch.tensor(run.vocab(tok(t)), dtype=torch.int64)
                                        for t in chunk])
-            ids = ids.to(device)
-            logits = run.model(ids) if packed else run.model(ids, lengths)  # (B, C)
+            logits = run.model(ids.to(device), lengths)  # (B, C)
             probs = torch.softmax(logits.float(), dim=-1).cpu()  # (B, C)
             for t, p in zip(chunk, probs):
                 k = int(p.argmax())
