@@ -322,3 +322,85 @@ def test_load_vectors_names_the_line_of_bad_bytes_and_cr_line_ends(tmp_path):
     with pytest.raises(ValueError, match=r"vectors: expected 4 numbers after the token, got 3 in "
                                          r".*cr.txt:3"):
         load_vectors(cr, {"the": 0}, dim=4)
+
+
+# --------------------------------------------------------------------------------------------
+# The models' embedding lookup (NOTE [embedding gradient buffers]).
+
+def _native_available() -> bool:
+    from packrnn import backend
+
+    return backend.backend_name() == "native"
+
+
+def _cache_spy(monkeypatch) -> list:
+    """Records each (rows, cols) the embedding gradient takes from the native buffer cache."""
+    from packrnn import _native
+
+    calls = []
+    empty = _native.empty
+    monkeypatch.setattr(_native, "empty",
+                        lambda rows, cols, dtype: calls.append((rows, cols)) or empty(rows, cols,
+                                                                                      dtype))
+    return calls
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_embed_matches_nn_embedding_bit_for_bit(padding_idx, dtype, monkeypatch):
+    """Rows and table gradient exactly nn.Embedding's (repeated ids, the padding id, a 2-D
+    batch), with the gradient taken from the buffer cache where the native backend runs."""
+    from packrnn.models import embed
+
+    calls = _cache_spy(monkeypatch)
+    torch.manual_seed(0)
+    table = nn.Embedding(70_000, 16, padding_idx=padding_idx, dtype=dtype)  # >= 4 MiB
+    ids = torch.randint(0, 40, (9, 13))
+    ids[0, :4] = 3
+    ids[1, :4] = 0
+    upstream = torch.randn(9, 13, 16, dtype=dtype)
+    got = embed(table, ids)
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), table.weight)
+    want = table(ids)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), table.weight)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+    assert len(calls) == (1 if _native_available() else 0)
+
+
+def test_embed_second_derivatives_match_nn_embedding():
+    """create_graph=True: a gradient penalty through the lookup is nn.Embedding's."""
+    from packrnn.models import embed
+
+    torch.manual_seed(0)
+    table = nn.Embedding(70_000, 16, padding_idx=2, dtype=torch.float64)
+    ids = torch.tensor([[1, 2, 5, 1], [7, 2, 2, 0]])
+    results = []
+    for lookup in (lambda i: embed(table, i), table):
+        out = lookup(ids).tanh().sum()
+        (g,) = torch.autograd.grad(out, table.weight, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), table.weight)
+        results.append((g.detach(), gg))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(sparse=True), dict(max_norm=1.0),
+                                    dict(scale_grad_by_freq=True), dict(num_embeddings=100)],
+                         ids=["sparse", "max_norm", "scale_grad_by_freq", "small"])
+def test_embed_leaves_other_embeddings_to_nn_embedding(kwargs, monkeypatch):
+    from packrnn.models import embed
+
+    calls = _cache_spy(monkeypatch)
+    args = dict(num_embeddings=70_000, embedding_dim=16) | kwargs
+    table = nn.Embedding(**args)
+    ids = torch.tensor([[1, 2, 1]])
+    out = embed(table, ids)
+    out.sum().backward()
+    torch.testing.assert_close(out, table(ids), rtol=0, atol=0)
+    assert calls == []
+    seen = []
+    table = nn.Embedding(70_000, 16)
+    table.register_forward_hook(lambda module, args, out: seen.append(out))
+    embed(table, ids).sum().backward()
+    assert calls == [] and len(seen) == 1  # a hooked embedding is called as a module

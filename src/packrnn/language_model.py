@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .models import DictConfig, _check_int, _check_network, recurrent_layer
+from .models import DictConfig, _check_int, _check_network, embed, recurrent_layer
 from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["LanguageModelConfig", "LanguageModel"]
@@ -103,7 +103,7 @@ class LanguageModel(nn.Module):
             if c.execution == "padded":
                 raise ValueError("ids: expected padded ids and lengths for execution='padded', "
                                  "got a PackedSequence")
-            emb = self.embed_dropout(self.embedding(ids.data.long()))  # (N, E)
+            emb = self.embed_dropout(embed(self.embedding, ids.data.long()))  # (N, E)
             out, h = self.rnn(PackedSequence(emb, ids.batch_sizes, ids.sorted_indices,
                                              ids.unsorted_indices), hx)  # out.data (N, H)
             logits = self.fc(self.dropout(out.data))  # (N, V)
@@ -113,7 +113,7 @@ class LanguageModel(nn.Module):
             raise ValueError(f"ids: expected a (B, T) tensor of token ids, got "
                              f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
         B, T = ids.shape
-        emb = self.embed_dropout(self.embedding(ids.long()))  # (B, T, E)
+        emb = self.embed_dropout(embed(self.embedding, ids.long()))  # (B, T, E)
         if c.execution == "padded" or lengths is None:
             out, h = self.rnn(emb, hx)  # (B, T, H): every position
             return self.fc(self.dropout(out)), h  # (B, T, V)

@@ -324,7 +324,7 @@ class SequenceClassifier(nn.Module):
                              f"dimension), got {steps} at index 0")
         ids = ids[:, :steps]  # (1, L): the real steps
         self._check_ids(ids)
-        emb = _dropout(self.embed_dropout, self.embedding(ids.long()))  # (1, L, E)
+        emb = _dropout(self.embed_dropout, embed(self.embedding, ids.long()))  # (1, L, E)
         out, h = self.rnn(emb)  # (1, L, D): every step real
         if c.pooling == "last":
             z = self._last_state(h)
@@ -335,7 +335,7 @@ class SequenceClassifier(nn.Module):
     def _forward_packed(self, packed_ids: PackedSequence) -> Tensor:
         c = self.config
         batch = check_packed_sequence(packed_ids, "ids")  # free for packrnn's own packing
-        emb = self.embedding(packed_ids.data.long())  # (N, E): real steps only
+        emb = embed(self.embedding, packed_ids.data.long())  # (N, E): real steps only
         emb = _dropout(self.embed_dropout, emb)
         packed = _validated(PackedSequence(emb, packed_ids.batch_sizes, packed_ids.sorted_indices,
                                            packed_ids.unsorted_indices), batch)
@@ -361,7 +361,7 @@ class SequenceClassifier(nn.Module):
 
     def _forward_padded(self, ids: Tensor, lengths: Tensor) -> Tensor:
         c = self.config
-        emb = _dropout(self.embed_dropout, self.embedding(ids.long()))  # (B, T, E), padding too
+        emb = _dropout(self.embed_dropout, embed(self.embedding, ids.long()))  # (B, T, E): + padding
         out, h = self.rnn(emb)  # (B, T, D): every position, padding included
         if c.pooling == "last":
             z = self._last_state(h)  # state after all T positions (NOTE above)
@@ -403,6 +403,63 @@ def fill_embedding(embedding: nn.Embedding, padding_idx: int | None,
             if i != padding_idx:
                 embedding.weight[i] = v
     return len(vectors)
+
+
+# NOTE [embedding gradient buffers]
+# A dense embedding gradient is a (V, E) tensor made anew every training step (the lesson's
+# V = 20,000, E = 64: 5 MB), and glibc hands such blocks back to the OS and faults them in
+# again: at the lesson's size (B = 16) packrnn's step took ~200-280 page faults, all in the zero
+# fill of that gradient, where torch's own padded step happened to take none. So in eager mode
+# on CPU with the native backend the models' embeddings take that gradient from the kernel's
+# buffer cache (NOTE [Buffer cache] in recurrence.cpp; the block goes back when the gradient
+# is freed, e.g. by zero_grad) and fill it as torch's embedding backward does: zeros, then each
+# id's gradient row added in id order, the padding row left zero -- the same numbers. Other
+# embeddings (sparse, max_norm, scale_grad_by_freq, hooked, small) run nn.Embedding itself.
+_MIN_CACHED_GRAD_BYTES = 4 << 20  # the buffer cache's own threshold (empty_rows)
+
+
+class _EmbeddingRows(torch.autograd.Function):
+    """``table[ids]`` whose table gradient comes from the buffer cache (NOTE [embedding
+    gradient buffers])."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, ids: Tensor, padding_idx: int | None, empty) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.rows, ctx.padding_idx, ctx.empty = table.shape[0], padding_idx, empty
+        return table.index_select(0, ids)  # (M, E), as F.embedding
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad (M, E)
+        (ids,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable sum (higher derivatives)
+            table_grad = grad.new_zeros(ctx.rows, grad.shape[1]).index_add(0, ids, grad)
+            if ctx.padding_idx is not None:
+                table_grad = table_grad.index_fill(0, ids.new_tensor([ctx.padding_idx]), 0)
+            return table_grad, None, None, None
+        table_grad = ctx.empty(ctx.rows, grad.shape[1], grad.dtype).zero_()  # (V, E)
+        table_grad.index_add_(0, ids, grad.contiguous())
+        if ctx.padding_idx is not None:
+            table_grad[ctx.padding_idx].zero_()
+        return table_grad, None, None, None
+
+
+def embed(embedding: nn.Embedding, ids: Tensor) -> Tensor:
+    """``embedding(ids)``: the models' embedding lookup, ``(*) -> (*, E)``; in eager training on
+    CPU its dense gradient skips page faults (NOTE [embedding gradient buffers])."""
+    table = embedding.weight
+    if (not (torch.is_grad_enabled() and table.requires_grad) or type(embedding) is not nn.Embedding
+            or embedding.sparse or embedding.scale_grad_by_freq or embedding.max_norm is not None
+            or not table.is_cpu or table.numel() * table.element_size() < _MIN_CACHED_GRAD_BYTES
+            or embedding._forward_hooks or embedding._forward_pre_hooks
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks):
+        return embedding(ids)
+    impl = functional._get_backend(None, table.dtype)
+    if not hasattr(impl, "empty"):
+        return embedding(ids)
+    flat = ids.reshape(-1)  # (M,)
+    rows = _EmbeddingRows.apply(table, flat, embedding.padding_idx, impl.empty)  # (M, E)
+    return rows.view(*ids.shape, table.shape[1])
 
 
 _POOL = {"mean": mean_pool, "max": max_pool}

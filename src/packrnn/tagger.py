@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .data.collate import Batch
-from .models import DictConfig, _check_int, _check_network, fill_embedding, recurrent_layer
+from .models import (DictConfig, _check_int, _check_network, embed, fill_embedding,
+                     recurrent_layer)
 from .packing import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["TaggerConfig", "SequenceTagger"]
@@ -177,7 +178,7 @@ class SequenceTagger(nn.Module):
 
     def _features(self, ids: Tensor, chars: Batch | None) -> Tensor:
         """Each token's input features (M, E [+ F]); dropout applied once all are joined."""
-        emb = self.embedding(ids.long())  # (M, E)
+        emb = embed(self.embedding, ids.long())  # (M, E)
         if chars is None:
             return emb if self.config.char_vocab_size else self.embed_dropout(emb)
         return self.embed_dropout(torch.cat([emb, self._char_features(chars)], dim=-1))
