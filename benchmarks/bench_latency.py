@@ -38,6 +38,9 @@ Without ``--data-dir`` data, the epoch runs on a synthetic AG News-format file o
 ``--breakdown``: where one B = 1 call's time goes, on one thread (see ``breakdown``).
 
 Timings on a shared machine are noisy: the script prints the load average at start and end.
+The contenders share one process, so it asks glibc to keep freed memory
+(``packrnn.bench.keep_freed_memory``): otherwise whichever step allocated after the other's
+frees paid page faults for fresh pages (torch's B = 16 training step: 300-560 a step).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 import packrnn  # noqa: E402
-from packrnn.bench import cpu_name, load_average, lognormal_lengths  # noqa: E402
+from packrnn.bench import (cpu_name, keep_freed_memory, load_average,  # noqa: E402
+                           lognormal_lengths)
 from packrnn.models import ModelConfig, SequenceClassifier  # noqa: E402
 
 VOCAB = 20_000
@@ -603,6 +607,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"CPU: {cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; packrnn backend: {packrnn.backend_info()}")
     print(f"load average (1, 5, 15 min) at start: {load_average()}")
+    print(keep_freed_memory())
     ok = True
     if args.contention:
         ok = contention(args)

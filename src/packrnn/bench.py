@@ -393,6 +393,28 @@ def _format_load(load: Sequence[float]) -> str:
     return " ".join(f"{x:.2f}" for x in load)
 
 
+def keep_freed_memory() -> str:
+    """Ask glibc to keep freed large blocks instead of returning them to the OS; returns what
+    was done, for the benchmark's header.
+
+    Contenders timed in one process share its heap: which of them gets freshly mapped pages
+    (and pays their page faults on first touch) then depends on what the other freed last, not
+    on its own code. With a high mmap and trim threshold neither does (a B = 16 classifier
+    training step of torch's took ~40 page faults a step alone in a process, 300-560 beside
+    packrnn's, none with this), so the ratios compare compute, not allocator luck.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+        ok = libc.mallopt(m_mmap_threshold, 64 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        ok = False
+    return ("freed memory kept by glibc (mallopt: mmap threshold 64 MiB, trim threshold 1 GiB)"
+            if ok else "allocator left as it is (not glibc)")
+
+
 def cpu_name() -> str:
     """The CPU model (``/proc/cpuinfo``'s model name), else what ``platform`` says."""
     try:
