@@ -59,6 +59,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from packrnn.bench import load_average  # noqa: E402
+from packrnn.cli import train_command  # noqa: E402
 from packrnn.train import TrainConfig, train  # noqa: E402
 
 # The README's recommended configuration (>= 0.90 test accuracy within 3 epochs and 2 minutes).
@@ -71,21 +72,7 @@ RECOMMENDED = dict(model="lstm", bidirectional=True, embed_dim=128, hidden_size=
 
 def _command(cfg: dict) -> str:
     """The ``packrnn train`` command line for TrainConfig keyword arguments."""
-    flags = {"model": "--model", "embed_dim": "--embed-dim", "hidden_size": "--hidden-size",
-             "pooling": "--pooling", "batch_size": "--batch-size", "lr": "--lr", "lr_decay": "--lr-decay",
-             "epochs": "--epochs", "min_freq": "--min-freq", "dropout": "--dropout",
-             "embed_dropout": "--embed-dropout",
-             "num_layers": "--layers", "weight_decay": "--weight-decay",
-             "grad_clip": "--grad-clip", "max_tokens": "--max-tokens"}
-    parts = ["packrnn train --train train_partial.csv --test test.csv"]
-    for key, value in cfg.items():
-        if key in ("bidirectional", "bucket"):
-            if value:
-                parts.append(f"--{key}")
-        elif key in flags:
-            parts.append(f"{flags[key]} {value:g}" if isinstance(value, float) else
-                         f"{flags[key]} {value}")
-    return " ".join(parts)
+    return train_command(dict(train_path="train_partial.csv", test_path="test.csv", **cfg))
 
 
 def run_packrnn(data_dir: Path, threads: int, seed: int, **overrides) -> dict:

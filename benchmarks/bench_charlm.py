@@ -33,27 +33,19 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from packrnn.bench import load_average  # noqa: E402
+from packrnn.cli import train_command  # noqa: E402
 from packrnn.train import TrainConfig, evaluate, generate, load_run, train  # noqa: E402
 
 CONFIG = dict(model="lstm", embed_dim=128, hidden_size=128, tie_weights=True, num_layers=1,
               dropout=0.1, batch_size=64, lr=3e-3, lr_decay=0.7, epochs=3, bucket=True,
               grad_clip=1.0)
-FLAGS = {"model": "--model", "embed_dim": "--embed-dim", "hidden_size": "--hidden-size",
-         "num_layers": "--layers", "dropout": "--dropout", "batch_size": "--batch-size",
-         "lr": "--lr", "lr_decay": "--lr-decay", "epochs": "--epochs", "grad_clip": "--grad-clip"}
 PREFIXES = ("", "Stocks ", "Apple ", "Red Sox ", "Iraq ")
 
 
 def command(cfg: dict) -> str:
-    parts = ["packrnn train --task lm --train train_titles.txt --test test_titles.txt"]
-    for key, value in cfg.items():
-        if isinstance(value, bool):
-            if value:
-                parts.append("--" + key.replace("_", "-"))
-        elif key in FLAGS:
-            parts.append(f"{FLAGS[key]} {value:g}" if isinstance(value, float) else
-                         f"{FLAGS[key]} {value}")
-    return " ".join(parts)
+    """The ``packrnn train`` command line for TrainConfig keyword arguments."""
+    return train_command(dict(task="lm", train_path="train_titles.txt",
+                              test_path="test_titles.txt", **cfg))
 
 
 def write_titles(src: Path, dst: Path, limit: int | None) -> int:

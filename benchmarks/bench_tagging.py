@@ -46,6 +46,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from packrnn.bench import load_average  # noqa: E402
+from packrnn.cli import train_command  # noqa: E402
 from packrnn.train import TrainConfig, train  # noqa: E402
 
 TRAIN, TEST = "en_lines-ud-train.conllu", "en_lines-ud-test.conllu"
@@ -55,24 +56,9 @@ RECOMMENDED = dict(model="lstm", bidirectional=True, embed_dim=100, hidden_size=
                    char_features=True, char_embed_dim=32, char_hidden_size=50, lowercase=True,
                    min_freq=2, embed_dropout=0.3, dropout=0.3, batch_size=32, lr=5e-3,
                    lr_decay=0.75, epochs=8, grad_clip=5.0)
-FLAGS = {"model": "--model", "embed_dim": "--embed-dim", "hidden_size": "--hidden-size",
-         "char_embed_dim": "--char-embed-dim", "char_hidden_size": "--char-hidden-size",
-         "min_freq": "--min-freq", "embed_dropout": "--embed-dropout", "dropout": "--dropout",
-         "batch_size": "--batch-size", "lr": "--lr", "lr_decay": "--lr-decay",
-         "epochs": "--epochs", "grad_clip": "--grad-clip", "num_layers": "--layers"}
-
-
 def command(cfg: dict) -> str:
     """The ``packrnn train`` command line for TrainConfig keyword arguments."""
-    parts = [f"packrnn train --task tag --train {TRAIN} --test {TEST}"]
-    for key, value in cfg.items():
-        if isinstance(value, bool):
-            if value:
-                parts.append("--" + key.replace("_", "-"))
-        elif key in FLAGS:
-            parts.append(f"{FLAGS[key]} {value:g}" if isinstance(value, float) else
-                         f"{FLAGS[key]} {value}")
-    return " ".join(parts)
+    return train_command(dict(task="tag", train_path=TRAIN, test_path=TEST, **cfg))
 
 
 def _sentences(path: Path) -> list[str]:

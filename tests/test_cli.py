@@ -334,3 +334,23 @@ def test_vectors_file_with_bad_bytes_names_file_and_line(tmp_path, trained, caps
                  "--output", str(tmp_path / "r"), *FAST]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"packrnn: error: vectors: expected UTF-8 text, got the invalid byte 0xef in {vectors}:2"
+
+
+def test_train_command_parses_back_to_the_same_config():
+    """The benchmarks print their configurations with cli.train_command: the printed line,
+    given to `packrnn train`, sets exactly those fields; a field with no option is refused."""
+    import shlex
+
+    from packrnn import cli
+
+    fields = dict(task="lm", train_path="t.txt", test_path="v.txt", model="gru", num_layers=2,
+                  lr=3e-3, lr_decay=0.7, bucket=True, execution="padded",
+                  progress=False, plot=True)
+    line = cli.train_command(fields)
+    args = cli.build_parser().parse_args(shlex.split(line)[1:] + ["--output", "runs/x"])
+    config = cli._train_config(args, set())
+    for name, value in fields.items():
+        assert getattr(config, name) == value, name
+    with pytest.raises(ValueError, match="fields: expected TrainConfig fields that packrnn "
+                                         "train has an option for, got 'no_such_field'"):
+        cli.train_command({"no_such_field": 1})

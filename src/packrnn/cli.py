@@ -23,7 +23,7 @@ import functools
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -262,6 +262,35 @@ def _train_options(parser: argparse.ArgumentParser) -> dict[str, str]:
                  ).choices["train"]
     return {a.dest: a.option_strings[-1] for a in train._actions
             if a.option_strings and a.dest != "help"}
+
+
+def train_command(fields: Mapping[str, Any]) -> str:
+    """The ``packrnn train`` command line that sets these TrainConfig ``fields`` (in their
+    order; False flags left out), as the benchmarks print the configurations they ran.
+
+    Raises ValueError for a field that ``packrnn train`` has no option for, rather than print a
+    command that would run something else.
+
+    >>> train_command({"task": "lm", "train_path": "t.txt", "num_layers": 2, "lr": 3e-3,
+    ...                "bucket": True, "progress": False})
+    'packrnn train --task lm --train t.txt --layers 2 --lr 0.003 --bucket --no-progress'
+    """
+    train = _subparser(build_parser(), "train")
+    actions = {_TRAIN_FIELDS.get(a.dest, a.dest): a for a in train._actions
+               if a.option_strings and a.dest != "help"}
+    parts = ["packrnn train"]
+    for name, value in fields.items():
+        action = actions.get(name)
+        if action is None:
+            raise ValueError(f"fields: expected TrainConfig fields that packrnn train has an "
+                             f"option for, got {name!r}")
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # a switch: --bucket, or --no-progress for progress=False
+            if bool(value) != action.dest.startswith("no_"):
+                parts.append(flag)
+        else:
+            parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(parts)
 
 
 def _given_options(argv: Sequence[str]) -> set[str]:
