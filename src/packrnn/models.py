@@ -407,9 +407,11 @@ def fill_embedding(embedding: nn.Embedding, padding_idx: int | None,
 
 # NOTE [embedding gradient buffers]
 # A dense embedding gradient is a (V, E) tensor made anew every training step (the lesson's
-# V = 20,000, E = 64: 5 MB), and glibc hands such blocks back to the OS and faults them in
+# V = 20,000, E = 64: 5 MB), and glibc may hand such blocks back to the OS and fault them in
 # again: at the lesson's size (B = 16) packrnn's step took ~200-280 page faults, all in the zero
-# fill of that gradient, where torch's own padded step happened to take none. So in eager mode
+# fill of that gradient (how many depends on the process's allocation history: torch's own
+# padded step took ~40 alone in a process); at V = 100,000, E = 128 (51 MB, always mapped
+# afresh) ~12,800 a step, 15 of a 34 ms step. So in eager mode
 # on CPU with the native backend the models' embeddings take that gradient from the kernel's
 # buffer cache (NOTE [Buffer cache] in recurrence.cpp; the block goes back when the gradient
 # is freed, e.g. by zero_grad) and fill it as torch's embedding backward does: zeros, then each
