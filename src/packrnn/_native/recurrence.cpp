@@ -1567,9 +1567,9 @@ struct ForwardJob {
     h0p = in.h0.data_ptr<T>();
     whh = in.w_hh.data_ptr<T>();
     whr = P > 0 ? in.w_hr->data_ptr<T>() : nullptr;
-    if (blas_steps(*L) >= kMinStepsToTranspose ||
-        (Hout <= kMaxNnGemvDepth && static_cast<int64_t>(L->sizes.size()) - blas_steps(*L) >=
-                                        kMinStepsToTranspose)) {  // NOTE [Transposed weights]
+    const int64_t blas = blas_steps(*L), one_row = static_cast<int64_t>(L->sizes.size()) - blas;
+    if (blas >= kMinStepsToTranspose ||  // NOTE [Transposed weights]
+        (Hout <= kMaxNnGemvDepth && one_row >= kMinStepsToTranspose)) {
       w_hh_t = transposed<T>(in.w_hh);                          // (H_out, G*H)
       if (P > 0) w_hr_t = transposed<T>(*in.w_hr);              // (H, P)
     }
