@@ -130,11 +130,11 @@ def _fake_stack(mode, batch_sizes, x, weights, h0, c0, num_layers, bidirectional
     return result
 
 
-
 def _fake_classifier(mode, ids, lengths, embedding, weights, fc_weight, fc_bias, num_layers,
                      bidirectional, has_bias, pooling):
     """Shape of classifier_infer: the logits (B, C) (NOTE [Fused classifier inference])."""
     return embedding.new_empty(ids.shape[0], fc_weight.shape[0])
+
 
 # ---------------------------------------------------------------------------------------------
 # Autograd of layer_forward (one layer: projections + time loop of every direction).

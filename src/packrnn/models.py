@@ -252,13 +252,11 @@ class SequenceClassifier(nn.Module):
         # Lean on purpose: each nn.Module attribute lookup costs ~1 us, a tenth of the call.
         c = self.config
         if (c.execution != "packed" or c.pooling == "mean_padded" or ids.dim() != 2
-                or not ids.is_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks):
+                or not ids.is_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return None
         parts = self._modules
-        for part in parts.values():
-            if part._forward_hooks or part._forward_pre_hooks:
-                return None
+        if any(_hooked(part) for part in parts.values()):
+            return None
         rnn, embedding, fc = parts["rnn"], parts["embedding"], parts["fc"]
         if (type(embedding) is not nn.Embedding or type(fc) is not nn.Linear
                 or not isinstance(rnn, _RNNBase) or embedding.max_norm is not None):
@@ -361,7 +359,7 @@ class SequenceClassifier(nn.Module):
 
     def _forward_padded(self, ids: Tensor, lengths: Tensor) -> Tensor:
         c = self.config
-        emb = _dropout(self.embed_dropout, embed(self.embedding, ids.long()))  # (B, T, E): + padding
+        emb = _dropout(self.embed_dropout, embed(self.embedding, ids.long()))  # (B, T, E)
         out, h = self.rnn(emb)  # (B, T, D): every position, padding included
         if c.pooling == "last":
             z = self._last_state(h)  # state after all T positions (NOTE above)
@@ -420,6 +418,13 @@ def fill_embedding(embedding: nn.Embedding, padding_idx: int | None,
 _MIN_CACHED_GRAD_BYTES = 4 << 20  # the buffer cache's own threshold (empty_rows)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (global, or ``module``'s own) would see a call of ``module``:
+    the fused paths that skip the module call then step aside."""
+    return bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+                or module._forward_hooks or module._forward_pre_hooks)
+
+
 class _EmbeddingRows(torch.autograd.Function):
     """``table[ids]`` whose table gradient comes from the buffer cache (NOTE [embedding
     gradient buffers])."""
@@ -452,9 +457,7 @@ def embed(embedding: nn.Embedding, ids: Tensor) -> Tensor:
     if (not (torch.is_grad_enabled() and table.requires_grad) or type(embedding) is not nn.Embedding
             or embedding.sparse or embedding.scale_grad_by_freq or embedding.max_norm is not None
             or not table.is_cpu or table.numel() * table.element_size() < _MIN_CACHED_GRAD_BYTES
-            or embedding._forward_hooks or embedding._forward_pre_hooks
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks):
+            or _hooked(embedding) or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return embedding(ids)
     impl = functional._get_backend(None, table.dtype)
     if not hasattr(impl, "empty"):

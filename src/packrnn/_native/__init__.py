@@ -297,7 +297,6 @@ def stack_forward(
     return out[0], out[1], (out[2] if mode == "lstm" else None)
 
 
-
 def classifier_infer(
     *, mode: str, ids: Tensor, lengths: Tensor, embedding: Tensor, weights: Sequence[Tensor],
     fc_weight: Tensor, fc_bias: Optional[Tensor], num_layers: int, bidirectional: bool,
@@ -315,6 +314,7 @@ def classifier_infer(
     return _ops().classifier_infer(mode, ids, lengths, embedding, list(weights), fc_weight,
                                    fc_bias, int(num_layers), bool(bidirectional), bool(bias),
                                    pooling)
+
 
 def recurrence_backward(
     *,
