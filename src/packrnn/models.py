@@ -255,7 +255,7 @@ class SequenceClassifier(nn.Module):
                 or not ids.is_cpu or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return None
         parts = self._modules
-        if any(_hooked(part) for part in parts.values()):
+        if _hooked(*parts.values()):
             return None
         rnn, embedding, fc = parts["rnn"], parts["embedding"], parts["fc"]
         if (type(embedding) is not nn.Embedding or type(fc) is not nn.Linear
@@ -418,11 +418,15 @@ def fill_embedding(embedding: nn.Embedding, padding_idx: int | None,
 _MIN_CACHED_GRAD_BYTES = 4 << 20  # the buffer cache's own threshold (empty_rows)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook (global, or ``module``'s own) would see a call of ``module``:
-    the fused paths that skip the module call then step aside."""
-    return bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
-                or module._forward_hooks or module._forward_pre_hooks)
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook (global, or one of ``modules``' own) would see a call of one of
+    ``modules``: the fused paths that skip those module calls then step aside."""
+    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+        return True
+    for module in modules:  # a plain loop: this runs on every one-text call
+        if module._forward_hooks or module._forward_pre_hooks:
+            return True
+    return False
 
 
 class _EmbeddingRows(torch.autograd.Function):
