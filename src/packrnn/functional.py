@@ -65,12 +65,21 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 _HAS_SELECTION = importlib.util.find_spec("packrnn.backend") is not None
 
 
+# packrnn.backend and packrnn._native, imported on first use and kept: an import statement in
+# the function costs ~1 us a call, and every layer call asks for its backend (NOTE [Inference
+# lane]: a one-text call is ~50 us).
+_modules: dict[str, ModuleType] = {}
+
+
 @torch.compiler.assume_constant_result
 def _selected_backend_name() -> str:
     """``packrnn.backend.backend_name()``; torch.compile calls it once while tracing and bakes
     the answer into the graph (it builds the kernel on first use, behind a lock)."""
-    from packrnn import backend as selection
+    selection = _modules.get("backend")
+    if selection is None:
+        from packrnn import backend as selection
 
+        _modules["backend"] = selection
     return selection.backend_name()
 
 
@@ -95,9 +104,12 @@ def _get_backend(name: Optional[str] = None, dtype: Optional[torch.dtype] = None
     if name == "python":
         return _lean
     if name == "native":
-        from packrnn import _native
+        native = _modules.get("native")
+        if native is None:
+            from packrnn import _native as native
 
-        return _native
+            _modules["native"] = native
+        return native
     if name == "reference":
         return "reference"
     raise ValueError(f"backend: expected None or one of {_BACKENDS}, got {name!r}")
