@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.utils import rnn as tnn_rnn
 
 import packrnn
@@ -453,6 +455,93 @@ def test_classifier_infer_operator_refuses_gradients():
             embedding=model.embedding.weight, weights=model.rnn._flat_weights,
             fc_weight=model.fc.weight, fc_bias=model.fc.bias, num_layers=1,
             bidirectional=False, bias=True, pooling="last")
+
+
+# --------------------------------------------------------------------------------------------
+# Packing ids in one operator (NOTE [packing ids] in models.py).
+
+@native_only
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=12),
+       extra=st.integers(0, 3), int32=st.booleans(), seed=st.integers(0, 2**16))
+def test_pack_ids_is_pack_padded_sequence(lengths, extra, int32, seed):
+    """packrnn::pack_ids gives pack_padded_sequence's (and torch's) PackedSequence of ids:
+    same rows, batch_sizes and both index orders (ties included), for any lengths."""
+    from packrnn import _native
+
+    steps = max(lengths) + extra
+    if max(lengths) == 0:
+        with pytest.raises(ValueError, match=r"at least one non-empty sequence"):
+            _native.pack_ids(torch.zeros(len(lengths), steps, dtype=torch.int64),
+                             torch.tensor(lengths), 10)
+        return
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 10, (len(lengths), steps), generator=g)
+    ids = ids.int() if int32 else ids
+    lens = torch.tensor(lengths)
+    got = _native.pack_ids(ids, lens, 10)
+    wants = [packrnn.pack_padded_sequence(ids, lens, batch_first=True, enforce_sorted=False)]
+    if min(lengths) > 0:  # torch refuses zero lengths
+        wants.append(tnn_rnn.pack_padded_sequence(ids, lens, batch_first=True,
+                                                  enforce_sorted=False))
+    assert got.data.dtype == torch.int64
+    for want in wants:
+        for a, b in zip(got, want):
+            assert torch.equal(a, b.long())
+    assert packrnn.packing.check_packed_sequence(got) == len(lengths)
+
+
+@native_only
+def test_pack_ids_checks_what_it_packs():
+    from packrnn import _native
+
+    ids = torch.tensor([[1, 2, 3, 12], [4, -1, 6, 7]])
+    _native.pack_ids(ids, torch.tensor([3, 1]), 10)  # 12 and -1 are padding here
+    with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 10\) \(vocab_size\), "
+                                         r"got -1 at \(1, 1\)"):
+        _native.pack_ids(ids, torch.tensor([3, 2]), 10)
+    with pytest.raises(ValueError, match=r"lengths: expected every length in \[0, 4\]"):
+        _native.pack_ids(ids, torch.tensor([5, 2]), 10)
+    with pytest.raises(ValueError, match=r"lengths: expected a \(2,\) int64 CPU tensor"):
+        _native.pack_ids(ids, torch.tensor([3]), 10)
+
+
+@native_only
+@pytest.mark.parametrize("cell,bidirectional", [("lstm", False), ("gru", True)])
+def test_training_forward_packs_ids_in_one_operator(cell, bidirectional, monkeypatch):
+    """A training step on padded ids + lengths packs through pack_ids; its logits and every
+    gradient equal those of the Python packing path exactly; bad input still gets the
+    classifier's own errors."""
+    from packrnn import _native
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(ModelConfig(vocab_size=30, num_classes=3, embed_dim=5,
+                                           hidden_size=6, cell=cell, bidirectional=bidirectional,
+                                           pooling="mean")).double()
+    ids = torch.randint(1, 30, (5, 7))
+    lengths = torch.tensor([3, 7, 0, 7, 2])
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, lengths)
+        logits.sum().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    packer = _native.pack_ids
+    monkeypatch.setattr(_native, "pack_ids", lambda *a: calls.append(1) or packer(*a))
+    fast = step()
+    assert calls == [1]
+    monkeypatch.delattr(_native, "pack_ids")  # the Python packing path
+    slow = step()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.setattr(_native, "pack_ids", packer, raising=False)
+    with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 30\) \(vocab_size\), "
+                                         r"got 31 at \(0, 1\)"):
+        model(torch.tensor([[1, 31, 2], [4, 5, 99]]), [3, 2])  # 99: padding, not checked
+    with pytest.raises(ValueError, match=r"lengths: expected every length <= 3"):
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), [3, 4])
 
 
 # --------------------------------------------------------------------------------------------

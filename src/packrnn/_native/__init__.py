@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 
 from packrnn import _ops as _op_calls
+from packrnn.packing import PackedSequence, _validated
 
 __all__ = ["load_library", "build_directory", "kernel_info", "clear_cache", "empty",
            "recurrence_forward", "recurrence_backward", "recurrence_forward_directions",
            "recurrence_backward_directions", "layer_forward", "stack_forward", "classifier_infer",
-           "THREADS_ENV",
+           "pack_ids", "THREADS_ENV",
            "set_kernel_threads", "kernel_threads"]
 
 _HERE = Path(__file__).resolve().parent
@@ -314,6 +315,18 @@ def classifier_infer(
     return _ops().classifier_infer(mode, ids, lengths, embedding, list(weights), fc_weight,
                                    fc_bias, int(num_layers), bool(bidirectional), bool(bias),
                                    pooling)
+
+
+def pack_ids(ids: Tensor, lengths: Tensor, vocab_size: int) -> PackedSequence:
+    """``pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)`` of token
+    ids (B, T) with lengths (B,) CPU int64, in one operator call that also checks every real id
+    is in ``[0, vocab_size)``: the classifier's training forward (NOTE [packing ids] in
+    ``packrnn.models``). The data is int64. Eager mode only (its row count is data-dependent).
+    Raises ValueError on bad ids or lengths, and for a batch with no real step."""
+    data, batch_sizes, sorted_indices, unsorted_indices = _ops().pack_ids(ids, lengths,
+                                                                         vocab_size)
+    return _validated(PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices),
+                      ids.shape[0])
 
 
 def recurrence_backward(

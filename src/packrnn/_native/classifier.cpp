@@ -43,13 +43,20 @@ at::Tensor last_states(const at::Tensor& h_n, int64_t D) {
   return at::cat({h_n.select(0, n - 2), h_n.select(0, n - 1)}, 1);
 }
 
-}  // namespace
+// The packed layout of padded ids (B, T) with lengths (B,), as pack_padded_sequence(ids, lengths,
+// batch_first=True, enforce_sorted=False) computes it: the columns sorted longest first by the
+// same at::sort call, each step's active columns in that order. The ids are range-checked on the
+// way (real positions only).
+struct PackedIds {
+  at::Tensor packed;          // (N,) int64 ids, step-major
+  at::Tensor column;          // (N,) int64: each row's sorted column
+  at::Tensor batch_sizes;     // (T',) int64, T' = the longest length
+  at::Tensor sorted_lengths;  // (B,) int64
+  at::Tensor order;           // (B,) int64 sorted_indices; undefined when B == 1
+  int64_t rows = 0, nonzero = 0;
+};
 
-at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
-                            const at::Tensor& lengths, const at::Tensor& embedding,
-                            at::TensorList weights, const at::Tensor& fc_weight,
-                            const std::optional<at::Tensor>& fc_bias, int64_t num_layers,
-                            bool bidirectional, bool has_bias, const std::string& pooling) {
+PackedIds pack_ids_impl(const at::Tensor& ids, const at::Tensor& lengths, int64_t vocab) {
   TORCH_CHECK_VALUE(ids.dim() == 2 && (ids.scalar_type() == at::kLong ||
                                        ids.scalar_type() == at::kInt) && ids.device().is_cpu(),
                     "ids: expected a (B, T) int64 CPU tensor, got ", ids.sizes(), " ",
@@ -60,43 +67,33 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
                     "lengths: expected a (", B, ",) int64 CPU tensor, got ", lengths.sizes(), " ",
                     lengths.scalar_type());
   TORCH_CHECK_VALUE(B >= 1, "ids: expected at least one sequence, got B = 0");
-  TORCH_CHECK_VALUE(embedding.dim() == 2 && !weights.empty() &&
-                        embedding.scalar_type() == weights[0].scalar_type() &&
-                        fc_weight.scalar_type() == weights[0].scalar_type(),
-                    "embedding: expected a (V, E) tensor of the layer's dtype ",
-                    weights.empty() ? at::kFloat : weights[0].scalar_type(), ", got ",
-                    embedding.sizes(), " ", embedding.scalar_type());
-  TORCH_CHECK_VALUE(pooling == "last" || pooling == "mean" || pooling == "max",
-                    "pooling: expected last, mean or max, got ", pooling);
-  const int64_t D = bidirectional ? 2 : 1, vocab = embedding.size(0);
   const at::Tensor lens = lengths.contiguous();
   const int64_t* len = lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(len[b] >= 0 && len[b] <= T, "lengths: expected every length in [0, ", T,
                       "] (the padded time dimension), got ", len[b], " at index ", b);
   }
-
+  PackedIds out;
   // Column order, longest first: as pack_padded_sequence(enforce_sorted=False).
-  at::Tensor sorted_lengths = lens, order;
-  if (B > 1) std::tie(sorted_lengths, order) = at::sort(lens, 0, /*descending=*/true);
-  const int64_t* slen = sorted_lengths.data_ptr<int64_t>();
-  const int64_t* perm = B > 1 ? order.data_ptr<int64_t>() : nullptr;
+  out.sorted_lengths = lens;
+  if (B > 1) std::tie(out.sorted_lengths, out.order) = at::sort(lens, 0, /*descending=*/true);
+  const int64_t* slen = out.sorted_lengths.data_ptr<int64_t>();
+  const int64_t* perm = B > 1 ? out.order.data_ptr<int64_t>() : nullptr;
   const int64_t steps = slen[0];
-  int64_t rows = 0, nonzero = 0;
   for (int64_t j = 0; j < B; ++j) {
-    rows += slen[j];
-    nonzero += slen[j] > 0;
+    out.rows += slen[j];
+    out.nonzero += slen[j] > 0;
   }
-
   // The packed ids (step-major, columns longest first), each row's column, batch_sizes.
   const at::Tensor id64 = ids.to(at::kLong);
   const auto id = id64.accessor<int64_t, 2>();
-  at::Tensor packed = at::empty({rows}, at::kLong), column = at::empty({rows}, at::kLong);
-  at::Tensor batch_sizes = at::empty({steps}, at::kLong);
-  int64_t* p = packed.data_ptr<int64_t>();
-  int64_t* col = column.data_ptr<int64_t>();
-  int64_t* bs = batch_sizes.data_ptr<int64_t>();
-  for (int64_t t = 0, row = 0, active = nonzero; t < steps; ++t) {
+  out.packed = at::empty({out.rows}, at::kLong);
+  out.column = at::empty({out.rows}, at::kLong);
+  out.batch_sizes = at::empty({steps}, at::kLong);
+  int64_t* p = out.packed.data_ptr<int64_t>();
+  int64_t* col = out.column.data_ptr<int64_t>();
+  int64_t* bs = out.batch_sizes.data_ptr<int64_t>();
+  for (int64_t t = 0, row = 0, active = out.nonzero; t < steps; ++t) {
     while (active > 0 && slen[active - 1] <= t) --active;
     bs[t] = active;
     for (int64_t j = 0; j < active; ++j, ++row) {
@@ -107,6 +104,50 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
       col[row] = j;
     }
   }
+  return out;
+}
+
+// The inverse of the sorted columns' order: position b holds b's sorted column.
+at::Tensor inverse_order(const at::Tensor& order) {
+  const int64_t B = order.numel();
+  at::Tensor inverse = at::empty({B}, at::kLong);
+  const int64_t* perm = order.data_ptr<int64_t>();
+  int64_t* inv = inverse.data_ptr<int64_t>();
+  for (int64_t j = 0; j < B; ++j) inv[perm[j]] = j;
+  return inverse;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> pack_ids(const at::Tensor& ids, const at::Tensor& lengths,
+                                 int64_t vocab_size) {
+  PackedIds packed = pack_ids_impl(ids, lengths, vocab_size);
+  TORCH_CHECK_VALUE(packed.rows > 0, "lengths: expected at least one non-empty sequence");
+  at::Tensor order = packed.order.defined() ? packed.order : at::zeros({1}, at::kLong);
+  return {packed.packed, packed.batch_sizes, order, inverse_order(order)};
+}
+
+at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
+                            const at::Tensor& lengths, const at::Tensor& embedding,
+                            at::TensorList weights, const at::Tensor& fc_weight,
+                            const std::optional<at::Tensor>& fc_bias, int64_t num_layers,
+                            bool bidirectional, bool has_bias, const std::string& pooling) {
+  TORCH_CHECK_VALUE(embedding.dim() == 2 && !weights.empty() &&
+                        embedding.scalar_type() == weights[0].scalar_type() &&
+                        fc_weight.scalar_type() == weights[0].scalar_type(),
+                    "embedding: expected a (V, E) tensor of the layer's dtype ",
+                    weights.empty() ? at::kFloat : weights[0].scalar_type(), ", got ",
+                    embedding.sizes(), " ", embedding.scalar_type());
+  TORCH_CHECK_VALUE(pooling == "last" || pooling == "mean" || pooling == "max",
+                    "pooling: expected last, mean or max, got ", pooling);
+  const int64_t B = ids.dim() == 2 ? ids.size(0) : 0;
+  const int64_t D = bidirectional ? 2 : 1;
+  const PackedIds ids_p = pack_ids_impl(ids, lengths, embedding.size(0));
+  const at::Tensor& packed = ids_p.packed;
+  const at::Tensor& column = ids_p.column;
+  const at::Tensor& batch_sizes = ids_p.batch_sizes;
+  const at::Tensor& sorted_lengths = ids_p.sorted_lengths;
+  const int64_t rows = ids_p.rows, nonzero = ids_p.nonzero;
 
   const at::Tensor& w0 = weights[1];  // w_hh of layer 0: (G*H, H_out)
   const int64_t H_out = w0.size(1);
@@ -143,12 +184,7 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
                                      /*include_self=*/false);
     }
   }
-  if (B > 1) {  // back to the caller's order
-    at::Tensor inverse = at::empty({B}, at::kLong);
-    int64_t* inv = inverse.data_ptr<int64_t>();
-    for (int64_t j = 0; j < B; ++j) inv[perm[j]] = j;
-    features = features.index_select(0, inverse);
-  }
+  if (B > 1) features = features.index_select(0, inverse_order(ids_p.order));  // caller's order
   return head(features, fc_weight, fc_bias);
 }
 
@@ -161,4 +197,11 @@ TORCH_LIBRARY_FRAGMENT(packrnn, m) {
       "bool has_bias, str pooling) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(packrnn, CPU, m) { m.impl("classifier_infer", &packrnn::classifier_infer); }
+TORCH_LIBRARY_FRAGMENT(packrnn, m) {
+  m.def("pack_ids(Tensor ids, Tensor lengths, int vocab_size) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(packrnn, CPU, m) {
+  m.impl("classifier_infer", &packrnn::classifier_infer);
+  m.impl("pack_ids", &packrnn::pack_ids);
+}

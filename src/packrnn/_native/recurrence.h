@@ -185,6 +185,16 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
                             const std::optional<at::Tensor>& fc_bias, int64_t num_layers,
                             bool bidirectional, bool has_bias, const std::string& pooling);
 
+// The packing of padded ids for a SequenceClassifier's training forward (classifier.cpp):
+// pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False) of integer ids,
+// with each real id range-checked against vocab_size, in one call. Buffers:
+//   ids (B, T) int64/int32 caller; lengths (B,) int64 caller, each in [0, T], at least one > 0.
+//   Returns [data (N,) int64, batch_sizes (T',) int64, sorted_indices (B,), unsorted_indices
+//   (B,)], as that call returns them (int64 data whatever the ids' integer type).
+// Throws ValueError on bad ids or lengths (the Python caller then runs the checked path).
+std::vector<at::Tensor> pack_ids(const at::Tensor& ids, const at::Tensor& lengths,
+                                 int64_t vocab_size);
+
 // Frees the blocks the buffer cache holds (NOTE [Buffer cache] in recurrence.cpp).
 void clear_cache();
 
