@@ -191,11 +191,14 @@ def _run_directions(spec: _LayerSpec, x: Tensor, directions: Sequence[_Direction
     (one call: the backend may run the directions concurrently). With the native backend this
     is differentiable as it stands (registered autograd, ``packrnn._ops``)."""
     if _registered_autograd(spec.backend):  # one operator: projections and time loop
-        results = spec.backend.layer_forward(
-            mode=spec.mode, batch_sizes=spec.batch_sizes, x=x, need_backward=need_backward,
-            padded=padded, directions=[
-                dict(_direction_args(spec, d), w_ih=d.w_ih, bias=_folded_bias(spec.mode, d))
-                for d in directions])
+        gru = spec.mode == "gru"
+        results = spec.backend.layer_forward_lists(
+            spec.mode, spec.batch_sizes, x,
+            [[d.w_ih for d in directions], [_folded_bias(spec.mode, d) for d in directions],
+             [d.h0 for d in directions], [d.c0 for d in directions],
+             [d.w_hh for d in directions], [d.b_hh if gru else None for d in directions],
+             [d.w_hr for d in directions]],  # _native._LAYER_KEYS' order
+            need_backward, padded)
     else:
         gates = _project(spec.mode, x, directions)
         results = spec.backend.recurrence_forward_directions(

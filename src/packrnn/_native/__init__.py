@@ -273,12 +273,20 @@ def layer_forward(
     Returns one :func:`recurrence_forward` result per direction.
     """
     _check_directions(directions, _LAYER_KEYS)
+    return layer_forward_lists(mode, batch_sizes, x,
+                               [[d[key] for d in directions] for key in _LAYER_KEYS],
+                               bool(need_backward), bool(padded))
+
+
+def layer_forward_lists(mode: str, batch_sizes: Tensor, x: Tensor, lists: Sequence[list],
+                        need_backward: bool, padded: bool):
+    """:func:`layer_forward` with its per-direction arguments as the operator takes them: one
+    list per name of ``_LAYER_KEYS``, each with an entry per direction (``functional``'s layer
+    calls, which build no keyword dicts: a few us of a small training step)."""
     if _loaded is None:
         load_library()
-    out = _op_calls.layer_forward(mode, batch_sizes, x,
-                                  [[d[key] for d in directions] for key in _LAYER_KEYS],
-                                  bool(need_backward), bool(padded))
-    return [_forward_result(mode, r) for r in _per_direction(out, len(directions))]
+    out = _op_calls.layer_forward(mode, batch_sizes, x, lists, need_backward, padded)
+    return [_forward_result(mode, r) for r in _per_direction(out, len(lists[0]))]
 
 
 def stack_forward(
