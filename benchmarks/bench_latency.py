@@ -35,7 +35,8 @@ lesson with ``--threads``, ``packrnn train`` with its own default (one thread fo
 Without ``--data-dir`` data, the epoch runs on a synthetic AG News-format file of the same size
 (lognormal lengths, median 40 words).
 
-``--breakdown``: where one B = 1 call's time goes, on one thread (see ``breakdown``).
+``--breakdown``: where one B = 1 call's time goes, and where the B = 16 training step's goes,
+on one thread (see ``breakdown`` and ``train_breakdown``).
 
 Timings on a shared machine are noisy: the script prints the load average at start and end.
 The contenders share one process, so it asks glibc to keep freed memory
@@ -450,6 +451,73 @@ def breakdown(args, with_ort: bool) -> None:
         torch.set_num_threads(threads)
 
 
+def train_breakdown(args) -> None:
+    """Section 4: where the B = ``--batch`` training step's time goes, on ONE thread (thread
+    CPU time), for packrnn and torch padded side by side. Each step is cut into:
+
+    * **embedding**: the embedding's forward and its dense (V, E) gradient alone, on the rows
+      each model embeds (packrnn: the packed real steps through ``models.embed``; torch: every
+      padded position through ``nn.Embedding``); a dense gradient starts as V x E zeros, so most
+      of this is the same 5 MB write on both sides (V = 20,000, E = 64);
+    * **head + loss**: the linear head and cross-entropy, forward and backward, on (B, H)
+      features (the same work for both);
+    * **the rest**: the step minus those two: packing, the recurrent layer forward and backward
+      (kernel, GEMMs), and the Python and autograd engine around them.
+
+    The last column is the best ratio the step could reach if packrnn's rest cost nothing.
+    """
+    from packrnn.models import embed
+
+    print(f"\n## Where a B = {args.batch} training step's time goes (1 layer, uni, 1 thread, "
+          "thread CPU time)\n")
+    print("| H | step: packrnn / torch padded | embedding | head + loss | the rest | "
+          "step ratio | rest ratio | ratio if packrnn's rest were free |")
+    print("|---|---|---|---|---|---|---|---|")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for hidden in args.hidden:
+            models = Models(hidden, 1, False)
+            ids, lengths = make_batch(args.batch, None)
+            labels = torch.randint(0, CLASSES, (args.batch,))
+            ours, theirs = models.packrnn, models.torch_padded
+            rows = packrnn.pack_padded_sequence(ids, lengths, batch_first=True,
+                                                enforce_sorted=False).data  # (N,) ids
+            grad_rows = torch.randn(rows.shape[0], embed_size(hidden))
+            grad_padded = torch.randn(*ids.shape, embed_size(hidden))
+            features = torch.randn(args.batch, hidden, requires_grad=True)
+            loss_fn = nn.CrossEntropyLoss()
+
+            def embedding(model, lookup, ids_, grad):  # lookup: as each model's forward
+                def run():
+                    model.embedding.weight.grad = None
+                    lookup(model.embedding, ids_).backward(grad)
+                return run
+
+            def head():
+                ours.fc.zero_grad(set_to_none=True)
+                loss_fn(ours.fc(features), labels).backward()
+
+            t = cpu_times({"ours": train_step_fn(ours, ids, lengths, labels),
+                           "theirs": train_step_fn(theirs, ids, lengths, labels),
+                           "ours emb": embedding(ours, embed, rows, grad_rows),
+                           "theirs emb": embedding(theirs, nn.Embedding.__call__, ids,
+                                                   grad_padded),
+                           "head": head}, args.repeats)
+            rest_ours = t["ours"] - t["ours emb"] - t["head"]
+            rest_theirs = t["theirs"] - t["theirs emb"] - t["head"]
+            cells = [f"{fmt(t['ours'])} / {fmt(t['theirs'])}",
+                     f"{fmt(t['ours emb'])} / {fmt(t['theirs emb'])}", fmt(t["head"]),
+                     f"{fmt(rest_ours)} / {fmt(rest_theirs)}",
+                     f"{t['theirs'] / t['ours']:.2f}x", f"{rest_theirs / rest_ours:.2f}x",
+                     f"{t['theirs'] / (t['ours emb'] + t['head']):.2f}x"]
+            print(f"| {hidden} | {' | '.join(cells)} |", flush=True)
+            for m in (ours, theirs):
+                m.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # contention
 
@@ -589,7 +657,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="a smoke run: H=32, length 40, 1 layer, 2 rounds")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime column")
     p.add_argument("--breakdown", action="store_true",
-                   help="only the B = 1 time breakdown (Python, op fixed cost, projection, loop)")
+                   help="only the time breakdowns: a B = 1 call (Python, op fixed cost, "
+                        "projection, loop) and the B = 16 training step (embedding, head, rest)")
     p.add_argument("--contention", action="store_true",
                    help="only the contention section (slowdown beside a CPU-bound process)")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "ag_news",
@@ -614,6 +683,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif args.breakdown:
         why = onnx_status() if not args.no_onnx else "--no-onnx"
         breakdown(args, why is None)
+        train_breakdown(args)
     else:
         why = None if not args.no_onnx else "onnxruntime column skipped: --no-onnx"
         why = why or onnx_status()
