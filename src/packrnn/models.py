@@ -293,7 +293,8 @@ class SequenceClassifier(nn.Module):
         """``pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)`` of
         checked ids; ``lengths`` (B,) CPU int64."""
         if ids.is_cpu and not torch.jit.is_tracing():
-            impl = functional._get_backend(self.rnn.backend, self.embedding.weight.dtype)
+            impl = functional._get_backend(getattr(self.rnn, "backend", None),  # torch's: None
+                                           self.embedding.weight.dtype)
             if hasattr(impl, "pack_ids"):
                 try:
                     return impl.pack_ids(ids, lengths, self.config.vocab_size)
@@ -486,7 +487,7 @@ def embed(embedding: nn.Embedding, ids: Tensor) -> Tensor:
         return embedding(ids)
     flat = ids.reshape(-1)  # (M,)
     rows = _EmbeddingRows.apply(table, flat, embedding.padding_idx, impl.empty)  # (M, E)
-    return rows.view(*ids.shape, table.shape[1])
+    return rows if ids.dim() == 1 else rows.view(*ids.shape, table.shape[1])  # a view: a node
 
 
 _POOL = {"mean": mean_pool, "max": max_pool}
