@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import math
 import multiprocessing
@@ -341,6 +342,11 @@ def small_batches(args, with_ort: bool) -> bool:
         fns.pop("packrnn packed")
         with torch.no_grad():
             t = best_times(fns, args.repeats)
+        # The training step has no onnxruntime contender: close its session first. An idle
+        # session's thread pool slowed packrnn's step (which hands work to a second thread) by
+        # 1.2-1.3x in the same process, not torch's (2.3 -> 2.8-3.0 ms; 2.3 again once deleted).
+        del fns
+        gc.collect()
         train = best_times({"packrnn": train_step_fn(models.packrnn, ids, lengths, labels),
                             "torch padded": train_step_fn(models.torch_padded, ids, lengths,
                                                           labels)}, args.repeats)
