@@ -22,7 +22,8 @@ lstm256). Contenders, same weights:
 
 Sections: (1) B = 1 at lengths 40 and 200, H = 32, 128, 256, uni/bi, 1/2 layers, inference;
 (2) B = 16 (lognormal lengths, median 40, as ``packrnn bench``): inference against torch padded
-and onnxruntime, and a training step (forward, cross-entropy, backward) against torch padded.
+and onnxruntime, and a training step (forward, cross-entropy, backward) against torch padded
+(in a process of its own, away from onnxruntime's threads: ``training_times``).
 Every time is the best of ``--repeats`` interleaved rounds (one of each contender per round);
 a round times enough calls to last ~20 ms. Ratios and PASS/FAIL are against issue 13's goals.
 
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import io
 import math
 import multiprocessing
@@ -326,6 +326,28 @@ def train_step_fn(model: nn.Module, ids, lengths, labels) -> Callable[[], None]:
     return step
 
 
+def _training_times(hidden: int, batch: int, repeats: int, threads: int) -> dict[str, float]:
+    """Best seconds of the B = ``batch`` training step, packrnn and torch padded (run in a
+    process of its own by ``training_times``)."""
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    models = Models(hidden, 1, False)
+    ids, lengths = make_batch(batch, None)
+    labels = torch.randint(0, CLASSES, (batch,))
+    return best_times({"packrnn": train_step_fn(models.packrnn, ids, lengths, labels),
+                       "torch padded": train_step_fn(models.torch_padded, ids, lengths, labels)},
+                      repeats)
+
+
+def training_times(hidden: int, args) -> dict[str, float]:
+    """The training step's times, measured in a fresh process: an onnxruntime session's thread
+    pool (the inference contender, alive or just closed) slowed packrnn's step, which hands work
+    to a second thread, by 1.2-1.4x in the same process and not torch's (2.3 -> 2.8-3.0 ms; the
+    step has no onnxruntime contender). Same seeds, so the same model and batch as inference."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_training_times, (hidden, args.batch, args.repeats, args.threads))
+
+
 def small_batches(args, with_ort: bool) -> bool:
     """Section 2: B = 16 inference and training. Returns whether every goal passed."""
     print(f"\n## B = {args.batch}: lognormal lengths (median 40), 1 layer, unidirectional\n")
@@ -342,16 +364,8 @@ def small_batches(args, with_ort: bool) -> bool:
         fns.pop("packrnn packed")
         with torch.no_grad():
             t = best_times(fns, args.repeats)
-        # The training step has no onnxruntime contender: close its session first. An idle
-        # session's thread pool slowed packrnn's step (which hands work to a second thread) by
-        # 1.2-1.3x in the same process, not torch's (2.3 -> 2.8-3.0 ms; 2.3 again once deleted).
-        del fns
-        gc.collect()
-        train = best_times({"packrnn": train_step_fn(models.packrnn, ids, lengths, labels),
-                            "torch padded": train_step_fn(models.torch_padded, ids, lengths,
-                                                          labels)}, args.repeats)
-        for m in (models.packrnn, models.torch_padded):
-            m.eval()
+        del fns  # the onnxruntime session
+        train = training_times(hidden, args)
         r_infer = t["torch padded"] / t["packrnn"]
         r_train = train["torch padded"] / train["packrnn"]
         ok = r_infer >= GOAL_B16_INFER_VS_TORCH and r_train >= GOAL_B16_TRAIN_VS_TORCH
