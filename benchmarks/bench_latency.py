@@ -340,10 +340,11 @@ def _training_times(hidden: int, batch: int, repeats: int, threads: int) -> dict
 
 
 def training_times(hidden: int, args) -> dict[str, float]:
-    """The training step's times, measured in a fresh process: an onnxruntime session's thread
-    pool (the inference contender, alive or just closed) slowed packrnn's step, which hands work
-    to a second thread, by 1.2-1.4x in the same process and not torch's (2.3 -> 2.8-3.0 ms; the
-    step has no onnxruntime contender). Same seeds, so the same model and batch as inference."""
+    """The training step's times, measured in a fresh process. In the inference section's
+    process, an onnxruntime session that had just run (that section's contender) slowed
+    packrnn's step, which hands work to a second thread, by 1.2-1.3x and torch's hardly
+    (2.3 -> 2.8-3.0 ms; the step has no onnxruntime contender). Same seeds, so the same model
+    and batch as the inference rows."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_training_times, (hidden, args.batch, args.repeats, args.threads))
 
