@@ -403,6 +403,17 @@ def cpu_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
     return best
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for a while: the breakdowns time the calling thread's CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def breakdown(args, with_ort: bool) -> None:
     """Section 3 (issue 13: "say where the remaining time goes"): one B = 1 call, 1 layer,
     unidirectional, on ONE thread, cut into its parts:
@@ -424,9 +435,7 @@ def breakdown(args, with_ort: bool) -> None:
     print("| H | T | packrnn call | Python | around the layer | op fixed | projection | "
           "time loop | per step | torch padded | onnxruntime |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for hidden in args.hidden:
             for length in args.lengths:
                 models = Models(hidden, 1, False)
@@ -468,8 +477,6 @@ def breakdown(args, with_ort: bool) -> None:
                          fmt(loop), f"{loop / length * 1e6:.1f} us", fmt(t["torch"]),
                          fmt(t["ort"]) if "ort" in t else "-"]
                 print(f"| {hidden} | {length} | {' | '.join(cells)} |", flush=True)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train_breakdown(args) -> None:
@@ -494,9 +501,7 @@ def train_breakdown(args) -> None:
     print("| H | step: packrnn / torch padded | embedding | head + loss | the rest | "
           "step ratio | rest ratio | ratio if packrnn's rest were free |")
     print("|---|---|---|---|---|---|---|---|")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for hidden in args.hidden:
             models = Models(hidden, 1, False)
             ids, lengths = make_batch(args.batch, None)
@@ -535,8 +540,6 @@ def train_breakdown(args) -> None:
             print(f"| {hidden} | {' | '.join(cells)} |", flush=True)
             for m in (ours, theirs):
                 m.eval()
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
