@@ -326,17 +326,23 @@ def train_step_fn(model: nn.Module, ids, lengths, labels) -> Callable[[], None]:
     return step
 
 
+def training_setup(hidden: int, batch: int):
+    """The B = ``batch`` training step (1 layer, uni, lognormal lengths, seeded): returns
+    ``(models, (ids, lengths, labels), {"packrnn": step, "torch padded": step})``."""
+    models = Models(hidden, 1, False)
+    ids, lengths = make_batch(batch, None)
+    labels = torch.randint(0, CLASSES, (batch,))
+    steps = {"packrnn": train_step_fn(models.packrnn, ids, lengths, labels),
+             "torch padded": train_step_fn(models.torch_padded, ids, lengths, labels)}
+    return models, (ids, lengths, labels), steps
+
+
 def _training_times(hidden: int, batch: int, repeats: int, threads: int) -> dict[str, float]:
     """Best seconds of the B = ``batch`` training step, packrnn and torch padded (run in a
     process of its own by ``training_times``)."""
     torch.set_num_threads(threads)
     keep_freed_memory()
-    models = Models(hidden, 1, False)
-    ids, lengths = make_batch(batch, None)
-    labels = torch.randint(0, CLASSES, (batch,))
-    return best_times({"packrnn": train_step_fn(models.packrnn, ids, lengths, labels),
-                       "torch padded": train_step_fn(models.torch_padded, ids, lengths, labels)},
-                      repeats)
+    return best_times(training_setup(hidden, batch)[2], repeats)
 
 
 def training_times(hidden: int, args) -> dict[str, float]:
@@ -360,7 +366,6 @@ def small_batches(args, with_ort: bool) -> bool:
     for hidden in args.hidden:
         models = Models(hidden, 1, False)
         ids, lengths = make_batch(args.batch, None)
-        labels = torch.randint(0, CLASSES, (args.batch,))
         fns = inference_fns(models, ids, lengths, args.threads, with_ort)
         fns.pop("packrnn packed")
         with torch.no_grad():
@@ -503,9 +508,7 @@ def train_breakdown(args) -> None:
     print("|---|---|---|---|---|---|---|---|")
     with one_thread():
         for hidden in args.hidden:
-            models = Models(hidden, 1, False)
-            ids, lengths = make_batch(args.batch, None)
-            labels = torch.randint(0, CLASSES, (args.batch,))
+            models, (ids, lengths, labels), steps = training_setup(hidden, args.batch)
             ours, theirs = models.packrnn, models.torch_padded
             rows = packrnn.pack_padded_sequence(ids, lengths, batch_first=True,
                                                 enforce_sorted=False).data  # (N,) ids
@@ -524,8 +527,7 @@ def train_breakdown(args) -> None:
                 ours.fc.zero_grad(set_to_none=True)
                 loss_fn(ours.fc(features), labels).backward()
 
-            t = cpu_times({"ours": train_step_fn(ours, ids, lengths, labels),
-                           "theirs": train_step_fn(theirs, ids, lengths, labels),
+            t = cpu_times({"ours": steps["packrnn"], "theirs": steps["torch padded"],
                            "ours emb": embedding(ours, embed, rows, grad_rows),
                            "theirs emb": embedding(theirs, nn.Embedding.__call__, ids,
                                                    grad_padded),
@@ -604,11 +606,7 @@ def contention(args) -> bool:
     print(f"threads: the B = {args.batch} step and the lesson (plain torch) "
           f"{torch.get_num_threads()}; packrnn train its default, "
           f"{default_threads(lesson, 40.0)} for this model")
-    models = Models(32, 1, False)
-    ids, lengths = make_batch(args.batch, None)
-    labels = torch.randint(0, CLASSES, (args.batch,))
-    steps = {"packrnn": train_step_fn(models.packrnn, ids, lengths, labels),
-             "torch padded": train_step_fn(models.torch_padded, ids, lengths, labels)}
+    _, _, steps = training_setup(32, args.batch)
 
     with tempfile.TemporaryDirectory(prefix="bench_latency_") as tmp:
         data_dir = args.data_dir
