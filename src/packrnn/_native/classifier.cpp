@@ -188,6 +188,254 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
   return head(features, fc_weight, fc_bias);
 }
 
+// NOTE [Fused classifier training]
+//   A training step of a small classifier (B = 16, H = 32) spends ~40 % of its time outside the
+//   arithmetic: the module path's Python, the autograd nodes of the embedding, each layer, the
+//   bias folds, the packing and the pooling, each with its own Python. classifier_train runs the
+//   packed execution's forward up to the pooled features, and classifier_train_backward its
+//   whole backward, as ONE autograd node (SequenceClassifier._fused_features, NOTE [fused
+//   training] in models.py), with the same aten calls and kernels as the module path:
+//     forward      pack_ids_impl; index_select of the embedding rows; per layer layer_forward
+//                  (need_backward, the bias folded as functional folds it: b_ih + b_hh but
+//                  for gru); pooling as classifier_infer.
+//     backward     pooling: last -> the last layer's grad_h_n; mean -> grad / length on each
+//                  row; max -> torch's own rules: amax's (B = 1: ties share the gradient) and
+//                  scatter_reduce's (B > 1: ties share it, and the zero the result started from
+//                  counts as one more tie where the max is 0). Per layer from the top:
+//                  recurrence_backward_directions, then the GEMMs over all rows of
+//                  _ops._backward_layer (grad_w_ih = grad_gates^T x, grad_bias = column sums,
+//                  grad_x = sum over directions of grad_gates w_ih); the embedding's dense
+//                  gradient as models._EmbeddingRows makes it (buffer cache, zeros, index_add_
+//                  in row order, padding row zeroed).
+//   No dropout (the Python side only comes here when every dropout it skips is the identity),
+//   no proj_size. Gradients are those of the module path (tested, float64 and float32).
+//
+// The saved list (classifier_train's result after the features, handed back unchanged):
+//   [0] packed (N,) ids  [1] column (N,)  [2] batch_sizes (T',)  [3] order (B,) (zeros(1) for
+//   B = 1)  [4] sorted_lengths (B,)  [5] zero_h (B, H_out)  [6] zero_c (B, H) (lstm; else
+//   zero_h again)  [7] pooled (B, D*H_out) in sorted order; then per layer: its input (N, E) or
+//   (N, D*H_out), and layer_forward's result (per direction [output, h_n, (c_n), saved...]).
+namespace {
+
+constexpr int64_t kSavedHead = 8;
+
+struct StackShape {
+  bool lstm = false, gru = false;
+  int64_t D = 1, per = 0, H = 0, H_out = 0, per_dir = 0;  // per_dir: layer_forward's count
+};
+
+StackShape stack_shape(const std::string& mode, at::TensorList weights, int64_t num_layers,
+                       bool bidirectional, bool has_bias) {
+  StackShape s;
+  s.lstm = mode == "lstm";
+  s.gru = mode == "gru";
+  TORCH_CHECK_VALUE(s.lstm || s.gru || mode == "rnn_tanh" || mode == "rnn_relu",
+                    "mode: expected rnn_tanh, rnn_relu, lstm or gru, got ", mode);
+  s.D = bidirectional ? 2 : 1;
+  const int64_t slots = num_layers * s.D, base = has_bias ? 4 : 2;
+  TORCH_CHECK_VALUE(num_layers >= 1 && static_cast<int64_t>(weights.size()) == slots * base,
+                    "weights: expected ", slots * base, " tensors (no proj_size) for num_layers=",
+                    num_layers, ", bidirectional=", bidirectional, ", bias=", has_bias, ", got ",
+                    weights.size());
+  s.per = base;
+  TORCH_CHECK_VALUE(weights[1].dim() == 2, "weights[1] (w_hh): expected a 2-D tensor, got ",
+                    weights[1].sizes());
+  s.H = weights[1].size(0) / (s.lstm ? 4 : s.gru ? 3 : 1);
+  s.H_out = weights[1].size(1);
+  s.per_dir = (s.lstm ? 3 : 2) + (s.lstm ? 2 : s.gru ? 1 : 0);
+  return s;
+}
+
+c10::List<std::optional<at::Tensor>> optional_list(const std::vector<at::Tensor>& tensors) {
+  c10::List<std::optional<at::Tensor>> out;
+  for (const auto& t : tensors) {
+    out.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tensor& ids,
+                                         const at::Tensor& lengths, const at::Tensor& embedding,
+                                         at::TensorList weights, int64_t num_layers,
+                                         bool bidirectional, bool has_bias,
+                                         const std::string& pooling) {
+  const StackShape s = stack_shape(mode, weights, num_layers, bidirectional, has_bias);
+  TORCH_CHECK_VALUE(embedding.dim() == 2 && embedding.scalar_type() == weights[0].scalar_type(),
+                    "embedding: expected a (V, E) tensor of the layer's dtype ",
+                    weights[0].scalar_type(), ", got ", embedding.sizes(), " ",
+                    embedding.scalar_type());
+  TORCH_CHECK_VALUE(pooling == "last" || pooling == "mean" || pooling == "max",
+                    "pooling: expected last, mean or max, got ", pooling);
+  const PackedIds p = pack_ids_impl(ids, lengths, embedding.size(0));
+  TORCH_CHECK_VALUE(p.rows > 0, "lengths: expected at least one non-empty sequence");
+  const int64_t B = ids.size(0), D = s.D;
+  const auto opts = embedding.options();
+  const at::Tensor zero_h = at::zeros({B, s.H_out}, opts);
+  const at::Tensor zero_c = s.lstm ? at::zeros({B, s.H}, opts) : zero_h;
+  const at::Tensor order = p.order.defined() ? p.order : at::zeros({1}, at::kLong);
+  std::vector<at::Tensor> result{at::Tensor(), p.packed, p.column, p.batch_sizes, order,
+                                 p.sorted_lengths, zero_h, zero_c, at::Tensor()};
+  at::Tensor input = embedding.index_select(0, p.packed);  // (N, E)
+  std::vector<at::Tensor> last_h;
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    std::vector<at::Tensor> w_ih, bias, h0, c0, w_hh, b_hh, w_hr;
+    for (int64_t k = 0; k < D; ++k) {
+      const at::Tensor* w = weights.data() + (layer * D + k) * s.per;
+      w_ih.push_back(w[0]);
+      w_hh.push_back(w[1]);
+      bias.push_back(!has_bias ? at::Tensor() : s.gru ? w[2] : at::add(w[2], w[3]));
+      b_hh.push_back(has_bias && s.gru ? w[3] : at::Tensor());
+      h0.push_back(zero_h);
+      c0.push_back(s.lstm ? zero_c : at::Tensor());
+      w_hr.emplace_back();
+    }
+    const auto out = layer_forward(mode, p.batch_sizes, input, w_ih, optional_list(bias), h0,
+                                   optional_list(c0), w_hh, optional_list(b_hh),
+                                   optional_list(w_hr), /*need_backward=*/true, /*padded=*/false);
+    TORCH_CHECK(static_cast<int64_t>(out.size()) == D * s.per_dir,
+                "classifier_train: unexpected layer_forward result count ", out.size());
+    result.push_back(input);
+    result.insert(result.end(), out.begin(), out.end());
+    std::vector<at::Tensor> outputs;
+    last_h.clear();
+    for (int64_t k = 0; k < D; ++k) {
+      outputs.push_back(out[k * s.per_dir]);
+      last_h.push_back(out[k * s.per_dir + 1]);
+    }
+    input = D == 1 ? outputs[0] : at::cat(outputs, 1);  // (N, D*H_out)
+  }
+  const at::Tensor& output = input;
+  at::Tensor pooled;  // (B, D*H_out), sorted order
+  if (pooling == "last") {
+    pooled = D == 1 ? last_h[0] : at::cat(last_h, 1);
+  } else if (B == 1) {  // the module's one-sequence path (as classifier_infer)
+    pooled = pooling == "mean"
+                 ? output.unsqueeze(1).sum(0) / p.sorted_lengths.to(output.scalar_type())
+                       .view({-1, 1})
+                 : output.unsqueeze(1).amax(0);
+  } else if (pooling == "mean") {
+    const at::Tensor sums = at::zeros({B, output.size(1)}, output.options())
+                                .index_add(0, p.column, output);
+    pooled = sums / p.sorted_lengths.clamp_min(1).to(output.scalar_type()).view({-1, 1});
+  } else {
+    pooled = at::zeros({B, output.size(1)}, output.options())
+                 .scatter_reduce(0, p.column.view({-1, 1}).expand_as(output), output, "amax",
+                                 /*include_self=*/false);
+  }
+  result[kSavedHead] = pooled;  // saved[7]
+  result[0] = B > 1 ? pooled.index_select(0, inverse_order(order)) : pooled;
+  return result;
+}
+
+std::vector<at::Tensor> classifier_train_backward(
+    const std::string& mode, const at::Tensor& grad_features, at::TensorList saved,
+    at::TensorList weights, int64_t vocab_size, int64_t num_layers, bool bidirectional,
+    bool has_bias, const std::string& pooling, int64_t padding_idx, bool table_grad) {
+  const StackShape s = stack_shape(mode, weights, num_layers, bidirectional, has_bias);
+  const int64_t D = s.D;
+  const int64_t per_layer = 1 + D * s.per_dir;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == kSavedHead + num_layers * per_layer,
+                    "saved: expected classifier_train's ", kSavedHead + num_layers * per_layer,
+                    " saved tensors, got ", saved.size());
+  const at::Tensor &packed = saved[0], &column = saved[1], &batch_sizes = saved[2];
+  const at::Tensor &order = saved[3], &sorted_lengths = saved[4];
+  const at::Tensor &zero_h = saved[5], &zero_c = saved[6], &pooled = saved[7];
+  const int64_t B = sorted_lengths.size(0);
+  TORCH_CHECK_VALUE(grad_features.dim() == 2 && grad_features.size(0) == B &&
+                        grad_features.size(1) == D * s.H_out,
+                    "grad_features: expected shape (", B, ", ", D * s.H_out, "), got ",
+                    grad_features.sizes());
+  const at::Tensor g = B > 1 ? grad_features.index_select(0, order)
+                             : grad_features.contiguous();  // (B, D*H_out) sorted
+  // The top layer's output (N, D*H_out) and final-state gradients from the pooling.
+  at::Tensor grad_out;
+  std::vector<at::Tensor> grad_h_n(D);
+  const at::Tensor& top = saved[kSavedHead + (num_layers - 1) * per_layer + 1];  // output k=0
+  if (pooling == "last") {
+    for (int64_t k = 0; k < D; ++k) {
+      grad_h_n[k] = D == 1 ? g : g.narrow(1, k * s.H_out, s.H_out).contiguous();
+    }
+  } else {
+    at::Tensor output = top;  // the top layer's (N, D*H_out) output
+    if (D == 2) {
+      const int64_t base = kSavedHead + (num_layers - 1) * per_layer + 1;
+      output = at::cat({saved[base], saved[base + s.per_dir]}, 1);
+    }
+    if (pooling == "mean") {
+      const at::Tensor scale =
+          g / (B == 1 ? sorted_lengths : sorted_lengths.clamp_min(1))
+                  .to(g.scalar_type()).view({-1, 1});
+      grad_out = scale.index_select(0, column);
+    } else {  // max: torch's backward of the module path's reduction (NOTE above)
+      const at::Tensor mask = output.eq(pooled.index_select(0, column)).to(g.scalar_type());
+      at::Tensor count;
+      if (B == 1) {
+        count = mask.sum(0, /*keepdim=*/true);
+      } else {
+        count = pooled.eq(0).to(g.scalar_type()).index_add(0, column, mask);
+      }
+      grad_out = mask * (g / count).index_select(0, column);
+    }
+  }
+  std::vector<at::Tensor> grads(weights.size());
+  at::Tensor grad_x;
+  for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
+    const int64_t base = kSavedHead + layer * per_layer;
+    const at::Tensor& x = saved[base];
+    std::vector<at::Tensor> go, ghn, gcn, h0, c0, w_hh, b_hh, w_hr, outputs, act;
+    for (int64_t k = 0; k < D; ++k) {
+      const at::Tensor* w = weights.data() + (layer * D + k) * s.per;
+      const int64_t pos = base + 1 + k * s.per_dir;
+      go.push_back(!grad_out.defined() ? at::Tensor()
+                   : D == 1            ? grad_out
+                                       : grad_out.narrow(1, k * s.H_out, s.H_out));
+      ghn.push_back(layer == num_layers - 1 ? grad_h_n[k] : at::Tensor());
+      gcn.emplace_back();
+      h0.push_back(zero_h);
+      c0.push_back(s.lstm ? zero_c : at::Tensor());
+      w_hh.push_back(w[1]);
+      b_hh.push_back(has_bias && s.gru ? w[3] : at::Tensor());
+      w_hr.emplace_back();
+      outputs.push_back(saved[pos]);
+      const int64_t states = s.lstm ? 3 : 2;
+      for (int64_t j = states; j < s.per_dir; ++j) act.push_back(saved[pos + j]);
+    }
+    const auto r = recurrence_backward_directions(
+        mode, batch_sizes, optional_list(go), optional_list(ghn), optional_list(gcn), h0,
+        optional_list(c0), w_hh, optional_list(b_hh), optional_list(w_hr), outputs, act,
+        /*padded=*/false);
+    const int64_t n = static_cast<int64_t>(r.size()) / D;  // [ggx, gh0, (gc0), gw_hh, (gb_hh)]
+    const bool want_x = layer > 0 || table_grad;
+    grad_x = at::Tensor();
+    for (int64_t k = 0; k < D; ++k) {
+      const int64_t idx = (layer * D + k) * s.per;
+      const at::Tensor& ggx = r[k * n];  // (N, G*H)
+      grads[idx] = ggx.t().mm(x);                         // w_ih
+      grads[idx + 1] = r[k * n + (s.lstm ? 3 : 2)];       // w_hh
+      if (has_bias) {
+        grads[idx + 2] = ggx.sum(0);                                              // b_ih
+        grads[idx + 3] = s.gru ? r[k * n + 3] : grads[idx + 2].clone();           // b_hh
+      }
+      if (want_x) {
+        const at::Tensor part = ggx.mm(weights[idx]);  // (N, E_layer)
+        grad_x = grad_x.defined() ? grad_x.add_(part) : part;
+      }
+    }
+    grad_out = grad_x;  // the layer below's output gradient
+  }
+  at::Tensor grad_table = at::empty({0}, grad_features.options());
+  if (table_grad) {
+    const int64_t E = saved[kSavedHead].size(1);
+    grad_table = empty_buffer(vocab_size, E, grad_features.scalar_type()).zero_();
+    grad_table.index_add_(0, packed, grad_x.contiguous());
+    if (padding_idx >= 0) grad_table.select(0, padding_idx).zero_();
+  }
+  grads.insert(grads.begin(), grad_table);
+  return grads;
+}
+
 }  // namespace packrnn
 
 TORCH_LIBRARY_FRAGMENT(packrnn, m) {
@@ -199,9 +447,19 @@ TORCH_LIBRARY_FRAGMENT(packrnn, m) {
 
 TORCH_LIBRARY_FRAGMENT(packrnn, m) {
   m.def("pack_ids(Tensor ids, Tensor lengths, int vocab_size) -> Tensor[]");
+  m.def(
+      "classifier_train(str mode, Tensor ids, Tensor lengths, Tensor embedding, "
+      "Tensor[] weights, int num_layers, bool bidirectional, bool has_bias, str pooling) "
+      "-> Tensor[]");
+  m.def(
+      "classifier_train_backward(str mode, Tensor grad_features, Tensor[] saved, "
+      "Tensor[] weights, int vocab_size, int num_layers, bool bidirectional, bool has_bias, "
+      "str pooling, int padding_idx, bool table_grad) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(packrnn, CPU, m) {
   m.impl("classifier_infer", &packrnn::classifier_infer);
   m.impl("pack_ids", &packrnn::pack_ids);
+  m.impl("classifier_train", &packrnn::classifier_train);
+  m.impl("classifier_train_backward", &packrnn::classifier_train_backward);
 }
