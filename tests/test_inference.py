@@ -511,9 +511,11 @@ def test_pack_ids_checks_what_it_packs():
 def test_training_forward_packs_ids_in_one_operator(cell, bidirectional, monkeypatch):
     """A training step on padded ids + lengths packs through pack_ids; its logits and every
     gradient equal those of the Python packing path exactly; bad input still gets the
-    classifier's own errors."""
+    classifier's own errors. (The module path: the fused training forward, which packs in
+    its own operator, is taken away.)"""
     from packrnn import _native
 
+    monkeypatch.delattr(_native, "classifier_features")
     torch.manual_seed(0)
     model = SequenceClassifier(ModelConfig(vocab_size=30, num_classes=3, embed_dim=5,
                                            hidden_size=6, cell=cell, bidirectional=bidirectional,

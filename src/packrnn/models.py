@@ -234,9 +234,17 @@ class SequenceClassifier(nn.Module):
             # NOTE [compiled classifier]: packing has data-dependent shapes; the layer's padded
             # + lengths path computes the same real steps with static shapes.
             return self._forward_lengths(ids, lengths)
-        if B == 1:  # one sequence: nothing to pack (NOTE [one sequence])
-            return self._forward_one(ids, lengths)
-        return self._forward_packed(self._pack_ids(ids, lengths))
+        if torch.is_grad_enabled():
+            z = self._fused_features(ids, lengths)  # NOTE [fused training]
+            if z is not None:
+                return self.fc(_dropout(self.dropout, z))
+        return self.fc(_dropout(self.dropout, self._packed_features(ids, lengths)))
+
+    def _packed_features(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        """The packed execution's pooled features (B, D) of padded ids, by the module path."""
+        if ids.shape[0] == 1:  # one sequence: nothing to pack (NOTE [one sequence])
+            return self._features_one(ids, lengths)
+        return self._features_packed(self._pack_ids(ids, lengths))
 
     # NOTE [fused inference]
     # An eval-mode call without gradients on padded ids (+ lengths), the packed execution,
@@ -279,6 +287,55 @@ class SequenceClassifier(nn.Module):
                 weights=rnn._flat_weights, fc_weight=weight, fc_bias=fc_bias,
                 num_layers=rnn.num_layers, bidirectional=rnn.bidirectional, bias=rnn.bias,
                 pooling=c.pooling)
+        except ValueError:
+            return None
+
+    # NOTE [fused training]
+    # With gradients on, padded ids (+ lengths) through the packed execution spend ~40 % of a
+    # small training step (B = 16, H = 32) outside the arithmetic: module calls, argument
+    # checks, and one autograd node with its Python for the embedding, each layer, the bias
+    # fold, the packing and the pooling. With the native backend, the forward up to the pooled
+    # features is instead one operator and its backward another, under ONE autograd node
+    # (_native.classifier_features; NOTE [Fused classifier training] in classifier.cpp): the
+    # same kernels and aten calls, so the same features and gradients as the module path
+    # (tested). The head (dropout, fc) stays a module call. Only where that is all the module
+    # path would do: every dropout it skips is the identity (embedding dropout, and dropout
+    # between recurrent layers), a plain dense nn.Embedding, a packrnn layer without
+    # proj_size, no forward hooks on the parts it skips. Anything else takes the module path,
+    # and so does bad input (its error is the module path's to give). A backward with
+    # create_graph=True differentiates the module path's recomputation (exact higher
+    # derivatives).
+    def _fused_features(self, ids: Tensor, lengths: Tensor) -> Tensor | None:
+        c = self.config
+        if (c.pooling == "mean_padded" or not ids.is_cpu or torch.jit.is_tracing()):
+            return None
+        parts = self._modules
+        rnn, embedding, embed_dropout = parts["rnn"], parts["embedding"], parts["embed_dropout"]
+        if (type(embedding) is not nn.Embedding or embedding.sparse
+                or embedding.max_norm is not None or embedding.scale_grad_by_freq
+                or not isinstance(rnn, _RNNBase) or rnn.proj_size
+                or type(embed_dropout) is not nn.Dropout
+                or (embed_dropout.training and embed_dropout.p > 0)
+                or (rnn.training and rnn.dropout > 0 and rnn.num_layers > 1)
+                or _hooked(rnn, embedding, embed_dropout)):
+            return None
+        table = embedding._parameters.get("weight")  # None: a parametrized weight
+        if table is None:
+            return None
+        impl = functional._get_backend(rnn.backend, table.dtype)
+        if not hasattr(impl, "classifier_features"):
+            return None
+        weights = rnn._flat_weights
+
+        def recompute():
+            return self._packed_features(ids, lengths), [table, *weights]
+
+        try:
+            return impl.classifier_features(
+                mode=rnn.mode.lower(), ids=ids, lengths=lengths, embedding=table,
+                weights=weights, num_layers=rnn.num_layers, bidirectional=rnn.bidirectional,
+                bias=rnn.bias, pooling=c.pooling, padding_idx=embedding.padding_idx,
+                recompute=recompute)
         except ValueError:
             return None
 
@@ -331,7 +388,7 @@ class SequenceClassifier(nn.Module):
     # first `length` ids, in order, which are exactly the packed rows. So the layer runs on them
     # as a full batch of one, and gives the packed execution's numbers (embedding dropout draws
     # the same mask too: same number of rows, same order).
-    def _forward_one(self, ids: Tensor, lengths: Tensor) -> Tensor:
+    def _features_one(self, ids: Tensor, lengths: Tensor) -> Tensor:
         c = self.config
         steps = int(lengths[0])
         if steps < 0:  # as_lengths' errors
@@ -347,9 +404,12 @@ class SequenceClassifier(nn.Module):
             z = self._last_state(h)
         else:
             z = _POOL[c.pooling](out, lengths, batch_first=True)  # (1, D)
-        return self.fc(_dropout(self.dropout, z))  # (1, C)
+        return z
 
     def _forward_packed(self, packed_ids: PackedSequence) -> Tensor:
+        return self.fc(_dropout(self.dropout, self._features_packed(packed_ids)))  # (B, C)
+
+    def _features_packed(self, packed_ids: PackedSequence) -> Tensor:
         c = self.config
         batch = check_packed_sequence(packed_ids, "ids")  # free for packrnn's own packing
         emb = embed(self.embedding, packed_ids.data.long())  # (N, E): real steps only
@@ -361,7 +421,7 @@ class SequenceClassifier(nn.Module):
             z = self._last_state(h)
         else:
             z = _POOL[c.pooling](out)  # (B, D) over real steps
-        return self.fc(_dropout(self.dropout, z))  # (B, C)
+        return z
 
     def _forward_lengths(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """The packed execution's numbers from padded ids: the layer runs only the real steps

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -323,6 +323,60 @@ def classifier_infer(
     return _ops().classifier_infer(mode, ids, lengths, embedding, list(weights), fc_weight,
                                    fc_bias, int(num_layers), bool(bidirectional), bool(bias),
                                    pooling)
+
+
+class _ClassifierFeatures(torch.autograd.Function):
+    """classifier_train / classifier_train_backward as one autograd node (NOTE [Fused
+    classifier training] in classifier.cpp). Inputs after ``spec``: ids, lengths, the
+    embedding table, then the layer's weights (torch's flat order)."""
+
+    @staticmethod
+    def forward(ctx, spec, ids, lengths, table, *weights):
+        mode, num_layers, bidirectional, bias, pooling, padding_idx, recompute = spec
+        out = _ops().classifier_train(mode, ids, lengths, table, list(weights), num_layers,
+                                      bidirectional, bias, pooling)
+        ctx.spec, ctx.rows, ctx.count = spec, table.shape[0], len(weights)
+        ctx.save_for_backward(*weights, *out[1:])
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        mode, num_layers, bidirectional, bias, pooling, padding_idx, recompute = ctx.spec
+        stored = ctx.saved_tensors
+        weights, saved = stored[: ctx.count], stored[ctx.count :]
+        need_table = ctx.needs_input_grad[3]
+        if torch.is_grad_enabled():  # create_graph: the module path's graph (NOTE above)
+            features, inputs = recompute()
+            wanted = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[3 + i]]
+            got = torch.autograd.grad(features, [inputs[i] for i in wanted], grad,
+                                      create_graph=True, allow_unused=True)
+            grads = [None] * len(inputs)
+            for i, g in zip(wanted, got):
+                grads[i] = g
+            return (None, None, None, *grads)
+        grads = _ops().classifier_train_backward(
+            mode, grad, list(saved), list(weights), ctx.rows, num_layers, bidirectional, bias,
+            pooling, -1 if padding_idx is None else padding_idx, need_table)
+        return (None, None, None, grads[0] if need_table else None, *grads[1:])
+
+
+def classifier_features(
+    *, mode: str, ids: Tensor, lengths: Tensor, embedding: Tensor, weights: Sequence[Tensor],
+    num_layers: int, bidirectional: bool, bias: bool, pooling: str,
+    padding_idx: Optional[int], recompute: Callable[[], tuple[Tensor, Sequence[Tensor]]],
+) -> Tensor:
+    """A SequenceClassifier's packed forward up to the pooled features (B, D*H_out), caller's
+    order, differentiable as ONE autograd node (NOTE [Fused classifier training] in
+    classifier.cpp): ids (B, T) and lengths (B,) CPU int64; ``embedding`` (V, E), ``weights``
+    torch's flat list (no proj_size); no dropout. Gradients reach ``embedding`` (dense, the
+    ``padding_idx`` row zero) and ``weights``. ``recompute()`` returns the same features
+    computed by the module path and the tensors ``[embedding, *weights]`` it used: a backward
+    asked for with ``create_graph=True`` differentiates that instead, so higher derivatives
+    are exact. Eager mode only. Raises ValueError on bad input (its caller then runs the module
+    path, whose error is the one to show)."""
+    spec = (mode, int(num_layers), bool(bidirectional), bool(bias), pooling, padding_idx,
+            recompute)
+    return _ClassifierFeatures.apply(spec, ids, lengths, embedding, *weights)
 
 
 def pack_ids(ids: Tensor, lengths: Tensor, vocab_size: int) -> PackedSequence:

@@ -1,0 +1,217 @@
+"""The classifier's fused training forward (NOTE [fused training] in packrnn/models.py): one
+autograd node whose forward and backward are native operators must give the module path's
+logits and gradients (float64: exactly, but for the embedding's dense gradient, whose sums
+nn.Embedding may order otherwise), torch's in float32, and step aside wherever the module path
+would do something it does not."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import rnn as tnn_rnn
+
+from packrnn import backend
+from packrnn.models import ModelConfig, SequenceClassifier
+
+_NATIVE_ERROR = None if os.environ.get(backend.ENV_VAR) == "python" else backend.native_error()
+pytestmark = pytest.mark.skipif(
+    os.environ.get(backend.ENV_VAR) == "python" or _NATIVE_ERROR is not None,
+    reason=f"native backend not available: {_NATIVE_ERROR or 'PACKRNN_BACKEND=python'}",
+)
+
+V, C = 30, 3
+BATCHES = {  # (ids T, lengths)
+    "one-full": (6, [6]), "one-padded": (6, [4]),
+    "unsorted": (7, [3, 7, 7, 1, 5]), "zero-length": (5, [0, 4, 2, 4, 0]),
+}
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """Records each call of the fused training wrapper (the call still runs)."""
+    from packrnn import _native
+
+    calls = []
+    fused = _native.classifier_features
+    monkeypatch.setattr(_native, "classifier_features",
+                        lambda **kw: calls.append(kw["ids"].shape) or fused(**kw))
+    return calls
+
+
+def classifier(dtype=torch.float64, **kw) -> SequenceClassifier:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=V, num_classes=C, embed_dim=5, hidden_size=4)
+    cfg.update(kw)
+    return SequenceClassifier(ModelConfig(**cfg)).to(dtype)
+
+
+def step(model, ids, lengths, fused: bool = True):
+    """Logits and every parameter's gradient (None where none) of a weighted sum of the
+    logits; ``fused=False``: the module path."""
+    model.zero_grad(set_to_none=True)
+    if not fused:
+        model._fused_features = lambda ids, lengths: None  # instance attribute: this model
+    try:
+        logits = model(ids, lengths)
+    finally:
+        model.__dict__.pop("_fused_features", None)
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1),
+                          dtype=logits.dtype)
+    (logits * weights).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_step(got, want, exact: bool = True):
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert got[1].keys() == want[1].keys()
+    for name, grad in got[1].items():
+        if grad is None or want[1][name] is None:
+            assert grad is None and want[1][name] is None, name
+            continue
+        tight = exact and name != "embedding.weight"
+        torch.testing.assert_close(grad, want[1][name], rtol=0 if tight else 1e-13,
+                                   atol=0 if tight else 1e-15, msg=name)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)], ids=["1uni", "2bi"])
+def test_fused_training_is_the_module_path(cell, pooling, layers, bidirectional, fused_calls):
+    """Logits and gradients of every parameter, for one sequence, unsorted lengths and
+    zero-length sequences; rnn_relu's max pooling has ties (zeros) that share the gradient."""
+    model = classifier(cell=cell.split("_")[0], nonlinearity=cell[4:] or "tanh",
+                       pooling=pooling, num_layers=layers, bidirectional=bidirectional)
+    g = torch.Generator().manual_seed(2)
+    for name, (steps, lengths) in BATCHES.items():
+        ids = torch.randint(1, V, (len(lengths), steps), generator=g)
+        lengths = torch.tensor(lengths)
+        before = len(fused_calls)
+        got = step(model, ids, lengths)
+        assert len(fused_calls) == before + 1, name
+        assert_same_step(got, step(model, ids, lengths, fused=False))
+
+
+def test_fused_training_matches_torch_float32(fused_calls):
+    """float32 against torch.nn (embedding, packed LSTM, last state, linear): logits and
+    gradients within float32 tolerance."""
+    ours = classifier(torch.float32, cell="lstm", num_layers=2, bidirectional=True,
+                      hidden_size=8, embed_dim=6)
+    embedding = nn.Embedding(V, 6, padding_idx=0)
+    lstm = nn.LSTM(6, 8, 2, batch_first=True, bidirectional=True)
+    fc = nn.Linear(16, C)
+    oracle = nn.ModuleDict(dict(embedding=embedding, rnn=lstm, fc=fc))
+    oracle.load_state_dict(ours.state_dict())
+    ids = torch.randint(1, V, (6, 9), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([9, 2, 5, 9, 1, 7])
+    got = ours(ids, lengths)
+    assert len(fused_calls) == 1
+    _, (h_n, _) = lstm(tnn_rnn.pack_padded_sequence(embedding(ids), lengths, batch_first=True,
+                                                    enforce_sorted=False))
+    want = fc(torch.cat([h_n[-2], h_n[-1]], -1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    ours_grads = torch.autograd.grad(got.square().sum(), list(ours.parameters()))
+    torch_grads = torch.autograd.grad(want.square().sum(), list(oracle.parameters()))
+    for (name, _), a, b in zip(ours.named_parameters(), ours_grads, torch_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_training_frozen_embedding_and_eval_mode(fused_calls):
+    """A frozen embedding gets no gradient; eval mode with gradients on (dropout the identity)
+    still runs fused; the rest equals the module path."""
+    model = classifier(cell="gru", pooling="mean", embed_dropout=0.5, dropout=0.5,
+                       num_layers=2, freeze_embedding=True).eval()
+    ids = torch.randint(1, V, (4, 6), generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([6, 3, 1, 5])
+    got = step(model, ids, lengths)
+    assert len(fused_calls) == 1 and got[1]["embedding.weight"] is None
+    assert_same_step(got, step(model, ids, lengths, fused=False))
+
+
+@pytest.mark.parametrize("case", ["embed_dropout", "layer_dropout", "sparse", "hook",
+                                  "proj_size", "mean_padded"])
+def test_fused_training_steps_aside(case, fused_calls):
+    """Whatever the fused node would not do as the module path does takes the module path."""
+    kw = dict(cell="lstm", num_layers=2)
+    if case == "embed_dropout":
+        kw["embed_dropout"] = 0.3
+    if case == "layer_dropout":
+        kw["dropout"] = 0.3
+    if case == "sparse":
+        kw["sparse_embedding"] = True
+    if case == "mean_padded":
+        kw.update(pooling="mean_padded", execution="padded")
+    model = classifier(**kw).train()
+    if case == "hook":
+        model.embedding.register_forward_hook(lambda *args: None)
+    if case == "proj_size":
+        from packrnn import LSTM
+
+        model.rnn = LSTM(5, 4, num_layers=2, proj_size=3, batch_first=True, dtype=torch.float64)
+        model.fc = nn.Linear(3, C, dtype=torch.float64)
+    ids = torch.randint(1, V, (3, 5), generator=torch.Generator().manual_seed(5))
+    model(ids, torch.tensor([5, 2, 4])).sum().backward()
+    assert fused_calls == []
+
+
+def test_fused_training_layer_dropout_in_one_layer_runs_fused(fused_calls):
+    """Dropout between layers is no dropout with one layer: still fused (the pre-head dropout
+    stays a module call)."""
+    model = classifier(cell="lstm", dropout=0.0)
+    ids = torch.randint(1, V, (3, 5), generator=torch.Generator().manual_seed(6))
+    model(ids, torch.tensor([5, 2, 4])).sum().backward()
+    assert len(fused_calls) == 1
+
+
+def test_fused_training_bad_input_gets_the_module_errors():
+    model = classifier(cell="lstm").train()
+    with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 30\) \(vocab_size\), "
+                                         r"got 31 at \(0, 1\)"):
+        model(torch.tensor([[1, 31, 2], [4, 5, 99]]), [3, 2])  # 99: padding, not checked
+    with pytest.raises(ValueError, match=r"lengths: expected every length <= 3"):
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), [3, 4])
+
+
+def test_fused_training_all_empty_batch_is_the_module_path(fused_calls):
+    """No real step at all: the module path's answer (zero features), gradients included."""
+    model = classifier(cell="lstm")
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    lengths = torch.tensor([0, 0])
+    got = step(model, ids, lengths)
+    assert fused_calls == [(2, 3)]  # tried; the operator refused; the module path ran
+    assert_same_step(got, step(model, ids, lengths, fused=False))
+
+
+@pytest.mark.parametrize("pooling", ["last", "max"])
+def test_fused_training_second_derivatives_are_the_module_paths(pooling, fused_calls):
+    """A gradient penalty (create_graph=True) differentiates the module path's recomputation:
+    the same first and second derivatives as the module path."""
+    def penalty_grads(fused: bool):
+        model = classifier(cell="gru", pooling=pooling, bidirectional=True)
+        if not fused:
+            model._fused_features = lambda ids, lengths: None
+        ids = torch.randint(1, V, (4, 6), generator=torch.Generator().manual_seed(7))
+        logits = model(ids, torch.tensor([6, 2, 5, 3]))
+        params = list(model.parameters())
+        first = torch.autograd.grad(logits.square().sum(), params, create_graph=True)
+        sum(g.square().sum() for g in first).backward()
+        return [g.detach() for g in first], [p.grad for p in params]
+
+    fused_first, fused_second = penalty_grads(True)
+    assert len(fused_calls) == 1
+    want_first, want_second = penalty_grads(False)
+    for a, b in zip(fused_first + fused_second, want_first + want_second):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_training_sees_weights_changed_in_place(fused_calls):
+    """A weight modified in place between forward and backward is an error, as in torch."""
+    model = classifier(cell="lstm")
+    ids = torch.randint(1, V, (3, 5), generator=torch.Generator().manual_seed(8))
+    logits = model(ids, torch.tensor([5, 2, 4]))
+    with torch.no_grad():
+        model.rnn.weight_hh_l0.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logits.sum().backward()
