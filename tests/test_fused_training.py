@@ -130,15 +130,11 @@ def test_fused_training_frozen_embedding_and_eval_mode(fused_calls):
     assert_same_step(got, step(model, ids, lengths, fused=False))
 
 
-@pytest.mark.parametrize("case", ["embed_dropout", "layer_dropout", "sparse", "hook",
-                                  "proj_size", "mean_padded"])
+@pytest.mark.parametrize("case", ["sparse", "hook", "dropout_hook", "proj_size",
+                                  "mean_padded"])
 def test_fused_training_steps_aside(case, fused_calls):
     """Whatever the fused node would not do as the module path does takes the module path."""
-    kw = dict(cell="lstm", num_layers=2)
-    if case == "embed_dropout":
-        kw["embed_dropout"] = 0.3
-    if case == "layer_dropout":
-        kw["dropout"] = 0.3
+    kw = dict(cell="lstm", num_layers=2, embed_dropout=0.2)
     if case == "sparse":
         kw["sparse_embedding"] = True
     if case == "mean_padded":
@@ -146,6 +142,8 @@ def test_fused_training_steps_aside(case, fused_calls):
     model = classifier(**kw).train()
     if case == "hook":
         model.embedding.register_forward_hook(lambda *args: None)
+    if case == "dropout_hook":
+        model.embed_dropout.register_forward_pre_hook(lambda *args: None)
     if case == "proj_size":
         from packrnn import LSTM
 
@@ -156,13 +154,30 @@ def test_fused_training_steps_aside(case, fused_calls):
     assert fused_calls == []
 
 
-def test_fused_training_layer_dropout_in_one_layer_runs_fused(fused_calls):
-    """Dropout between layers is no dropout with one layer: still fused (the pre-head dropout
-    stays a module call)."""
-    model = classifier(cell="lstm", dropout=0.0)
-    ids = torch.randint(1, V, (3, 5), generator=torch.Generator().manual_seed(6))
-    model(ids, torch.tensor([5, 2, 4])).sum().backward()
+@pytest.mark.parametrize("cell,layers,pooling", [("lstm", 2, "last"), ("gru", 1, "max"),
+                                                  ("rnn_relu", 2, "mean")])
+@pytest.mark.parametrize("batch", ["one-padded", "unsorted", "zero-length"])
+def test_fused_training_dropout_draws_the_module_paths_masks(cell, layers, pooling, batch,
+                                                              fused_calls):
+    """Embedding dropout and dropout between layers (and before the head, a module call) draw,
+    for one seed, the masks the module path draws: the same logits and gradients, and the
+    generator left in the same state."""
+    model = classifier(cell=cell.split("_")[0], nonlinearity=cell[4:] or "tanh",
+                       num_layers=layers, pooling=pooling, bidirectional=True,
+                       embed_dropout=0.3, dropout=0.4).train()
+    steps, lengths = BATCHES[batch]
+    ids = torch.randint(1, V, (len(lengths), steps), generator=torch.Generator().manual_seed(6))
+    lengths = torch.tensor(lengths)
+    torch.manual_seed(11)
+    got = step(model, ids, lengths)
+    after_fused = torch.rand(1)
     assert len(fused_calls) == 1
+    torch.manual_seed(11)
+    want = step(model, ids, lengths, fused=False)
+    assert torch.equal(after_fused, torch.rand(1))
+    assert_same_step(got, want)
+    torch.manual_seed(12)  # another seed: other masks
+    assert not torch.equal(step(model, ids, lengths)[0], got[0])
 
 
 def test_fused_training_bad_input_gets_the_module_errors():
@@ -184,15 +199,18 @@ def test_fused_training_all_empty_batch_is_the_module_path(fused_calls):
     assert_same_step(got, step(model, ids, lengths, fused=False))
 
 
-@pytest.mark.parametrize("pooling", ["last", "max"])
-def test_fused_training_second_derivatives_are_the_module_paths(pooling, fused_calls):
-    """A gradient penalty (create_graph=True) differentiates the module path's recomputation:
-    the same first and second derivatives as the module path."""
+@pytest.mark.parametrize("pooling,dropout", [("last", 0.0), ("max", 0.0), ("mean", 0.3)])
+def test_fused_training_second_derivatives_are_the_module_paths(pooling, dropout, fused_calls):
+    """A gradient penalty (create_graph=True) differentiates the module path's recomputation
+    (with the forward's dropout masks): the same first and second derivatives as the module
+    path."""
     def penalty_grads(fused: bool):
-        model = classifier(cell="gru", pooling=pooling, bidirectional=True)
+        model = classifier(cell="gru", pooling=pooling, bidirectional=True, num_layers=2,
+                           embed_dropout=dropout, dropout=dropout)
         if not fused:
             model._fused_features = lambda ids, lengths: None
         ids = torch.randint(1, V, (4, 6), generator=torch.Generator().manual_seed(7))
+        torch.manual_seed(13)
         logits = model(ids, torch.tensor([6, 2, 5, 3]))
         params = list(model.parameters())
         first = torch.autograd.grad(logits.square().sum(), params, create_graph=True)

@@ -298,13 +298,14 @@ class SequenceClassifier(nn.Module):
     # features is instead one operator and its backward another, under ONE autograd node
     # (_native.classifier_features; NOTE [Fused classifier training] in classifier.cpp): the
     # same kernels and aten calls, so the same features and gradients as the module path
-    # (tested). The head (dropout, fc) stays a module call. Only where that is all the module
-    # path would do: every dropout it skips is the identity (embedding dropout, and dropout
-    # between recurrent layers), a plain dense nn.Embedding, a packrnn layer without
-    # proj_size, no forward hooks on the parts it skips. Anything else takes the module path,
-    # and so does bad input (its error is the module path's to give). A backward with
-    # create_graph=True differentiates the module path's recomputation (exact higher
-    # derivatives).
+    # (tested). Its dropouts (embedding, between layers) draw their masks as F.dropout does,
+    # in the same order, so a seed gives the same masks. The head (dropout, fc) stays a module
+    # call. Only where that is all the module path would do: nn.Dropout modules with p < 1, a
+    # plain dense nn.Embedding, a packrnn layer without proj_size, no forward hooks on the
+    # parts it skips. Anything else takes the module path, and so does bad input (its error is
+    # the module path's to give). A backward with create_graph=True differentiates the module
+    # path's recomputation, run from the forward's RNG state (the same masks): exact higher
+    # derivatives.
     def _fused_features(self, ids: Tensor, lengths: Tensor) -> Tensor | None:
         c = self.config
         if (c.pooling == "mean_padded" or not ids.is_cpu or torch.jit.is_tracing()):
@@ -314,10 +315,8 @@ class SequenceClassifier(nn.Module):
         if (type(embedding) is not nn.Embedding or embedding.sparse
                 or embedding.max_norm is not None or embedding.scale_grad_by_freq
                 or not isinstance(rnn, _RNNBase) or rnn.proj_size
-                or type(embed_dropout) is not nn.Dropout
-                or (embed_dropout.training and embed_dropout.p > 0)
-                or (rnn.training and rnn.dropout > 0 and rnn.num_layers > 1)
-                or _hooked(rnn, embedding, embed_dropout)):
+                or type(embed_dropout) is not nn.Dropout or embed_dropout.p >= 1
+                or rnn.dropout >= 1 or _hooked(rnn, embedding, embed_dropout)):
             return None
         table = embedding._parameters.get("weight")  # None: a parametrized weight
         if table is None:
@@ -326,16 +325,22 @@ class SequenceClassifier(nn.Module):
         if not hasattr(impl, "classifier_features"):
             return None
         weights = rnn._flat_weights
+        p_embed = embed_dropout.p if embed_dropout.training else 0.0
+        p_layer = rnn.dropout if rnn.training and rnn.num_layers > 1 else 0.0
+        rng = torch.get_rng_state() if p_embed or p_layer else None
 
         def recompute():
-            return self._packed_features(ids, lengths), [table, *weights]
+            with torch.random.fork_rng(devices=[]):
+                if rng is not None:
+                    torch.set_rng_state(rng)  # the forward's dropout masks
+                return self._packed_features(ids, lengths), [table, *weights]
 
         try:
             return impl.classifier_features(
                 mode=rnn.mode.lower(), ids=ids, lengths=lengths, embedding=table,
                 weights=weights, num_layers=rnn.num_layers, bidirectional=rnn.bidirectional,
                 bias=rnn.bias, pooling=c.pooling, padding_idx=embedding.padding_idx,
-                recompute=recompute)
+                embed_dropout=p_embed, layer_dropout=p_layer, recompute=recompute)
         except ValueError:
             return None
 

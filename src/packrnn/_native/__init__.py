@@ -332,16 +332,16 @@ class _ClassifierFeatures(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, ids, lengths, table, *weights):
-        mode, num_layers, bidirectional, bias, pooling, padding_idx, recompute = spec
+        mode, num_layers, bidirectional, bias, pooling, padding_idx, dropouts, _ = spec
         out = _ops().classifier_train(mode, ids, lengths, table, list(weights), num_layers,
-                                      bidirectional, bias, pooling)
+                                      bidirectional, bias, pooling, *dropouts)
         ctx.spec, ctx.rows, ctx.count = spec, table.shape[0], len(weights)
         ctx.save_for_backward(*weights, *out[1:])
         return out[0]
 
     @staticmethod
     def backward(ctx, grad):
-        mode, num_layers, bidirectional, bias, pooling, padding_idx, recompute = ctx.spec
+        mode, num_layers, bidirectional, bias, pooling, padding_idx, _, recompute = ctx.spec
         stored = ctx.saved_tensors
         weights, saved = stored[: ctx.count], stored[ctx.count :]
         need_table = ctx.needs_input_grad[3]
@@ -363,19 +363,22 @@ class _ClassifierFeatures(torch.autograd.Function):
 def classifier_features(
     *, mode: str, ids: Tensor, lengths: Tensor, embedding: Tensor, weights: Sequence[Tensor],
     num_layers: int, bidirectional: bool, bias: bool, pooling: str,
-    padding_idx: Optional[int], recompute: Callable[[], tuple[Tensor, Sequence[Tensor]]],
+    padding_idx: Optional[int], embed_dropout: float = 0.0, layer_dropout: float = 0.0,
+    recompute: Callable[[], tuple[Tensor, Sequence[Tensor]]],
 ) -> Tensor:
     """A SequenceClassifier's packed forward up to the pooled features (B, D*H_out), caller's
     order, differentiable as ONE autograd node (NOTE [Fused classifier training] in
     classifier.cpp): ids (B, T) and lengths (B,) CPU int64; ``embedding`` (V, E), ``weights``
-    torch's flat list (no proj_size); no dropout. Gradients reach ``embedding`` (dense, the
+    torch's flat list (no proj_size); dropout with probability ``embed_dropout`` on the
+    embedded rows and ``layer_dropout`` between layers (in [0, 1); drawn as ``F.dropout``
+    draws, from the default generator). Gradients reach ``embedding`` (dense, the
     ``padding_idx`` row zero) and ``weights``. ``recompute()`` returns the same features
-    computed by the module path and the tensors ``[embedding, *weights]`` it used: a backward
-    asked for with ``create_graph=True`` differentiates that instead, so higher derivatives
-    are exact. Eager mode only. Raises ValueError on bad input (its caller then runs the module
+    computed by the module path (with the same dropout masks) and the tensors
+    ``[embedding, *weights]`` it used: a backward asked for with ``create_graph=True``
+    differentiates that instead, so higher derivatives are exact. Eager mode only. Raises ValueError on bad input (its caller then runs the module
     path, whose error is the one to show)."""
     spec = (mode, int(num_layers), bool(bidirectional), bool(bias), pooling, padding_idx,
-            recompute)
+            (float(embed_dropout), float(layer_dropout)), recompute)
     return _ClassifierFeatures.apply(spec, ids, lengths, embedding, *weights)
 
 

@@ -207,14 +207,18 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
 //                  grad_x = sum over directions of grad_gates w_ih); the embedding's dense
 //                  gradient as models._EmbeddingRows makes it (buffer cache, zeros, index_add_
 //                  in row order, padding row zeroed).
-//   No dropout (the Python side only comes here when every dropout it skips is the identity),
-//   no proj_size. Gradients are those of the module path (tested, float64 and float32).
+//   Dropout on the embedded rows and between layers draws its masks as at::dropout does on CPU
+//   (noise = bernoulli(1 - p) / (1 - p) from the default generator, then x * noise; ATen's
+//   _dropout_impl), in the module path's order, so a seed gives the same masks; backward
+//   multiplies by the saved noise (mul's backward). No proj_size. Features and gradients are
+//   those of the module path (tested, float64 and float32, with and without dropout).
 //
 // The saved list (classifier_train's result after the features, handed back unchanged):
 //   [0] packed (N,) ids  [1] column (N,)  [2] batch_sizes (T',)  [3] order (B,) (zeros(1) for
 //   B = 1)  [4] sorted_lengths (B,)  [5] zero_h (B, H_out)  [6] zero_c (B, H) (lstm; else
 //   zero_h again)  [7] pooled (B, D*H_out) in sorted order; then per layer: its input (N, E) or
-//   (N, D*H_out), and layer_forward's result (per direction [output, h_n, (c_n), saved...]).
+//   (N, D*H_out), after dropout; the dropout's noise (same shape; an empty tensor without
+//   dropout); and layer_forward's result (per direction [output, h_n, (c_n), saved...]).
 namespace {
 
 constexpr int64_t kSavedHead = 8;
@@ -246,6 +250,16 @@ StackShape stack_shape(const std::string& mode, at::TensorList weights, int64_t 
   return s;
 }
 
+// at::dropout(x, p, train=true) on CPU, keeping its noise for backward: {x * noise, noise};
+// p == 0 draws nothing and returns x (with an empty noise), as at::dropout.
+std::pair<at::Tensor, at::Tensor> dropout_with_noise(const at::Tensor& x, double p) {
+  if (p == 0 || x.numel() == 0) return {x, at::empty({0}, x.options())};
+  at::Tensor noise = at::empty_like(x);
+  noise.bernoulli_(1 - p);
+  noise.div_(1 - p);
+  return {x.mul(noise), noise};
+}
+
 c10::List<std::optional<at::Tensor>> optional_list(const std::vector<at::Tensor>& tensors) {
   c10::List<std::optional<at::Tensor>> out;
   for (const auto& t : tensors) {
@@ -260,7 +274,8 @@ std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tens
                                          const at::Tensor& lengths, const at::Tensor& embedding,
                                          at::TensorList weights, int64_t num_layers,
                                          bool bidirectional, bool has_bias,
-                                         const std::string& pooling) {
+                                         const std::string& pooling, double embed_dropout,
+                                         double layer_dropout) {
   const StackShape s = stack_shape(mode, weights, num_layers, bidirectional, has_bias);
   TORCH_CHECK_VALUE(embedding.dim() == 2 && embedding.scalar_type() == weights[0].scalar_type(),
                     "embedding: expected a (V, E) tensor of the layer's dtype ",
@@ -268,6 +283,10 @@ std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tens
                     embedding.scalar_type());
   TORCH_CHECK_VALUE(pooling == "last" || pooling == "mean" || pooling == "max",
                     "pooling: expected last, mean or max, got ", pooling);
+  TORCH_CHECK_VALUE(embed_dropout >= 0 && embed_dropout < 1 && layer_dropout >= 0 &&
+                        layer_dropout < 1,
+                    "dropout: expected probabilities in [0, 1), got ", embed_dropout, " and ",
+                    layer_dropout);
   const PackedIds p = pack_ids_impl(ids, lengths, embedding.size(0));
   TORCH_CHECK_VALUE(p.rows > 0, "lengths: expected at least one non-empty sequence");
   const int64_t B = ids.size(0), D = s.D;
@@ -280,6 +299,8 @@ std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tens
   at::Tensor input = embedding.index_select(0, p.packed);  // (N, E)
   std::vector<at::Tensor> last_h;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
+    at::Tensor noise;
+    std::tie(input, noise) = dropout_with_noise(input, layer == 0 ? embed_dropout : layer_dropout);
     std::vector<at::Tensor> w_ih, bias, h0, c0, w_hh, b_hh, w_hr;
     for (int64_t k = 0; k < D; ++k) {
       const at::Tensor* w = weights.data() + (layer * D + k) * s.per;
@@ -297,6 +318,7 @@ std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tens
     TORCH_CHECK(static_cast<int64_t>(out.size()) == D * s.per_dir,
                 "classifier_train: unexpected layer_forward result count ", out.size());
     result.push_back(input);
+    result.push_back(noise);
     result.insert(result.end(), out.begin(), out.end());
     std::vector<at::Tensor> outputs;
     last_h.clear();
@@ -335,7 +357,7 @@ std::vector<at::Tensor> classifier_train_backward(
     bool has_bias, const std::string& pooling, int64_t padding_idx, bool table_grad) {
   const StackShape s = stack_shape(mode, weights, num_layers, bidirectional, has_bias);
   const int64_t D = s.D;
-  const int64_t per_layer = 1 + D * s.per_dir;
+  const int64_t per_layer = 2 + D * s.per_dir;
   TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == kSavedHead + num_layers * per_layer,
                     "saved: expected classifier_train's ", kSavedHead + num_layers * per_layer,
                     " saved tensors, got ", saved.size());
@@ -352,7 +374,7 @@ std::vector<at::Tensor> classifier_train_backward(
   // The top layer's output (N, D*H_out) and final-state gradients from the pooling.
   at::Tensor grad_out;
   std::vector<at::Tensor> grad_h_n(D);
-  const at::Tensor& top = saved[kSavedHead + (num_layers - 1) * per_layer + 1];  // output k=0
+  const at::Tensor& top = saved[kSavedHead + (num_layers - 1) * per_layer + 2];  // output k=0
   if (pooling == "last") {
     for (int64_t k = 0; k < D; ++k) {
       grad_h_n[k] = D == 1 ? g : g.narrow(1, k * s.H_out, s.H_out).contiguous();
@@ -360,7 +382,7 @@ std::vector<at::Tensor> classifier_train_backward(
   } else {
     at::Tensor output = top;  // the top layer's (N, D*H_out) output
     if (D == 2) {
-      const int64_t base = kSavedHead + (num_layers - 1) * per_layer + 1;
+      const int64_t base = kSavedHead + (num_layers - 1) * per_layer + 2;
       output = at::cat({saved[base], saved[base + s.per_dir]}, 1);
     }
     if (pooling == "mean") {
@@ -387,7 +409,7 @@ std::vector<at::Tensor> classifier_train_backward(
     std::vector<at::Tensor> go, ghn, gcn, h0, c0, w_hh, b_hh, w_hr, outputs, act;
     for (int64_t k = 0; k < D; ++k) {
       const at::Tensor* w = weights.data() + (layer * D + k) * s.per;
-      const int64_t pos = base + 1 + k * s.per_dir;
+      const int64_t pos = base + 2 + k * s.per_dir;
       go.push_back(!grad_out.defined() ? at::Tensor()
                    : D == 1            ? grad_out
                                        : grad_out.narrow(1, k * s.H_out, s.H_out));
@@ -423,6 +445,8 @@ std::vector<at::Tensor> classifier_train_backward(
         grad_x = grad_x.defined() ? grad_x.add_(part) : part;
       }
     }
+    const at::Tensor& noise = saved[base + 1];
+    if (want_x && noise.numel() > 0) grad_x = grad_x.mul(noise);  // through the dropout
     grad_out = grad_x;  // the layer below's output gradient
   }
   at::Tensor grad_table = at::empty({0}, grad_features.options());
@@ -449,8 +473,8 @@ TORCH_LIBRARY_FRAGMENT(packrnn, m) {
   m.def("pack_ids(Tensor ids, Tensor lengths, int vocab_size) -> Tensor[]");
   m.def(
       "classifier_train(str mode, Tensor ids, Tensor lengths, Tensor embedding, "
-      "Tensor[] weights, int num_layers, bool bidirectional, bool has_bias, str pooling) "
-      "-> Tensor[]");
+      "Tensor[] weights, int num_layers, bool bidirectional, bool has_bias, str pooling, "
+      "float embed_dropout, float layer_dropout) -> Tensor[]");
   m.def(
       "classifier_train_backward(str mode, Tensor grad_features, Tensor[] saved, "
       "Tensor[] weights, int vocab_size, int num_layers, bool bidirectional, bool has_bias, "
