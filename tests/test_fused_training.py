@@ -37,7 +37,8 @@ def fused_calls(monkeypatch) -> list:
     calls = []
     fused = _native.classifier_features
     monkeypatch.setattr(_native, "classifier_features",
-                        lambda **kw: calls.append(kw["ids"].shape) or fused(**kw))
+                        lambda **kw: calls.append(kw["ids"].shape if kw.get("packed") is None
+                                                  else "packed") or fused(**kw))
     return calls
 
 
@@ -53,7 +54,7 @@ def step(model, ids, lengths, fused: bool = True):
     logits; ``fused=False``: the module path."""
     model.zero_grad(set_to_none=True)
     if not fused:
-        model._fused_features = lambda ids, lengths: None  # instance attribute: this model
+        model._fused_features = lambda *args: None  # instance attribute: this model
     try:
         logits = model(ids, lengths)
     finally:
@@ -92,6 +93,33 @@ def test_fused_training_is_the_module_path(cell, pooling, layers, bidirectional,
         got = step(model, ids, lengths)
         assert len(fused_calls) == before + 1, name
         assert_same_step(got, step(model, ids, lengths, fused=False))
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+@pytest.mark.parametrize("form", ["unsorted", "sorted", "one", "zero-length"])
+def test_fused_training_on_packed_ids_is_the_module_path(pooling, form, fused_calls):
+    """A PackedSequence of ids (the trainer's batches): packrnn's packing of unsorted and of
+    sorted sequences (sorted_indices None), one sequence (which the module path runs as a
+    packed batch, not as the padded one-sequence path) and zero-length sequences; with
+    dropout, for one seed."""
+    import packrnn
+
+    model = classifier(cell="lstm", pooling=pooling, num_layers=2, bidirectional=True,
+                       embed_dropout=0.2, dropout=0.3, nonlinearity="tanh").train()
+    g = torch.Generator().manual_seed(9)
+    lengths = {"unsorted": [3, 6, 1, 6], "sorted": [6, 4, 4, 1], "one": [5],
+               "zero-length": [0, 4, 0, 2]}[form]
+    seqs = [torch.randint(1, V, (n,), generator=g) for n in lengths]
+    packed = packrnn.pack_sequence(seqs, enforce_sorted=form == "sorted")
+    assert (packed.sorted_indices is None) == (form == "sorted")
+
+    def run(fused: bool):
+        torch.manual_seed(21)
+        return step(model, packed, None, fused=fused)
+
+    got = run(True)
+    assert len(fused_calls) == 1
+    assert_same_step(got, run(False))
 
 
 def test_fused_training_matches_torch_float32(fused_calls):
@@ -208,7 +236,7 @@ def test_fused_training_second_derivatives_are_the_module_paths(pooling, dropout
         model = classifier(cell="gru", pooling=pooling, bidirectional=True, num_layers=2,
                            embed_dropout=dropout, dropout=dropout)
         if not fused:
-            model._fused_features = lambda ids, lengths: None
+            model._fused_features = lambda *args: None
         ids = torch.randint(1, V, (4, 6), generator=torch.Generator().manual_seed(7))
         torch.manual_seed(13)
         logits = model(ids, torch.tensor([6, 2, 5, 3]))

@@ -291,11 +291,12 @@ class SequenceClassifier(nn.Module):
             return None
 
     # NOTE [fused training]
-    # With gradients on, padded ids (+ lengths) through the packed execution spend ~40 % of a
-    # small training step (B = 16, H = 32) outside the arithmetic: module calls, argument
-    # checks, and one autograd node with its Python for the embedding, each layer, the bias
-    # fold, the packing and the pooling. With the native backend, the forward up to the pooled
-    # features is instead one operator and its backward another, under ONE autograd node
+    # With gradients on, the packed execution (of padded ids + lengths, or of a PackedSequence
+    # of ids, the trainer's batches) spends ~40 % of a small training step (B = 16, H = 32)
+    # outside the arithmetic: module calls, argument checks, and one autograd node with its
+    # Python for the embedding, each layer, the bias fold, the packing and the pooling. With
+    # the native backend on CPU, the forward up to the pooled features is instead one operator
+    # and its backward another, under ONE autograd node
     # (_native.classifier_features; NOTE [Fused classifier training] in classifier.cpp): the
     # same kernels and aten calls, so the same features and gradients as the module path
     # (tested). Its dropouts (embedding, between layers) draw their masks as F.dropout does,
@@ -306,9 +307,14 @@ class SequenceClassifier(nn.Module):
     # the module path's to give). A backward with create_graph=True differentiates the module
     # path's recomputation, run from the forward's RNG state (the same masks): exact higher
     # derivatives.
-    def _fused_features(self, ids: Tensor, lengths: Tensor) -> Tensor | None:
+    def _fused_features(self, ids: Tensor | None, lengths: Tensor | None,
+                        packed: PackedSequence | None = None) -> Tensor | None:
+        """Pooled features of padded ``ids`` + ``lengths``, or of a checked ``packed``
+        sequence of ids, as one autograd node; None where the module path must run."""
         c = self.config
-        if (c.pooling == "mean_padded" or not ids.is_cpu or torch.jit.is_tracing()):
+        device = (ids if packed is None else packed.data).device
+        if (c.pooling == "mean_padded" or device.type != "cpu" or torch.jit.is_tracing()
+                or torch.compiler.is_compiling()):
             return None
         parts = self._modules
         rnn, embedding, embed_dropout = parts["rnn"], parts["embedding"], parts["embed_dropout"]
@@ -333,14 +339,17 @@ class SequenceClassifier(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 if rng is not None:
                     torch.set_rng_state(rng)  # the forward's dropout masks
-                return self._packed_features(ids, lengths), [table, *weights]
+                features = (self._packed_features(ids, lengths) if packed is None
+                            else self._features_packed(packed))
+                return features, [table, *weights]
 
         try:
             return impl.classifier_features(
                 mode=rnn.mode.lower(), ids=ids, lengths=lengths, embedding=table,
                 weights=weights, num_layers=rnn.num_layers, bidirectional=rnn.bidirectional,
                 bias=rnn.bias, pooling=c.pooling, padding_idx=embedding.padding_idx,
-                embed_dropout=p_embed, layer_dropout=p_layer, recompute=recompute)
+                embed_dropout=p_embed, layer_dropout=p_layer, packed=packed,
+                recompute=recompute)
         except ValueError:
             return None
 
@@ -412,7 +421,13 @@ class SequenceClassifier(nn.Module):
         return z
 
     def _forward_packed(self, packed_ids: PackedSequence) -> Tensor:
-        return self.fc(_dropout(self.dropout, self._features_packed(packed_ids)))  # (B, C)
+        z = None
+        if torch.is_grad_enabled():
+            check_packed_sequence(packed_ids, "ids")
+            z = self._fused_features(None, None, packed_ids)  # NOTE [fused training]
+        if z is None:
+            z = self._features_packed(packed_ids)
+        return self.fc(_dropout(self.dropout, z))  # (B, C)
 
     def _features_packed(self, packed_ids: PackedSequence) -> Tensor:
         c = self.config

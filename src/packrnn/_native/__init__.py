@@ -332,16 +332,19 @@ class _ClassifierFeatures(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, ids, lengths, table, *weights):
-        mode, num_layers, bidirectional, bias, pooling, padding_idx, dropouts, _ = spec
-        out = _ops().classifier_train(mode, ids, lengths, table, list(weights), num_layers,
-                                      bidirectional, bias, pooling, *dropouts)
+        mode, num_layers, bidirectional, bias, pooling, padding_idx, dropouts, packed, _ = spec
+        sorted_indices = packed[0] if packed else None
+        out = _ops().classifier_train(mode, ids, lengths, bool(packed), sorted_indices, table,
+                                      list(weights), num_layers, bidirectional, bias, pooling,
+                                      *dropouts)
         ctx.spec, ctx.rows, ctx.count = spec, table.shape[0], len(weights)
+        ctx.one_sequence = not packed and ids.shape[0] == 1
         ctx.save_for_backward(*weights, *out[1:])
         return out[0]
 
     @staticmethod
     def backward(ctx, grad):
-        mode, num_layers, bidirectional, bias, pooling, padding_idx, _, recompute = ctx.spec
+        mode, num_layers, bidirectional, bias, pooling, padding_idx, _, _, recompute = ctx.spec
         stored = ctx.saved_tensors
         weights, saved = stored[: ctx.count], stored[ctx.count :]
         need_table = ctx.needs_input_grad[3]
@@ -356,19 +359,21 @@ class _ClassifierFeatures(torch.autograd.Function):
             return (None, None, None, *grads)
         grads = _ops().classifier_train_backward(
             mode, grad, list(saved), list(weights), ctx.rows, num_layers, bidirectional, bias,
-            pooling, -1 if padding_idx is None else padding_idx, need_table)
+            pooling, -1 if padding_idx is None else padding_idx, need_table, ctx.one_sequence)
         return (None, None, None, grads[0] if need_table else None, *grads[1:])
 
 
 def classifier_features(
-    *, mode: str, ids: Tensor, lengths: Tensor, embedding: Tensor, weights: Sequence[Tensor],
-    num_layers: int, bidirectional: bool, bias: bool, pooling: str,
+    *, mode: str, ids: Optional[Tensor], lengths: Optional[Tensor], embedding: Tensor,
+    weights: Sequence[Tensor], num_layers: int, bidirectional: bool, bias: bool, pooling: str,
     padding_idx: Optional[int], embed_dropout: float = 0.0, layer_dropout: float = 0.0,
+    packed: Optional[PackedSequence] = None,
     recompute: Callable[[], tuple[Tensor, Sequence[Tensor]]],
 ) -> Tensor:
     """A SequenceClassifier's packed forward up to the pooled features (B, D*H_out), caller's
     order, differentiable as ONE autograd node (NOTE [Fused classifier training] in
-    classifier.cpp): ids (B, T) and lengths (B,) CPU int64; ``embedding`` (V, E), ``weights``
+    classifier.cpp): ids (B, T) and lengths (B,) CPU int64, or ``packed``, a checked
+    PackedSequence of ids (then ``ids`` and ``lengths`` are ignored); ``embedding`` (V, E), ``weights``
     torch's flat list (no proj_size); dropout with probability ``embed_dropout`` on the
     embedded rows and ``layer_dropout`` between layers (in [0, 1); drawn as ``F.dropout``
     draws, from the default generator). Gradients reach ``embedding`` (dense, the
@@ -378,7 +383,10 @@ def classifier_features(
     differentiates that instead, so higher derivatives are exact. Eager mode only. Raises ValueError on bad input (its caller then runs the module
     path, whose error is the one to show)."""
     spec = (mode, int(num_layers), bool(bidirectional), bool(bias), pooling, padding_idx,
-            (float(embed_dropout), float(layer_dropout)), recompute)
+            (float(embed_dropout), float(layer_dropout)),
+            (packed.sorted_indices,) if packed is not None else (), recompute)
+    if packed is not None:
+        ids, lengths = packed.data, packed.batch_sizes
     return _ClassifierFeatures.apply(spec, ids, lengths, embedding, *weights)
 
 

@@ -117,6 +117,53 @@ at::Tensor inverse_order(const at::Tensor& order) {
   return inverse;
 }
 
+// The same layout from ids already packed (a checked PackedSequence's data (N,), batch_sizes
+// (T',) and sorted_indices (B,), or None when the columns are in order): each row's column,
+// the sorted lengths (zero for columns never active), the ids range-checked.
+PackedIds from_packed_ids(const at::Tensor& data, const at::Tensor& batch_sizes,
+                          const std::optional<at::Tensor>& sorted_indices, int64_t vocab) {
+  TORCH_CHECK_VALUE(data.dim() == 1 && (data.scalar_type() == at::kLong ||
+                                        data.scalar_type() == at::kInt) && data.device().is_cpu(),
+                    "ids.data: expected an (N,) int64 CPU tensor, got ", data.sizes(), " ",
+                    data.scalar_type(), " on ", data.device());
+  TORCH_CHECK_VALUE(batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong &&
+                        batch_sizes.device().is_cpu() && batch_sizes.numel() > 0,
+                    "ids.batch_sizes: expected a non-empty (T,) int64 CPU tensor, got ",
+                    batch_sizes.sizes(), " ", batch_sizes.scalar_type());
+  PackedIds out;
+  out.batch_sizes = batch_sizes.contiguous();
+  const int64_t* bs = out.batch_sizes.data_ptr<int64_t>();
+  const int64_t steps = out.batch_sizes.numel();
+  const int64_t B = sorted_indices.has_value() ? sorted_indices->numel() : bs[0];
+  TORCH_CHECK_VALUE(bs[0] >= 1 && bs[0] <= B, "ids.batch_sizes: expected batch_sizes[0] in [1, ",
+                    B, "], got ", bs[0]);
+  out.packed = data.to(at::kLong).contiguous();
+  out.rows = out.packed.numel();
+  out.nonzero = bs[0];
+  out.column = at::empty({out.rows}, at::kLong);
+  out.sorted_lengths = at::zeros({B}, at::kLong);
+  int64_t* col = out.column.data_ptr<int64_t>();
+  int64_t* len = out.sorted_lengths.data_ptr<int64_t>();
+  const int64_t* id = out.packed.data_ptr<int64_t>();
+  int64_t row = 0;
+  for (int64_t t = 0; t < steps; ++t) {
+    TORCH_CHECK_VALUE(bs[t] >= 1 && bs[t] <= (t ? bs[t - 1] : B) && row + bs[t] <= out.rows,
+                      "ids.batch_sizes: expected non-increasing sizes >= 1 summing to ",
+                      out.rows, ", got ", bs[t], " at step ", t);
+    for (int64_t j = 0; j < bs[t]; ++j, ++row) {
+      TORCH_CHECK_VALUE(id[row] >= 0 && id[row] < vocab, "ids: expected token ids in [0, ",
+                        vocab, ") (vocab_size), got ", id[row], " at packed row ", row);
+      col[row] = j;
+      ++len[j];
+    }
+  }
+  TORCH_CHECK_VALUE(row == out.rows, "ids.batch_sizes: expected sizes summing to ", out.rows,
+                    " (the data's rows), got ", row);
+  out.order = sorted_indices.has_value() ? sorted_indices->to(at::kLong).contiguous()
+                                         : at::arange(B, at::kLong);
+  return out;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> pack_ids(const at::Tensor& ids, const at::Tensor& lengths,
@@ -195,7 +242,7 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
 //   packed execution's forward up to the pooled features, and classifier_train_backward its
 //   whole backward, as ONE autograd node (SequenceClassifier._fused_features, NOTE [fused
 //   training] in models.py), with the same aten calls and kernels as the module path:
-//     forward      pack_ids_impl; index_select of the embedding rows; per layer layer_forward
+//     forward      pack_ids_impl (or, for ids already packed, from_packed_ids); index_select of the embedding rows; per layer layer_forward
 //                  (need_backward, the bias folded as functional folds it: b_ih + b_hh but
 //                  for gru); pooling as classifier_infer.
 //     backward     pooling: last -> the last layer's grad_h_n; mean -> grad / length on each
@@ -215,7 +262,7 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
 //
 // The saved list (classifier_train's result after the features, handed back unchanged):
 //   [0] packed (N,) ids  [1] column (N,)  [2] batch_sizes (T',)  [3] order (B,) (zeros(1) for
-//   B = 1)  [4] sorted_lengths (B,)  [5] zero_h (B, H_out)  [6] zero_c (B, H) (lstm; else
+//   one padded sequence)  [4] sorted_lengths (B,)  [5] zero_h (B, H_out)  [6] zero_c (B, H) (lstm; else
 //   zero_h again)  [7] pooled (B, D*H_out) in sorted order; then per layer: its input (N, E) or
 //   (N, D*H_out), after dropout; the dropout's noise (same shape; an empty tensor without
 //   dropout); and layer_forward's result (per direction [output, h_n, (c_n), saved...]).
@@ -271,9 +318,10 @@ c10::List<std::optional<at::Tensor>> optional_list(const std::vector<at::Tensor>
 }  // namespace
 
 std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tensor& ids,
-                                         const at::Tensor& lengths, const at::Tensor& embedding,
-                                         at::TensorList weights, int64_t num_layers,
-                                         bool bidirectional, bool has_bias,
+                                         const at::Tensor& lengths, bool packed,
+                                         const std::optional<at::Tensor>& sorted_indices,
+                                         const at::Tensor& embedding, at::TensorList weights,
+                                         int64_t num_layers, bool bidirectional, bool has_bias,
                                          const std::string& pooling, double embed_dropout,
                                          double layer_dropout) {
   const StackShape s = stack_shape(mode, weights, num_layers, bidirectional, has_bias);
@@ -287,9 +335,11 @@ std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tens
                         layer_dropout < 1,
                     "dropout: expected probabilities in [0, 1), got ", embed_dropout, " and ",
                     layer_dropout);
-  const PackedIds p = pack_ids_impl(ids, lengths, embedding.size(0));
+  const PackedIds p = packed ? from_packed_ids(ids, lengths, sorted_indices, embedding.size(0))
+                             : pack_ids_impl(ids, lengths, embedding.size(0));
   TORCH_CHECK_VALUE(p.rows > 0, "lengths: expected at least one non-empty sequence");
-  const int64_t B = ids.size(0), D = s.D;
+  const int64_t B = p.sorted_lengths.size(0), D = s.D;
+  const bool one = !packed && B == 1;  // the module's one-sequence path (NOTE [one sequence])
   const auto opts = embedding.options();
   const at::Tensor zero_h = at::zeros({B, s.H_out}, opts);
   const at::Tensor zero_c = s.lstm ? at::zeros({B, s.H}, opts) : zero_h;
@@ -332,7 +382,7 @@ std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tens
   at::Tensor pooled;  // (B, D*H_out), sorted order
   if (pooling == "last") {
     pooled = D == 1 ? last_h[0] : at::cat(last_h, 1);
-  } else if (B == 1) {  // the module's one-sequence path (as classifier_infer)
+  } else if (one) {  // the module's one-sequence path (as classifier_infer)
     pooled = pooling == "mean"
                  ? output.unsqueeze(1).sum(0) / p.sorted_lengths.to(output.scalar_type())
                        .view({-1, 1})
@@ -347,14 +397,15 @@ std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tens
                                  /*include_self=*/false);
   }
   result[kSavedHead] = pooled;  // saved[7]
-  result[0] = B > 1 ? pooled.index_select(0, inverse_order(order)) : pooled;
+  result[0] = one ? pooled : pooled.index_select(0, inverse_order(order));
   return result;
 }
 
 std::vector<at::Tensor> classifier_train_backward(
     const std::string& mode, const at::Tensor& grad_features, at::TensorList saved,
     at::TensorList weights, int64_t vocab_size, int64_t num_layers, bool bidirectional,
-    bool has_bias, const std::string& pooling, int64_t padding_idx, bool table_grad) {
+    bool has_bias, const std::string& pooling, int64_t padding_idx, bool table_grad,
+    bool one_sequence) {
   const StackShape s = stack_shape(mode, weights, num_layers, bidirectional, has_bias);
   const int64_t D = s.D;
   const int64_t per_layer = 2 + D * s.per_dir;
@@ -369,8 +420,9 @@ std::vector<at::Tensor> classifier_train_backward(
                         grad_features.size(1) == D * s.H_out,
                     "grad_features: expected shape (", B, ", ", D * s.H_out, "), got ",
                     grad_features.sizes());
-  const at::Tensor g = B > 1 ? grad_features.index_select(0, order)
-                             : grad_features.contiguous();  // (B, D*H_out) sorted
+  const bool one = one_sequence && B == 1;
+  const at::Tensor g = one ? grad_features.contiguous()
+                           : grad_features.index_select(0, order);  // (B, D*H_out) sorted
   // The top layer's output (N, D*H_out) and final-state gradients from the pooling.
   at::Tensor grad_out;
   std::vector<at::Tensor> grad_h_n(D);
@@ -387,13 +439,13 @@ std::vector<at::Tensor> classifier_train_backward(
     }
     if (pooling == "mean") {
       const at::Tensor scale =
-          g / (B == 1 ? sorted_lengths : sorted_lengths.clamp_min(1))
+          g / (one ? sorted_lengths : sorted_lengths.clamp_min(1))
                   .to(g.scalar_type()).view({-1, 1});
       grad_out = scale.index_select(0, column);
     } else {  // max: torch's backward of the module path's reduction (NOTE above)
       const at::Tensor mask = output.eq(pooled.index_select(0, column)).to(g.scalar_type());
       at::Tensor count;
-      if (B == 1) {
+      if (one) {
         count = mask.sum(0, /*keepdim=*/true);
       } else {
         count = pooled.eq(0).to(g.scalar_type()).index_add(0, column, mask);
@@ -472,13 +524,13 @@ TORCH_LIBRARY_FRAGMENT(packrnn, m) {
 TORCH_LIBRARY_FRAGMENT(packrnn, m) {
   m.def("pack_ids(Tensor ids, Tensor lengths, int vocab_size) -> Tensor[]");
   m.def(
-      "classifier_train(str mode, Tensor ids, Tensor lengths, Tensor embedding, "
-      "Tensor[] weights, int num_layers, bool bidirectional, bool has_bias, str pooling, "
+      "classifier_train(str mode, Tensor ids, Tensor lengths, bool packed, "
+      "Tensor? sorted_indices, Tensor embedding, Tensor[] weights, int num_layers, bool bidirectional, bool has_bias, str pooling, "
       "float embed_dropout, float layer_dropout) -> Tensor[]");
   m.def(
       "classifier_train_backward(str mode, Tensor grad_features, Tensor[] saved, "
       "Tensor[] weights, int vocab_size, int num_layers, bool bidirectional, bool has_bias, "
-      "str pooling, int padding_idx, bool table_grad) -> Tensor[]");
+      "str pooling, int padding_idx, bool table_grad, bool one_sequence) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(packrnn, CPU, m) {

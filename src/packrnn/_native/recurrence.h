@@ -197,23 +197,28 @@ std::vector<at::Tensor> pack_ids(const at::Tensor& ids, const at::Tensor& length
 
 // A SequenceClassifier's training forward up to the pooled features, and its backward, as one
 // autograd node (classifier.cpp, NOTE [Fused classifier training]). Arguments as
-// classifier_infer (no proj_size), and the dropout probabilities on the embedded rows and
+// classifier_infer (no proj_size); with packed, ids and lengths are a checked PackedSequence's
+// data (N,) and batch_sizes (T',), with its sorted_indices (None: in order); and the dropout
+// probabilities on the embedded rows and
 // between layers (0: none; drawn as at::dropout draws). classifier_train returns [features
 // (B, D*H_out) in the caller's order, then the saved tensors]; classifier_train_backward takes
 // the features' gradient (B, D*H_out) and those saved tensors, and returns [the embedding's
 // dense gradient (V, E) (an empty tensor unless table_grad), then one gradient per weight,
 // torch's flat order]. padding_idx < 0: none. Throws ValueError on bad ids or lengths, or a
-// batch with no real step (the Python caller then runs the module path).
+// batch with no real step (the Python caller then runs the module path). one_sequence: the
+// forward ran one padded sequence (the module's one-sequence path, whose pooling differs).
 std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tensor& ids,
-                                         const at::Tensor& lengths, const at::Tensor& embedding,
-                                         at::TensorList weights, int64_t num_layers,
-                                         bool bidirectional, bool has_bias,
+                                         const at::Tensor& lengths, bool packed,
+                                         const std::optional<at::Tensor>& sorted_indices,
+                                         const at::Tensor& embedding, at::TensorList weights,
+                                         int64_t num_layers, bool bidirectional, bool has_bias,
                                          const std::string& pooling, double embed_dropout,
                                          double layer_dropout);
 std::vector<at::Tensor> classifier_train_backward(
     const std::string& mode, const at::Tensor& grad_features, at::TensorList saved,
     at::TensorList weights, int64_t vocab_size, int64_t num_layers, bool bidirectional,
-    bool has_bias, const std::string& pooling, int64_t padding_idx, bool table_grad);
+    bool has_bias, const std::string& pooling, int64_t padding_idx, bool table_grad,
+    bool one_sequence);
 
 // Frees the blocks the buffer cache holds (NOTE [Buffer cache] in recurrence.cpp).
 void clear_cache();
