@@ -158,8 +158,8 @@ def test_fused_training_frozen_embedding_and_eval_mode(fused_calls):
     assert_same_step(got, step(model, ids, lengths, fused=False))
 
 
-@pytest.mark.parametrize("case", ["sparse", "hook", "dropout_hook", "proj_size",
-                                  "mean_padded"])
+@pytest.mark.parametrize("case", ["sparse", "hook", "dropout_hook", "backward_hook",
+                                  "proj_size", "mean_padded"])
 def test_fused_training_steps_aside(case, fused_calls):
     """Whatever the fused node would not do as the module path does takes the module path."""
     kw = dict(cell="lstm", num_layers=2, embed_dropout=0.2)
@@ -172,6 +172,9 @@ def test_fused_training_steps_aside(case, fused_calls):
         model.embedding.register_forward_hook(lambda *args: None)
     if case == "dropout_hook":
         model.embed_dropout.register_forward_pre_hook(lambda *args: None)
+    seen = []
+    if case == "backward_hook":
+        model.embedding.register_full_backward_hook(lambda *args: seen.append(1))
     if case == "proj_size":
         from packrnn import LSTM
 
@@ -180,6 +183,7 @@ def test_fused_training_steps_aside(case, fused_calls):
     ids = torch.randint(1, V, (3, 5), generator=torch.Generator().manual_seed(5))
     model(ids, torch.tensor([5, 2, 4])).sum().backward()
     assert fused_calls == []
+    assert seen == ([1] if case == "backward_hook" else [])  # the module path ran the hook
 
 
 @pytest.mark.parametrize("cell,layers,pooling", [("lstm", 2, "last"), ("gru", 1, "max"),

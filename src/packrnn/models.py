@@ -518,12 +518,16 @@ _MIN_CACHED_GRAD_BYTES = 4 << 20  # the buffer cache's own threshold (empty_rows
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook (global, or one of ``modules``' own) would see a call of one of
-    ``modules``: the fused paths that skip those module calls then step aside."""
-    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+    """Whether a module hook, forward or backward (global, or one of ``modules``' own), would
+    see a call of one of ``modules``: the fused paths that skip those module calls then step
+    aside."""
+    hooks = _module_hooks
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+            or hooks._global_backward_hooks or hooks._global_backward_pre_hooks):
         return True
     for module in modules:  # a plain loop: this runs on every one-text call
-        if module._forward_hooks or module._forward_pre_hooks:
+        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks):
             return True
     return False
 
