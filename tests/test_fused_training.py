@@ -158,6 +158,7 @@ def test_fused_training_frozen_embedding_and_eval_mode(fused_calls):
     assert_same_step(got, step(model, ids, lengths, fused=False))
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # ids need no gradient
 @pytest.mark.parametrize("case", ["sparse", "hook", "dropout_hook", "backward_hook",
                                   "proj_size", "mean_padded"])
 def test_fused_training_steps_aside(case, fused_calls):
@@ -265,3 +266,29 @@ def test_fused_training_sees_weights_changed_in_place(fused_calls):
         model.rnn.weight_hh_l0.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         logits.sum().backward()
+
+
+def test_fused_training_backward_twice_and_accumulated(fused_calls):
+    """retain_graph: a second backward of the same graph accumulates the same gradients again,
+    and two forwards before one backward add up, as on the module path."""
+    model = classifier(cell="gru", pooling="max", num_layers=2, bidirectional=True)
+    ids = torch.randint(1, V, (4, 6), generator=torch.Generator().manual_seed(10))
+    lengths = torch.tensor([6, 2, 5, 3])
+
+    def grads(fused: bool):
+        model.zero_grad(set_to_none=True)
+        if not fused:
+            model._fused_features = lambda *args: None
+        try:
+            first = model(ids, lengths).square().sum()
+            first.backward(retain_graph=True)
+            first.backward()
+            (model(ids, lengths).sum() + model(ids[:2], lengths[:2]).sum()).backward()
+        finally:
+            model.__dict__.pop("_fused_features", None)
+        return [p.grad.clone() for p in model.parameters()]
+
+    got = grads(True)
+    assert len(fused_calls) == 3
+    for a, b in zip(got, grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

@@ -325,7 +325,7 @@ class SequenceClassifier(nn.Module):
                 or rnn.dropout >= 1 or _hooked(rnn, embedding, embed_dropout)):
             return None
         table = embedding._parameters.get("weight")  # None: a parametrized weight
-        if table is None:
+        if table is None or not table.is_cpu:
             return None
         impl = functional._get_backend(rnn.backend, table.dtype)
         if not hasattr(impl, "classifier_features"):
