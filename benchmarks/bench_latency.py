@@ -489,13 +489,15 @@ def train_breakdown(args) -> None:
     CPU time), for packrnn and torch padded side by side. Each step is cut into:
 
     * **embedding**: the embedding's forward and its dense (V, E) gradient alone, on the rows
-      each model embeds (packrnn: the packed real steps through ``models.embed``; torch: every
+      each model embeds (packrnn: the packed real steps through ``models.embed``, the same
+      index_select, zero fill and index_add_ its fused training node runs in C++; torch: every
       padded position through ``nn.Embedding``); a dense gradient starts as V x E zeros, so most
       of this is the same 5 MB write on both sides (V = 20,000, E = 64);
     * **head + loss**: the linear head and cross-entropy, forward and backward, on (B, H)
       features (the same work for both);
     * **the rest**: the step minus those two: packing, the recurrent layer forward and backward
-      (kernel, GEMMs), and the Python and autograd engine around them.
+      (kernel, GEMMs), pooling, and the Python and autograd engine around them (packrnn: one
+      autograd node for all of it, NOTE [fused training] in ``packrnn.models``).
 
     The last column is the best ratio the step could reach if packrnn's rest cost nothing.
     """
