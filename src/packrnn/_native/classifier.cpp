@@ -117,6 +117,40 @@ at::Tensor inverse_order(const at::Tensor& order) {
   return inverse;
 }
 
+// The checks the classifier operators share: a (V, E) embedding of the layer's dtype, a pooling
+// they implement.
+void check_embedding_and_pooling(const at::Tensor& embedding, at::TensorList weights,
+                                 const std::string& pooling) {
+  TORCH_CHECK_VALUE(embedding.dim() == 2 && !weights.empty() &&
+                        embedding.scalar_type() == weights[0].scalar_type(),
+                    "embedding: expected a (V, E) tensor of the layer's dtype ",
+                    weights.empty() ? at::kFloat : weights[0].scalar_type(), ", got ",
+                    embedding.sizes(), " ", embedding.scalar_type());
+  TORCH_CHECK_VALUE(pooling == "last" || pooling == "mean" || pooling == "max",
+                    "pooling: expected last, mean or max, got ", pooling);
+}
+
+// Mean or max over each sequence's rows of output (N, F), (B, F) in sorted column order, as
+// the module path pools: one padded sequence (`one`, the module's one-sequence path) over all
+// its rows with at::sum / amax (the padded mean_pool / max_pool); otherwise index_add over each
+// row's column / length, or scatter_reduce amax (ops.mean_pool / max_pool on a PackedSequence).
+at::Tensor pool_rows(const std::string& pooling, const at::Tensor& output, const PackedIds& p,
+                     int64_t B, bool one) {
+  if (one) {
+    return pooling == "mean" ? output.unsqueeze(1).sum(0) /
+                                   p.sorted_lengths.to(output.scalar_type()).view({-1, 1})
+                             : output.unsqueeze(1).amax(0);
+  }
+  if (pooling == "mean") {
+    const at::Tensor sums = at::zeros({B, output.size(1)}, output.options())
+                                .index_add(0, p.column, output);
+    return sums / p.sorted_lengths.clamp_min(1).to(output.scalar_type()).view({-1, 1});
+  }
+  return at::zeros({B, output.size(1)}, output.options())
+      .scatter_reduce(0, p.column.view({-1, 1}).expand_as(output), output, "amax",
+                      /*include_self=*/false);
+}
+
 // The same layout from ids already packed (a checked PackedSequence's data (N,), batch_sizes
 // (T',) and sorted_indices (B,), or None when the columns are in order): each row's column,
 // the sorted lengths (zero for columns never active), the ids range-checked.
@@ -179,21 +213,15 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
                             at::TensorList weights, const at::Tensor& fc_weight,
                             const std::optional<at::Tensor>& fc_bias, int64_t num_layers,
                             bool bidirectional, bool has_bias, const std::string& pooling) {
-  TORCH_CHECK_VALUE(embedding.dim() == 2 && !weights.empty() &&
-                        embedding.scalar_type() == weights[0].scalar_type() &&
-                        fc_weight.scalar_type() == weights[0].scalar_type(),
-                    "embedding: expected a (V, E) tensor of the layer's dtype ",
-                    weights.empty() ? at::kFloat : weights[0].scalar_type(), ", got ",
-                    embedding.sizes(), " ", embedding.scalar_type());
-  TORCH_CHECK_VALUE(pooling == "last" || pooling == "mean" || pooling == "max",
-                    "pooling: expected last, mean or max, got ", pooling);
+  check_embedding_and_pooling(embedding, weights, pooling);
+  TORCH_CHECK_VALUE(fc_weight.scalar_type() == weights[0].scalar_type(),
+                    "fc_weight: expected the layer's dtype ", weights[0].scalar_type(), ", got ",
+                    fc_weight.scalar_type());
   const int64_t B = ids.dim() == 2 ? ids.size(0) : 0;
   const int64_t D = bidirectional ? 2 : 1;
   const PackedIds ids_p = pack_ids_impl(ids, lengths, embedding.size(0));
   const at::Tensor& packed = ids_p.packed;
-  const at::Tensor& column = ids_p.column;
   const at::Tensor& batch_sizes = ids_p.batch_sizes;
-  const at::Tensor& sorted_lengths = ids_p.sorted_lengths;
   const int64_t rows = ids_p.rows, nonzero = ids_p.nonzero;
 
   const at::Tensor& w0 = weights[1];  // w_hh of layer 0: (G*H, H_out)
@@ -213,23 +241,8 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
     }
     const auto out = stack_forward(mode, batch_sizes, x, weights, h0, c0, num_layers,
                                    bidirectional, has_bias, /*padded=*/false);
-    const at::Tensor& output = out[0];  // (N, D*H_out)
-    if (pooling == "last") {
-      features = last_states(out[1], D);
-    } else if (B == 1) {  // the module's one-sequence path: padded pooling over all rows
-      features = pooling == "mean"
-                     ? output.unsqueeze(1).sum(0) / sorted_lengths.to(output.scalar_type())
-                           .view({-1, 1})
-                     : output.unsqueeze(1).amax(0);
-    } else if (pooling == "mean") {
-      const at::Tensor sums = at::zeros({B, output.size(1)}, output.options())
-                                  .index_add(0, column, output);
-      features = sums / sorted_lengths.clamp_min(1).to(output.scalar_type()).view({-1, 1});
-    } else {
-      features = at::zeros({B, output.size(1)}, output.options())
-                     .scatter_reduce(0, column.view({-1, 1}).expand_as(output), output, "amax",
-                                     /*include_self=*/false);
-    }
+    features = pooling == "last" ? last_states(out[1], D)
+                                 : pool_rows(pooling, out[0], ids_p, B, /*one=*/B == 1);
   }
   if (B > 1) features = features.index_select(0, inverse_order(ids_p.order));  // caller's order
   return head(features, fc_weight, fc_bias);
@@ -242,7 +255,8 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
 //   packed execution's forward up to the pooled features, and classifier_train_backward its
 //   whole backward, as ONE autograd node (SequenceClassifier._fused_features, NOTE [fused
 //   training] in models.py), with the same aten calls and kernels as the module path:
-//     forward      pack_ids_impl (or, for ids already packed, from_packed_ids); index_select of the embedding rows; per layer layer_forward
+//     forward      pack_ids_impl (or, for ids already packed, from_packed_ids); index_select
+//                  of the embedding rows; per layer layer_forward
 //                  (need_backward, the bias folded as functional folds it: b_ih + b_hh but
 //                  for gru); pooling as classifier_infer.
 //     backward     pooling: last -> the last layer's grad_h_n; mean -> grad / length on each
@@ -262,10 +276,11 @@ at::Tensor classifier_infer(const std::string& mode, const at::Tensor& ids,
 //
 // The saved list (classifier_train's result after the features, handed back unchanged):
 //   [0] packed (N,) ids  [1] column (N,)  [2] batch_sizes (T',)  [3] order (B,) (zeros(1) for
-//   one padded sequence)  [4] sorted_lengths (B,)  [5] zero_h (B, H_out)  [6] zero_c (B, H) (lstm; else
-//   zero_h again)  [7] pooled (B, D*H_out) in sorted order; then per layer: its input (N, E) or
-//   (N, D*H_out), after dropout; the dropout's noise (same shape; an empty tensor without
-//   dropout); and layer_forward's result (per direction [output, h_n, (c_n), saved...]).
+//   one padded sequence)  [4] sorted_lengths (B,)  [5] zero_h (B, H_out)  [6] zero_c (B, H)
+//   (lstm; else zero_h again)  [7] pooled (B, D*H_out) in sorted order; then per layer: its
+//   input (N, E) or (N, D*H_out), after dropout; the dropout's noise (same shape; an empty
+//   tensor without dropout); and layer_forward's result (per direction [output, h_n, (c_n),
+//   saved...]).
 namespace {
 
 constexpr int64_t kSavedHead = 8;
@@ -325,12 +340,7 @@ std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tens
                                          const std::string& pooling, double embed_dropout,
                                          double layer_dropout) {
   const StackShape s = stack_shape(mode, weights, num_layers, bidirectional, has_bias);
-  TORCH_CHECK_VALUE(embedding.dim() == 2 && embedding.scalar_type() == weights[0].scalar_type(),
-                    "embedding: expected a (V, E) tensor of the layer's dtype ",
-                    weights[0].scalar_type(), ", got ", embedding.sizes(), " ",
-                    embedding.scalar_type());
-  TORCH_CHECK_VALUE(pooling == "last" || pooling == "mean" || pooling == "max",
-                    "pooling: expected last, mean or max, got ", pooling);
+  check_embedding_and_pooling(embedding, weights, pooling);
   TORCH_CHECK_VALUE(embed_dropout >= 0 && embed_dropout < 1 && layer_dropout >= 0 &&
                         layer_dropout < 1,
                     "dropout: expected probabilities in [0, 1), got ", embed_dropout, " and ",
@@ -378,24 +388,9 @@ std::vector<at::Tensor> classifier_train(const std::string& mode, const at::Tens
     }
     input = D == 1 ? outputs[0] : at::cat(outputs, 1);  // (N, D*H_out)
   }
-  const at::Tensor& output = input;
-  at::Tensor pooled;  // (B, D*H_out), sorted order
-  if (pooling == "last") {
-    pooled = D == 1 ? last_h[0] : at::cat(last_h, 1);
-  } else if (one) {  // the module's one-sequence path (as classifier_infer)
-    pooled = pooling == "mean"
-                 ? output.unsqueeze(1).sum(0) / p.sorted_lengths.to(output.scalar_type())
-                       .view({-1, 1})
-                 : output.unsqueeze(1).amax(0);
-  } else if (pooling == "mean") {
-    const at::Tensor sums = at::zeros({B, output.size(1)}, output.options())
-                                .index_add(0, p.column, output);
-    pooled = sums / p.sorted_lengths.clamp_min(1).to(output.scalar_type()).view({-1, 1});
-  } else {
-    pooled = at::zeros({B, output.size(1)}, output.options())
-                 .scatter_reduce(0, p.column.view({-1, 1}).expand_as(output), output, "amax",
-                                 /*include_self=*/false);
-  }
+  const at::Tensor pooled =  // (B, D*H_out), sorted order; input: the top layer's output
+      pooling == "last" ? (D == 1 ? last_h[0] : at::cat(last_h, 1))
+                        : pool_rows(pooling, input, p, B, one);
   result[kSavedHead] = pooled;  // saved[7]
   result[0] = one ? pooled : pooled.index_select(0, inverse_order(order));
   return result;
@@ -426,32 +421,22 @@ std::vector<at::Tensor> classifier_train_backward(
   // The top layer's output (N, D*H_out) and final-state gradients from the pooling.
   at::Tensor grad_out;
   std::vector<at::Tensor> grad_h_n(D);
-  const at::Tensor& top = saved[kSavedHead + (num_layers - 1) * per_layer + 2];  // output k=0
   if (pooling == "last") {
     for (int64_t k = 0; k < D; ++k) {
       grad_h_n[k] = D == 1 ? g : g.narrow(1, k * s.H_out, s.H_out).contiguous();
     }
-  } else {
-    at::Tensor output = top;  // the top layer's (N, D*H_out) output
-    if (D == 2) {
-      const int64_t base = kSavedHead + (num_layers - 1) * per_layer + 2;
-      output = at::cat({saved[base], saved[base + s.per_dir]}, 1);
-    }
-    if (pooling == "mean") {
-      const at::Tensor scale =
-          g / (one ? sorted_lengths : sorted_lengths.clamp_min(1))
-                  .to(g.scalar_type()).view({-1, 1});
-      grad_out = scale.index_select(0, column);
-    } else {  // max: torch's backward of the module path's reduction (NOTE above)
-      const at::Tensor mask = output.eq(pooled.index_select(0, column)).to(g.scalar_type());
-      at::Tensor count;
-      if (one) {
-        count = mask.sum(0, /*keepdim=*/true);
-      } else {
-        count = pooled.eq(0).to(g.scalar_type()).index_add(0, column, mask);
-      }
-      grad_out = mask * (g / count).index_select(0, column);
-    }
+  } else if (pooling == "mean") {
+    const at::Tensor scale =
+        g / (one ? sorted_lengths : sorted_lengths.clamp_min(1)).to(g.scalar_type()).view({-1, 1});
+    grad_out = scale.index_select(0, column);
+  } else {  // max: torch's backward of the module path's reduction (NOTE above)
+    const int64_t top = kSavedHead + (num_layers - 1) * per_layer + 2;  // direction 0's output
+    const at::Tensor output =  // the top layer's (N, D*H_out) output
+        D == 1 ? saved[top] : at::cat({saved[top], saved[top + s.per_dir]}, 1);
+    const at::Tensor mask = output.eq(pooled.index_select(0, column)).to(g.scalar_type());
+    const at::Tensor count = one ? mask.sum(0, /*keepdim=*/true)
+                                 : pooled.eq(0).to(g.scalar_type()).index_add(0, column, mask);
+    grad_out = mask * (g / count).index_select(0, column);
   }
   std::vector<at::Tensor> grads(weights.size());
   at::Tensor grad_x;
@@ -525,7 +510,8 @@ TORCH_LIBRARY_FRAGMENT(packrnn, m) {
   m.def("pack_ids(Tensor ids, Tensor lengths, int vocab_size) -> Tensor[]");
   m.def(
       "classifier_train(str mode, Tensor ids, Tensor lengths, bool packed, "
-      "Tensor? sorted_indices, Tensor embedding, Tensor[] weights, int num_layers, bool bidirectional, bool has_bias, str pooling, "
+      "Tensor? sorted_indices, Tensor embedding, Tensor[] weights, int num_layers, "
+      "bool bidirectional, bool has_bias, str pooling, "
       "float embed_dropout, float layer_dropout) -> Tensor[]");
   m.def(
       "classifier_train_backward(str mode, Tensor grad_features, Tensor[] saved, "
