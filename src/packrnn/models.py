@@ -318,9 +318,7 @@ class SequenceClassifier(nn.Module):
             return None
         parts = self._modules
         rnn, embedding, embed_dropout = parts["rnn"], parts["embedding"], parts["embed_dropout"]
-        if (type(embedding) is not nn.Embedding or embedding.sparse
-                or embedding.max_norm is not None or embedding.scale_grad_by_freq
-                or not isinstance(rnn, _RNNBase) or rnn.proj_size
+        if (not _plain_embedding(embedding) or not isinstance(rnn, _RNNBase) or rnn.proj_size
                 or type(embed_dropout) is not nn.Dropout or embed_dropout.p >= 1
                 or rnn.dropout >= 1 or _hooked(rnn, embedding, embed_dropout)):
             return None
@@ -532,6 +530,14 @@ def _hooked(*modules: nn.Module) -> bool:
     return False
 
 
+def _plain_embedding(embedding: nn.Module) -> bool:
+    """Whether ``embedding`` is a plain dense ``nn.Embedding`` (not sparse, no ``max_norm``, no
+    ``scale_grad_by_freq``), whose lookup and gradient packrnn may compute itself: ``embed`` and
+    the fused training (NOTE [fused training])."""
+    return (type(embedding) is nn.Embedding and not embedding.sparse
+            and embedding.max_norm is None and not embedding.scale_grad_by_freq)
+
+
 class _EmbeddingRows(torch.autograd.Function):
     """``table[ids]`` whose table gradient comes from the buffer cache (NOTE [embedding
     gradient buffers])."""
@@ -561,8 +567,7 @@ def embed(embedding: nn.Embedding, ids: Tensor) -> Tensor:
     """``embedding(ids)``: the models' embedding lookup, ``(*) -> (*, E)``; in eager training on
     CPU its dense gradient skips page faults (NOTE [embedding gradient buffers])."""
     table = embedding.weight
-    if (not (torch.is_grad_enabled() and table.requires_grad) or type(embedding) is not nn.Embedding
-            or embedding.sparse or embedding.scale_grad_by_freq or embedding.max_norm is not None
+    if (not (torch.is_grad_enabled() and table.requires_grad) or not _plain_embedding(embedding)
             or not table.is_cpu or table.numel() * table.element_size() < _MIN_CACHED_GRAD_BYTES
             or _hooked(embedding) or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return embedding(ids)

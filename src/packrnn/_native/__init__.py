@@ -373,15 +373,16 @@ def classifier_features(
     """A SequenceClassifier's packed forward up to the pooled features (B, D*H_out), caller's
     order, differentiable as ONE autograd node (NOTE [Fused classifier training] in
     classifier.cpp): ids (B, T) and lengths (B,) CPU int64, or ``packed``, a checked
-    PackedSequence of ids (then ``ids`` and ``lengths`` are ignored); ``embedding`` (V, E), ``weights``
-    torch's flat list (no proj_size); dropout with probability ``embed_dropout`` on the
-    embedded rows and ``layer_dropout`` between layers (in [0, 1); drawn as ``F.dropout``
-    draws, from the default generator). Gradients reach ``embedding`` (dense, the
-    ``padding_idx`` row zero) and ``weights``. ``recompute()`` returns the same features
+    PackedSequence of ids (then ``ids`` and ``lengths`` are ignored); ``embedding`` (V, E),
+    ``weights`` torch's flat list (no proj_size); dropout with probability ``embed_dropout``
+    on the embedded rows and ``layer_dropout`` between layers (in [0, 1); drawn as
+    ``F.dropout`` draws, from the default generator). Gradients reach ``embedding`` (dense,
+    the ``padding_idx`` row zero) and ``weights``. ``recompute()`` returns the same features
     computed by the module path (with the same dropout masks) and the tensors
     ``[embedding, *weights]`` it used: a backward asked for with ``create_graph=True``
-    differentiates that instead, so higher derivatives are exact. Eager mode only. Raises ValueError on bad input (its caller then runs the module
-    path, whose error is the one to show)."""
+    differentiates that instead, so higher derivatives are exact. Eager mode only. Raises
+    ValueError on bad input (its caller then runs the module path, whose error is the one to
+    show)."""
     spec = (mode, int(num_layers), bool(bidirectional), bool(bias), pooling, padding_idx,
             (float(embed_dropout), float(layer_dropout)),
             (packed.sorted_indices,) if packed is not None else (), recompute)
