@@ -6,6 +6,7 @@ would do something it does not."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -49,16 +50,24 @@ def classifier(dtype=torch.float64, **kw) -> SequenceClassifier:
     return SequenceClassifier(ModelConfig(**cfg)).to(dtype)
 
 
+@contextlib.contextmanager
+def path(model, fused: bool):
+    """``model``'s calls in the block: the fused training where it applies (``fused``), else
+    the module path (the fused node taken away from this model only)."""
+    if not fused:
+        model._fused_features = lambda *args: None  # an instance attribute: this model
+    try:
+        yield
+    finally:
+        model.__dict__.pop("_fused_features", None)
+
+
 def step(model, ids, lengths, fused: bool = True):
     """Logits and every parameter's gradient (None where none) of a weighted sum of the
     logits; ``fused=False``: the module path."""
     model.zero_grad(set_to_none=True)
-    if not fused:
-        model._fused_features = lambda *args: None  # instance attribute: this model
-    try:
+    with path(model, fused):
         logits = model(ids, lengths)
-    finally:
-        model.__dict__.pop("_fused_features", None)
     weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1),
                           dtype=logits.dtype)
     (logits * weights).sum().backward()
@@ -240,11 +249,10 @@ def test_fused_training_second_derivatives_are_the_module_paths(pooling, dropout
     def penalty_grads(fused: bool):
         model = classifier(cell="gru", pooling=pooling, bidirectional=True, num_layers=2,
                            embed_dropout=dropout, dropout=dropout)
-        if not fused:
-            model._fused_features = lambda *args: None
         ids = torch.randint(1, V, (4, 6), generator=torch.Generator().manual_seed(7))
         torch.manual_seed(13)
-        logits = model(ids, torch.tensor([6, 2, 5, 3]))
+        with path(model, fused):
+            logits = model(ids, torch.tensor([6, 2, 5, 3]))
         params = list(model.parameters())
         first = torch.autograd.grad(logits.square().sum(), params, create_graph=True)
         sum(g.square().sum() for g in first).backward()
@@ -277,15 +285,11 @@ def test_fused_training_backward_twice_and_accumulated(fused_calls):
 
     def grads(fused: bool):
         model.zero_grad(set_to_none=True)
-        if not fused:
-            model._fused_features = lambda *args: None
-        try:
+        with path(model, fused):
             first = model(ids, lengths).square().sum()
             first.backward(retain_graph=True)
             first.backward()
             (model(ids, lengths).sum() + model(ids[:2], lengths[:2]).sum()).backward()
-        finally:
-            model.__dict__.pop("_fused_features", None)
         return [p.grad.clone() for p in model.parameters()]
 
     got = grads(True)
